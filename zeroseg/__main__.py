@@ -1,0 +1,3 @@
+from zeroseg.cli import main
+
+main()
