@@ -1,0 +1,41 @@
+"""The training view and its multi-scale grid crops (PAPER.md: center crop, no augmentation).
+
+An image is decoded once into the training view (resize the shorter side, center crop); the grid
+crops are cut from that tensor, so every crop box is exact in view pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def training_view(image: Image.Image, size: int) -> np.ndarray:
+    """Resize the shorter side to `size` (bicubic), center crop -> (size, size, 3) uint8 RGB."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def box_pixels(boxes: np.ndarray, size: int) -> np.ndarray:
+    """Fractional (C, 4) boxes -> integer pixel bounds in a size x size view; neighbouring cells
+    share their edges, so the cells of a grid tile the view exactly."""
+    return np.rint(boxes * size).astype(np.int64)
+
+
+def cut_crops(views: torch.Tensor, boxes: np.ndarray, out_size: int) -> torch.Tensor:
+    """views (B, S, S, 3) uint8 -> crops (B * C, 3, out, out) float in [0, 1], image-major
+    (image 0's C crops, then image 1's ...), each resized with antialiasing."""
+    b, s = views.shape[0], views.shape[1]
+    x = views.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S)
+    crops = []
+    for x0, y0, x1, y1 in box_pixels(boxes, s):
+        cell = x[:, :, y0:y1, x0:x1]
+        crops.append(F.interpolate(cell, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False))
+    return torch.stack(crops, dim=1).reshape(b * len(boxes), 3, out_size, out_size)

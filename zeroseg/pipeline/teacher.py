@@ -1,0 +1,105 @@
+"""The frozen CLIP teacher: any open_clip model, loaded once, embedding crops and class names.
+
+`--pretrained` is an open_clip tag (downloaded by open_clip where there is a network), a local
+checkpoint file, or `random` (a deterministic init from a seed, for tests and benchmarks).
+The project registers its own configs (model_configs/, e.g. `zeroseg-tiny`) with open_clip, so
+they load like any built-in architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+
+from zeroseg.errors import UserError
+from zeroseg.stores.features import TeacherInfo
+
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIGS)
+
+RANDOM = "random"
+
+
+class TeacherError(UserError):
+    """The teacher cannot be had (unknown arch, missing file, no network for a tag): one line."""
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """Hash of the weights themselves (names, shapes, bytes), whatever file they came from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    info: TeacherInfo
+    device: torch.device
+
+    @torch.inference_mode()
+    def encode_images(self, crops: torch.Tensor) -> torch.Tensor:
+        """crops (B, 3, S, S) float in [0, 1] at the input size -> (B, D) float32 embeddings,
+        not normalised (the store keeps what the teacher gives; readers normalise if they want)."""
+        if crops.shape[-2:] != (self.info.input_size, self.info.input_size):
+            raise ValueError(f"crops are {tuple(crops.shape[-2:])}, the teacher's input size {self.info.input_size}")
+        mean = torch.tensor(self.info.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.info.std, device=self.device).view(1, 3, 1, 1)
+        x = (crops.to(self.device, torch.float32) - mean) / std
+        return self.model.encode_image(x).float()
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """texts -> (K, D) float32 embeddings, not normalised."""
+        if not hasattr(self.model, "encode_text"):
+            raise TeacherError(f"teacher {self.info.arch} has no text tower")
+        tokens = open_clip.get_tokenizer(self.info.arch)(texts).to(self.device)
+        return self.model.encode_text(tokens).float()
+
+    def embed_batches(self, crops: torch.Tensor, batch: int) -> np.ndarray:
+        """Embed many crops in batches of `batch`: (N, 3, S, S) -> (N, D) float32 numpy."""
+        parts = [self.encode_images(crops[i : i + batch]) for i in range(0, len(crops), batch)]
+        return torch.cat(parts).cpu().numpy()
+
+
+def load_teacher(arch: str, pretrained: str = RANDOM, seed: int = 0, device: str = "cpu") -> Teacher:
+    """Build `arch` with weights from a tag, a local file, or a seeded random init; eval mode."""
+    if arch not in open_clip.list_models():
+        raise TeacherError(f"unknown teacher architecture {arch!r} (see open_clip.list_models())")
+    if pretrained == RANDOM:
+        torch.manual_seed(seed)
+        weights = None
+    elif Path(pretrained).suffix and not Path(pretrained).is_file():
+        raise TeacherError(f"teacher checkpoint {pretrained} does not exist")
+    else:
+        weights = pretrained
+    try:
+        model = open_clip.create_model(arch, pretrained=weights, device=device, weights_only=True)
+    except RuntimeError as e:  # open_clip raises RuntimeError for an unknown tag or a failed download
+        raise TeacherError(f"cannot load {arch} weights {pretrained!r}: {str(e).splitlines()[0]}")
+    model.eval().requires_grad_(False)
+    pp = model.visual.preprocess_cfg
+    size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
+    if pretrained == RANDOM:
+        label = f"{RANDOM}:{seed}"
+    else:
+        label = str(Path(pretrained).resolve()) if Path(pretrained).is_file() else pretrained
+    info = TeacherInfo(
+        arch=arch,
+        pretrained=label,
+        sha256=state_sha256(model),
+        input_size=int(size),
+        mean=tuple(float(m) for m in pp["mean"]),
+        std=tuple(float(s) for s in pp["std"]),
+        embed_dim=int(model.visual.output_dim),
+    )
+    return Teacher(model=model, info=info, device=torch.device(device))
+
