@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from zeroseg.errors import UserError
 from zeroseg.demo.scenes import (
     BACKGROUNDS,
     CLASSES,
@@ -173,9 +174,9 @@ def test_generate_deterministic_and_independent_of_n(dataset: Path, tmp_path: Pa
 
 
 def test_bad_split_raises(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(UserError, match="split"):
         generate_scenes(tmp_path, 1, "test", progress=False)
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(UserError, match="split"):
         scene_rng(0, "val", 0)
     assert not (tmp_path / "manifest.jsonl").exists()
 

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from zeroseg.errors import UserError
+
 # Saturated, well separated hues. The backgrounds below are all muted (low saturation), so an
 # object's colour is never confusable with the ground it stands on.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -308,10 +310,14 @@ def render_object(
 # Datasets on disk
 
 
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
 def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator for image `index` of `split`: independent of how many images are made."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    _check_split(split)
     return np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split], index]))
 
 
@@ -332,10 +338,9 @@ def generate_scenes(
     """Write n scenes of `split` into out/images, out/masks (VOC palette PNGs) and
     out/manifest.jsonl; return the manifest path. One split per folder: an existing manifest
     is replaced."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    _check_split(split)
     if n < 0 or size < 16:
-        raise ValueError(f"need n >= 0 and size >= 16, got n={n}, size={size}")
+        raise UserError(f"need n >= 0 and size >= 16, got n={n}, size={size}")
     from rich.progress import track  # only needed here; keeps import of the module light
 
     out = Path(out)
