@@ -1,0 +1,267 @@
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zeroseg.segment.neighbours import (
+    BuildConfig,
+    build_index,
+    query_and_render,
+    query_index,
+    sheet_size,
+    text_vector,
+)
+from zeroseg.stores.features import FeatureStore, Status, StoreConfig, TeacherInfo
+from zeroseg.stores.index import (
+    INDEX_FILE,
+    META_FILE,
+    IndexMeta,
+    NeighbourIndex,
+    NeighbourIndexError,
+    choose_kind,
+    decode_ids,
+    encode_ids,
+    index_spec,
+)
+
+DIM = 32
+TEACHER = TeacherInfo("zeroseg-tiny", "random:0", "ab" * 32, 64, (0.5,) * 3, (0.25,) * 3, DIM)
+
+
+def make_store(path, n=20, teacher=TEACHER, features=None, pixels=True, failed=(), paths=None, seed=0):
+    """A complete store of n images, grids 1,2 (5 crops), chunks of 8; `failed` images have
+    status failed and zero features."""
+    cfg = StoreConfig(teacher=teacher, grids=(1, 2), view_size=32, chunk_images=8, pixels=pixels)
+    store = FeatureStore.create(str(path), cfg, paths or [f"img{i}.png" for i in range(n)])
+    rng = np.random.default_rng(seed)
+    if features is None:
+        features = rng.standard_normal((n, cfg.n_crops, teacher.embed_dim)).astype(np.float32)
+    views = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+    status = np.full(n, Status.OK, dtype=np.uint8)
+    for i in failed:
+        status[i], features[i] = Status.FAILED, 0
+    for c in range(store.n_chunks):
+        sl = store.chunk_slice(c)
+        m = sl.stop - sl.start
+        store.write_chunk(c, features[sl], status[sl], [""] * m, np.full((m, 2), 32), views[sl])
+    return store
+
+
+def clustered(n, dim, clusters, seed):
+    """Vectors around `clusters` centres, spread in an 8-d subspace (a low intrinsic dimension
+    like real embeddings), plus a little isotropic noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    basis = rng.standard_normal((8, dim)) / np.sqrt(dim)
+    x = centres[rng.integers(0, clusters, n)] + 0.2 * rng.standard_normal((n, 8)) @ basis
+    return (x + 0.02 * rng.standard_normal((n, dim)) / np.sqrt(dim)).astype(np.float32)
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """Run `zeroseg ARGS` in-process -> (exit code, stdout, stderr)."""
+    from zeroseg.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["zeroseg", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_ids_round_trip():
+    image, sub = np.array([0, 3, 1_000_000]), np.array([4, 0, 29])
+    ids = encode_ids(image, sub, stride=30)
+    np.testing.assert_array_equal(ids, [4, 90, 30_000_029])
+    back = decode_ids(np.append(ids, -1), stride=30)
+    np.testing.assert_array_equal(back[0], [0, 3, 1_000_000, -1])
+    np.testing.assert_array_equal(back[1], [4, 0, 29, -1])
+
+
+def test_auto_kind_by_size():
+    assert choose_kind(99_999) == "flat"
+    assert choose_kind(100_000) != "flat"
+    assert index_spec("auto", 5_000, 512).factory == "IDMap,Flat"
+    assert index_spec("auto", 1_000_000, 512).kind == choose_kind(1_000_000)
+    with pytest.raises(NeighbourIndexError, match="unknown index kind"):
+        index_spec("lsh", 10, 8)
+
+
+def test_exact_search_finds_planted_neighbour(tmp_path):
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((20, 5, DIM)).astype(np.float32)
+    feats[13, 4] = 3.0 * feats[2, 1] + 0.01 * rng.standard_normal(DIM)  # same direction: cosine ~1
+    make_store(tmp_path / "s", features=feats, failed=(5,))
+    meta = build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind="auto"))
+    assert (meta.kind, meta.stride, meta.count) == ("flat", 5, 19 * 5)  # the failed image is left out
+
+    result = query_index(tmp_path / "ix", image=2, crop=1, k=4)
+    assert result.neighbours[0].rank == 0 and (result.neighbours[0].image, result.neighbours[0].sub) == (2, 1)
+    best = result.neighbours[1]
+    assert (best.image, best.sub, best.path) == (13, 4, "img13.png")
+    assert best.score == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_allclose(best.box, [0.5, 0.5, 1.0, 1.0])  # crop 4: bottom-right of the 2x2 grid
+    assert len(result.neighbours) == 5 and all(n.image != 5 for n in result.neighbours)
+    scores = [n.score for n in result.neighbours[1:]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_grids_subset_indexes_only_those_crops(tmp_path):
+    make_store(tmp_path / "s")
+    meta = build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(grids=(2,)))
+    assert meta.count == 20 * 4 and meta.grids == [2]
+    result = query_index(tmp_path / "ix", image=0, crop=0, k=30)
+    assert {n.sub for n in result.neighbours[1:]} <= {1, 2, 3, 4}
+    with pytest.raises(Exception, match="not 3"):
+        build_index(str(tmp_path / "s"), tmp_path / "ix2", BuildConfig(grids=(3,)))
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-pq"])
+def test_approximate_recall_against_exact(kind):
+    n, dim, k = 10_000, 32, 10
+    both = clustered(n + 200, dim, 100, seed=0)
+    data, queries = both[:n], both[n:]  # queries: fresh draws from the same clusters
+
+    def build(spec):
+        index = NeighbourIndex.new(spec, IndexMeta("test", spec.kind, spec.factory, {}, {}, dim, 1, 0, {}))
+        if index.needs_training:
+            index.train(data[:: max(1, n // spec.train_size)])
+        index.add(data, np.arange(n))
+        return index
+
+    _, truth = build(index_spec("flat", n, dim)).search(queries, k)
+    spec = index_spec(kind, n, dim)
+    assert spec.kind == kind
+    _, found = build(spec).search(queries, k)
+    recall = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)])
+    assert recall >= 0.95, f"{kind} recall@10 {recall:.3f}"
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-pq"])
+def test_save_load_round_trip(tmp_path, kind):
+    make_store(tmp_path / "s", n=40)
+    meta = build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind=kind))
+    assert (tmp_path / "ix" / INDEX_FILE).is_file()
+    assert not list((tmp_path / "ix").glob("*.tmp"))
+    loaded = NeighbourIndex.open(tmp_path / "ix")
+    assert loaded.meta == meta
+    assert loaded.meta.factory == index_spec(kind, 200, DIM).factory
+    q = np.random.default_rng(3).standard_normal((4, DIM)).astype(np.float32)
+    scores, ids = loaded.search(q, 5)
+    scores2, ids2 = NeighbourIndex.open(tmp_path / "ix").search(q, 5)
+    np.testing.assert_array_equal(ids, ids2)
+    np.testing.assert_allclose(scores, scores2)
+    assert ((ids >= 0) & (ids < 40 * 5)).all()
+
+
+def test_refuses_another_store(tmp_path, monkeypatch, capsys):
+    make_store(tmp_path / "a")
+    build_index(str(tmp_path / "a"), tmp_path / "ix", BuildConfig())
+    make_store(tmp_path / "b", paths=[f"other{i}.png" for i in range(20)])
+    other_teacher = TeacherInfo(**{**vars(TEACHER), "sha256": "cd" * 32})
+    make_store(tmp_path / "c", teacher=other_teacher)
+
+    with pytest.raises(NeighbourIndexError, match="image paths"):
+        query_index(tmp_path / "ix", image=0, crop=0, store_url=str(tmp_path / "b"))
+    code, out, err = run_cli(monkeypatch, capsys, "query", tmp_path / "ix", "--image", 0, "--crop", 0,
+                             "--store", tmp_path / "c")
+    assert code == 2 and out == ""
+    line = " ".join(err.split())  # rich may wrap a long line
+    assert str(tmp_path / "a") in line and str(tmp_path / "c") in line
+    assert "teacher abababababab vs cdcdcdcdcdcd" in line
+
+
+def test_checkpoint_mismatch_names_both():
+    meta = IndexMeta("segments", "flat", "IDMap,Flat", {}, {}, 8, 4, 0, {},
+                     checkpoint={"path": "runs/a", "sha256": "11" * 32})
+    index = NeighbourIndex.new(index_spec("flat", 0, 8), meta)
+    index.check_checkpoint("runs/a/student.safetensors", "11" * 32)
+    with pytest.raises(NeighbourIndexError, match=r"checkpoint runs/a \(111111111111\), given runs/b \(222222222222\)"):
+        index.check_checkpoint("runs/b", "22" * 32)
+
+
+def test_missing_or_corrupt_index_is_one_line(tmp_path, monkeypatch, capsys):
+    make_store(tmp_path / "s")
+    build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig())
+    args = ["query", tmp_path / "ix", "--image", 0, "--crop", 0]
+
+    code, out, _ = run_cli(monkeypatch, capsys, *args, "--json")
+    assert code == 0 and len(json.loads(out)["neighbours"]) == 11
+
+    (tmp_path / "ix" / INDEX_FILE).write_bytes(b"not a faiss index")
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and "corrupt" in err and "Traceback" not in err
+
+    (tmp_path / "ix" / META_FILE).unlink()
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and "no neighbour index" in err and "meta.json missing" in " ".join(err.split())
+
+    code, _, err = run_cli(monkeypatch, capsys, "query", tmp_path / "nowhere", "--text", "x")
+    assert code == 2 and "no neighbour index" in err
+
+
+def test_cli_build_and_contact_sheet(tmp_path, monkeypatch, capsys):
+    make_store(tmp_path / "s")
+    code, out, err = run_cli(monkeypatch, capsys, "index", "build", tmp_path / "s", "--out", tmp_path / "ix",
+                             "--kind", "flat")
+    assert code == 0, err
+    assert "100 crops vectors, flat" in out
+
+    sheet = tmp_path / "sheet.png"
+    code, out, err = run_cli(monkeypatch, capsys, "query", tmp_path / "ix", "--image", 3, "--crop", 2,
+                             "--k", 7, "--out", sheet)
+    assert code == 0, err
+    assert "img3.png" in out and f"contact sheet: {sheet}" in out
+    with Image.open(sheet) as im:
+        assert im.size == sheet_size(8)  # the query and 7 neighbours
+        px = np.asarray(im.convert("RGB"))
+    assert (px == (255, 40, 40)).all(axis=-1).any()  # crop boxes are outlined
+
+
+def test_contact_sheet_decodes_paths_without_pixels(tmp_path):
+    """A store without pixels: the sheet decodes each image file into its training view."""
+    paths = []
+    for i in range(10):
+        p = tmp_path / f"photo{i}.png"
+        Image.fromarray(np.full((48, 64, 3), i * 20, dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    store = make_store(tmp_path / "s", n=10, pixels=False, paths=paths)
+    assert not store.has_pixels
+    build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig())
+    result, sheet = query_and_render(tmp_path / "ix", image=4, crop=0, k=3, sheet=tmp_path / "q.png")
+    with Image.open(sheet) as im:
+        assert im.size == sheet_size(4)
+        first = np.asarray(im.convert("RGB"))[100, 100]  # inside the query's tile: image 4's grey
+    np.testing.assert_allclose(first, [80, 80, 80], atol=2)
+
+    paths_gone = tmp_path / "photo7.png"
+    paths_gone.unlink()
+    with pytest.raises(Exception, match="cannot read image 7"):
+        from zeroseg.segment.neighbours import image_view
+
+        image_view(store, 7, 32)
+
+
+def test_text_query_finds_planted_crops(tmp_path, tiny_teacher):
+    info = tiny_teacher.info
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((12, 5, info.embed_dim)).astype(np.float32)
+    store = make_store(tmp_path / "s", n=12, teacher=info, features=feats.copy())
+    red = text_vector(store, "red circle")
+    planted = [(3, 2), (9, 0), (10, 4)]
+    for image, crop in planted:
+        feats[image, crop] = red * (1 + image) + 0.01 * rng.standard_normal(info.embed_dim)
+    store = make_store(tmp_path / "t", n=12, teacher=info, features=feats)
+    build_index(str(tmp_path / "t"), tmp_path / "ix", BuildConfig())
+
+    result, sheet = query_and_render(tmp_path / "ix", text="red circle", k=5, sheet=tmp_path / "t.png")
+    assert result.query == {"text": "red circle"}
+    assert {(n.image, n.sub) for n in result.neighbours[:3]} == set(planted)
+    assert [n.rank for n in result.neighbours] == [1, 2, 3, 4, 5]
+    with Image.open(sheet) as im:
+        assert im.size == sheet_size(6)  # the text tile and 5 neighbours

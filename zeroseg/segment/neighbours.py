@@ -1,0 +1,391 @@
+"""Build and query the neighbour index (the format lives in zeroseg.stores.index).
+
+"Which crops does the text 'red circle' match?", "which segments elsewhere look like this one?":
+`build_index` turns a store's crop features (or a student's segment tokens) into an index folder,
+out of core and in bounded batches; `query_index` finds the neighbours of a crop, a token or a
+text and `render_contact_sheet` draws them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from rich.console import Console
+from rich.table import Table
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from zeroseg.errors import UserError
+from zeroseg.stores.features import FeatureStore, Status, StoreError, TeacherInfo
+from zeroseg.stores.index import (
+    IndexMeta,
+    NeighbourIndex,
+    NeighbourIndexError,
+    decode_ids,
+    encode_ids,
+    index_spec,
+    store_fingerprint,
+)
+
+# Prompt templates for a free-text query (averaged, as for class names in PAPER.md).
+TEXT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "{}")
+
+
+@dataclass
+class BuildConfig:
+    source: str = "crops"  # "crops" | "segments"
+    kind: str = "auto"  # auto | flat | hnsw | ivf-pq (zeroseg.stores.index.index_spec)
+    checkpoint: str | None = None  # the student, for source "segments"
+    grids: tuple[int, ...] | None = None  # crops: index only these grid levels (None = all)
+    batch_vectors: int = 65_536  # vectors per add: bounds memory (64k x 512 float32 = 128 MB)
+    seed: int = 0  # picks the training sample of an IVF index
+
+
+# ---- vector sources: a store chunk in, (ids, vectors) out ---------------------------------
+
+
+class CropVectors:
+    """The store's crop features of status-ok images, optionally only some grid levels."""
+
+    source = "crops"
+
+    def __init__(self, store: FeatureStore, grids: tuple[int, ...] | None):
+        have = store.config.grids
+        grids = tuple(grids or have)
+        missing = [g for g in grids if g not in have]
+        if missing:
+            raise UserError(f"store has grids {','.join(map(str, have))}, not {','.join(map(str, missing))}")
+        level = np.repeat(np.array(have), [g * g for g in have])  # grid of each crop (C,)
+        self.store = store
+        self.grids = grids
+        self.crops = np.flatnonzero(np.isin(level, grids))  # crop indices indexed
+        self.stride = store.n_crops
+        self.checkpoint = None
+
+    def estimate_count(self) -> int:
+        return int((self.store.status() == Status.OK).sum()) * len(self.crops)
+
+    def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk i -> ids (n,) int64, vectors (n, D) float16."""
+        sl = self.store.chunk_slice(i)
+        ok = np.flatnonzero(self.store.group["images/status"][sl] == Status.OK)
+        feats = self.store.features[sl][ok][:, self.crops]  # (n_ok, c, D)
+        image, crop = np.meshgrid(sl.start + ok, self.crops, indexing="ij")
+        return encode_ids(image.ravel(), crop.ravel(), self.stride), feats.reshape(-1, feats.shape[-1])
+
+
+def parse_grids(text: str | None) -> tuple[int, ...] | None:
+    """"2,3,4" -> (2, 3, 4); None stays None (all grids)."""
+    if not text:
+        return None
+    try:
+        return tuple(int(g) for g in text.split(","))
+    except ValueError:
+        raise UserError(f"--grids wants comma-separated integers like 2,3,4, not {text!r}")
+
+
+def _training_sample(vectors, n: int, seed: int) -> np.ndarray:
+    """About n vectors from randomly chosen whole chunks (reads only what it keeps)."""
+    order = np.random.default_rng(seed).permutation(vectors.store.n_chunks)
+    parts, have = [], 0
+    for i in order:
+        _, x = vectors.chunk(int(i))
+        parts.append(x)
+        have += len(x)
+        if have >= n:
+            break
+    return np.concatenate(parts)[:n]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMeta:
+    """Index the store's crops (or the student's segment tokens) into folder `out`."""
+    store = FeatureStore.open(store_url)
+    if config.source == "crops":
+        vectors = CropVectors(store, config.grids)
+    elif config.source == "segments":
+        raise UserError("--source segments needs the student trainer, which this build lacks")
+    else:
+        raise UserError(f"unknown source {config.source!r} (crops or segments)")
+    n = vectors.estimate_count()
+    if n == 0:
+        raise UserError(f"{store_url} has no images with status ok: nothing to index")
+    spec = index_spec(config.kind, n, store.dim)
+    meta = IndexMeta(
+        source=vectors.source, kind=spec.kind, factory=spec.factory, build_params=spec.build_params,
+        search_params=spec.search_params, dim=store.dim, stride=vectors.stride, count=0,
+        store=store_fingerprint(store), checkpoint=vectors.checkpoint,
+        grids=list(vectors.grids) if vectors.source == "crops" else None,
+    )
+    index = NeighbourIndex.new(spec, meta)
+    if index.needs_training:
+        index.train(_training_sample(vectors, spec.train_size, config.seed))
+
+    pending_ids, pending_x, pending_n = [], [], 0
+
+    def flush() -> None:
+        nonlocal pending_ids, pending_x, pending_n
+        if pending_n:
+            index.add(np.concatenate(pending_x), np.concatenate(pending_ids))
+        pending_ids, pending_x, pending_n = [], [], 0
+
+    with _progress() as progress:
+        task = progress.add_task(f"indexing {vectors.source} ({spec.kind})", total=store.n_chunks)
+        for i in range(store.n_chunks):
+            ids, x = vectors.chunk(i)
+            pending_ids.append(ids)
+            pending_x.append(x)
+            pending_n += len(ids)
+            if pending_n >= config.batch_vectors:
+                flush()
+            progress.advance(task)
+        flush()
+    index.save(out)
+    return index.meta
+
+
+# ---- query -------------------------------------------------------------------------------
+
+
+@dataclass
+class Neighbour:
+    rank: int  # 0 = the query itself (a crop or token query), 1.. = neighbours
+    image: int
+    sub: int  # crop index or token index
+    score: float  # cosine similarity to the query
+    path: str
+    box: list[float] | None = None  # crops: fractional x0, y0, x1, y1 in the training view
+
+
+@dataclass
+class QueryResult:
+    source: str  # what the index holds: crops | segments
+    query: dict  # {"text": ...} or {"image", "crop"|"token", "path"}
+    neighbours: list[Neighbour] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "query": self.query,
+            "neighbours": [vars(n) for n in self.neighbours],
+        }
+
+
+def open_for_query(index_dir: str | Path, store_url: str | None) -> tuple[NeighbourIndex, FeatureStore]:
+    """The index and the store it was built from (the recorded one unless `store_url` is given),
+    refusing a store other than the index's."""
+    index = NeighbourIndex.open(index_dir)
+    url = store_url or index.meta.store["url"]
+    try:
+        store = FeatureStore.open(url)
+    except StoreError as e:
+        hint = "" if store_url else " (the store recorded in the index; pass --store)"
+        raise NeighbourIndexError(f"{e}{hint}")
+    index.check_store(store)
+    return index, store
+
+
+def teacher_for_store(info: TeacherInfo):
+    """Load the store's teacher again and make sure it is the same weights (sha256)."""
+    from zeroseg.pipeline.teacher import RANDOM, load_teacher
+
+    if info.pretrained.startswith(f"{RANDOM}:"):
+        teacher = load_teacher(info.arch, RANDOM, seed=int(info.pretrained.split(":", 1)[1]))
+    else:
+        teacher = load_teacher(info.arch, info.pretrained)
+    if teacher.info.sha256 != info.sha256:
+        raise UserError(
+            f"teacher {info.arch}/{info.pretrained} loads as weights {teacher.info.sha256[:12]}, "
+            f"the store was made by {info.sha256[:12]}"
+        )
+    return teacher
+
+
+def text_vector(store: FeatureStore, text: str) -> np.ndarray:
+    """The store's teacher's text embedding of `text`, prompt templates averaged: (D,) float32."""
+    teacher = teacher_for_store(store.config.teacher)
+    if not hasattr(teacher.model, "encode_text"):
+        raise UserError(f"the store's teacher {teacher.info.arch} has no text tower: no text queries")
+    emb = teacher.encode_text([t.format(text) for t in TEXT_TEMPLATES]).numpy()  # (T, D)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb.mean(axis=0)
+
+
+def _crop_vector(index: NeighbourIndex, store: FeatureStore, image: int, crop: int) -> np.ndarray:
+    if index.meta.source != "crops":
+        raise UserError(f"index holds {index.meta.source}, not crops: query it with --token")
+    if not 0 <= image < store.n_images:
+        raise UserError(f"image {image} out of range: the store has {store.n_images} images")
+    if not 0 <= crop < store.n_crops:
+        raise UserError(f"crop {crop} out of range: images have {store.n_crops} crops")
+    if store.group["images/status"][image] != Status.OK:
+        raise UserError(f"image {image} has no features (status {Status(store.group['images/status'][image]).name})")
+    return store.features[image, crop].astype(np.float32)
+
+
+def query_index(
+    index_dir: str | Path,
+    *,
+    image: int | None = None,
+    crop: int | None = None,
+    token: int | None = None,
+    text: str | None = None,
+    store_url: str | None = None,
+    k: int = 10,
+) -> QueryResult:
+    """The k nearest neighbours of a crop (image, crop), a token (image, token) or a text. A crop
+    or token query is itself neighbour 0 (score 1) and is not counted in k."""
+    if (text is None) == (image is None) or (image is not None and (crop is None) == (token is None)):
+        raise UserError("query one of: --image I --crop C, --image I --token T, --text TEXT")
+    if k < 1:
+        raise UserError(f"--k must be at least 1, not {k}")
+    index, store = open_for_query(index_dir, store_url)
+    meta = index.meta
+    if text is not None:
+        query = {"text": text}
+        vector = text_vector(store, text)
+    elif crop is not None:
+        query = {"image": image, "crop": crop}
+        vector = _crop_vector(index, store, image, crop)
+    else:
+        raise UserError("token queries need a segments index, which this build cannot make yet")
+
+    self_id = None if text is not None else int(encode_ids(image, crop if crop is not None else token, meta.stride))
+    scores, ids = index.search(vector[None], k + (self_id is not None))
+    paths, boxes = store.paths(), store.boxes
+    result = QueryResult(source=meta.source, query=query)
+    if self_id is not None:
+        query["path"] = str(paths[image])
+        result.neighbours.append(_neighbour(0, self_id, 1.0, meta, paths, boxes))
+    rank = 1
+    for score, i in zip(scores[0], ids[0]):
+        if i < 0 or i == self_id or rank > k:
+            continue
+        result.neighbours.append(_neighbour(rank, int(i), float(score), meta, paths, boxes))
+        rank += 1
+    return result
+
+
+def _neighbour(rank: int, id_: int, score: float, meta: IndexMeta, paths, boxes) -> Neighbour:
+    image, sub = (int(v[0]) for v in decode_ids(np.array([id_]), meta.stride))
+    box = [round(float(v), 4) for v in boxes[sub]] if meta.source == "crops" else None
+    return Neighbour(rank, image, sub, round(score, 4), str(paths[image]), box)
+
+
+def query_and_render(
+    index_dir: str | Path,
+    *,
+    checkpoint: str | None = None,
+    sheet: str | Path | None = None,
+    **query,
+) -> tuple[QueryResult, Path | None]:
+    """`zeroseg query`: the neighbours and, with `sheet`, their contact sheet PNG."""
+    if checkpoint is not None:
+        raise UserError("token queries need a segments index, which this build cannot make yet")
+    result = query_index(index_dir, **query)
+    if sheet is None:
+        return result, None
+    _, store = open_for_query(index_dir, query.get("store_url"))
+    return result, render_contact_sheet(result, store, sheet)
+
+
+def neighbours_table(result: QueryResult) -> Table:
+    """The neighbours as a rich table: rank, score, image, crop box or token, path."""
+    what = "crop (x0,y0,x1,y1)" if result.source == "crops" else "token"
+    table = Table(title=f"neighbours of {json.dumps(result.query)}")
+    for col in ("rank", "score", "image", what, "path"):
+        table.add_column(col, justify="right" if col in ("rank", "score", "image") else "left")
+    for n in result.neighbours:
+        sub = f"{n.sub} ({', '.join(f'{v:.2f}' for v in n.box)})" if n.box else str(n.sub)
+        table.add_row("query" if n.rank == 0 else str(n.rank), f"{n.score:.4f}", str(n.image), sub, n.path)
+    return table
+
+
+# ---- contact sheet -----------------------------------------------------------------------
+
+TILE = 192  # pixels per image tile
+CAPTION = 34  # pixels of text under each tile
+COLUMNS = 6
+OUTLINE = (255, 40, 40)
+
+
+def sheet_size(n_tiles: int) -> tuple[int, int]:
+    """(width, height) of a contact sheet of n_tiles tiles."""
+    cols = min(COLUMNS, n_tiles)
+    rows = -(-n_tiles // COLUMNS)
+    return cols * TILE, rows * (TILE + CAPTION)
+
+
+def image_view(store: FeatureStore, image: int, size: int) -> np.ndarray:
+    """Image `image` as the model saw it: the store's pixels, else its file decoded again."""
+    from zeroseg.pipeline.crops import training_view
+
+    if store.has_pixels and store.config.view_size == size:
+        return store.pixels[image]
+    path = str(store.group["images/path"][image])
+    try:
+        with Image.open(path) as im:
+            return training_view(im, size)
+    except OSError as e:
+        raise UserError(f"cannot read image {image} ({path}) for the contact sheet: {e}")
+
+
+def _tile(view: np.ndarray, box: list[float] | None, mask: np.ndarray | None) -> Image.Image:
+    """A TILE x TILE tile of a view with the crop box or the mask's outline drawn on it."""
+    tile = Image.fromarray(view).resize((TILE, TILE), Image.BILINEAR)
+    if mask is not None:
+        m = Image.fromarray(mask.astype(np.uint8) * 255).resize((TILE, TILE), Image.NEAREST)
+        edge = np.asarray(m) > np.asarray(m.filter(ImageFilter.MinFilter(5)))  # a 2-px outline
+        px = np.asarray(tile).copy()
+        px[edge] = OUTLINE
+        tile = Image.fromarray(px)
+    if box is not None:
+        x0, y0, x1, y1 = (round(v * TILE) for v in box)
+        ImageDraw.Draw(tile).rectangle((x0, y0, x1 - 1, y1 - 1), outline=OUTLINE, width=3)
+    return tile
+
+
+def _text_tile(text: str, font) -> Image.Image:
+    tile = Image.new("RGB", (TILE, TILE), (245, 245, 245))
+    ImageDraw.Draw(tile).multiline_text((TILE // 2, TILE // 2), f'text:\n"{text}"', fill=(0, 0, 0),
+                                        font=font, anchor="mm", align="center")
+    return tile
+
+
+def render_contact_sheet(
+    result: QueryResult, store: FeatureStore, out: str | Path, masks: dict[int, np.ndarray] | None = None
+) -> Path:
+    """The query then each neighbour, crop box (or segment mask, by rank in `masks`) outlined,
+    rank and score under it; written as a PNG of sheet_size(tiles)."""
+    font = ImageFont.load_default(size=12)
+    tiles, captions = [], []
+    if "text" in result.query:
+        tiles.append(_text_tile(result.query["text"], font))
+        captions.append("query")
+    for n in result.neighbours:
+        view = image_view(store, n.image, store.config.view_size)
+        tiles.append(_tile(view, n.box, (masks or {}).get(n.rank)))
+        what = f"crop {n.sub}" if result.source == "crops" else f"token {n.sub}"
+        head = "query" if n.rank == 0 else f"#{n.rank}  {n.score:.3f}"
+        captions.append(f"{head}\nimg {n.image} {what}  {Path(n.path).name[:16]}")
+    width, height = sheet_size(len(tiles))
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (tile, caption) in enumerate(zip(tiles, captions)):
+        x, y = (i % COLUMNS) * TILE, (i // COLUMNS) * (TILE + CAPTION)
+        sheet.paste(tile, (x, y))
+        draw.multiline_text((x + 4, y + TILE + 3), caption, fill=(0, 0, 0), font=font, spacing=2)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out

@@ -1,0 +1,287 @@
+"""The FAISS neighbour index: the one module that knows its on-disk format (DESIGN.md, step 6).
+
+An index folder holds two files:
+
+    index.faiss   a FAISS index (faiss.write_index), always an IndexIDMap around the search
+                  structure, metric inner product over L2-normalised vectors (= cosine similarity)
+    meta.json     IndexMeta: what the vectors are (source, store, teacher, checkpoint), how the
+                  index was made (kind, factory string, parameters) and how ids map back
+
+Ids are exact and need no side table: id = image_index * stride + sub_index, where sub_index is
+the crop index in the store (source "crops", stride = the store's crops per image) or the segment
+token index (source "segments", stride = the student's tokens per image). `decode_ids` undoes it.
+
+Kinds (FAISS index_factory strings; `auto` picks by the number of vectors, see `choose_kind`):
+
+    flat     IDMap,Flat                       exact, brute force: best below ~100k vectors
+    hnsw     IDMap,HNSW32,Flat                graph search over the raw vectors; slow to build
+    ivf-pq   IDMap,IVF{nlist},PQ{m}x4fs,RFlat coarse lists + 4-bit fast-scan PQ codes, the
+                                              shortlist re-ranked exactly on the raw vectors
+
+This module imports neither pipeline nor trainer: what the vectors are made of is
+zeroseg.segment.neighbours' business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from zeroseg.errors import UserError
+from zeroseg.stores.features import FeatureStore
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+META_FILE = "meta.json"
+KINDS = ("auto", "flat", "hnsw", "ivf-pq")
+SOURCES = ("crops", "segments")
+# Below this many vectors exact search is fast enough (a 100k x 512 scan is a few ms) and needs
+# no training; above it `auto` takes the approximate kind benchmarks/index.py measured best.
+AUTO_EXACT_LIMIT = 100_000
+AUTO_APPROXIMATE = "ivf-pq"
+
+
+class NeighbourIndexError(UserError):
+    """A missing, corrupt or mismatched index folder: one line."""
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How one kind of index is made and searched, for a given size and dimension."""
+
+    kind: str
+    factory: str  # faiss.index_factory string, metric inner product
+    build_params: dict[str, Any] = field(default_factory=dict)  # set before adding
+    search_params: dict[str, Any] = field(default_factory=dict)  # set before searching (saved)
+    train_size: int = 0  # vectors to train on; 0 = needs no training
+
+    def parameter_string(self, params: dict[str, Any]) -> str:
+        return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def choose_kind(n_vectors: int) -> str:
+    """`auto`: exact below AUTO_EXACT_LIMIT vectors, else the approximate kind that met the
+    benchmark goal (recall@10 >= 0.95 at p50 <= 1 ms, one thread, 1M x 512)."""
+    return "flat" if n_vectors < AUTO_EXACT_LIMIT else AUTO_APPROXIMATE
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """Largest m <= dim / 4 that divides dim: 4-bit codes of about one byte per 8 dimensions."""
+    for m in range(max(1, dim // 4), 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+def index_spec(kind: str, n_vectors: int, dim: int) -> IndexSpec:
+    """The factory string and parameters of `kind` for n_vectors of dimension dim."""
+    if kind == "auto":
+        kind = choose_kind(n_vectors)
+    if kind == "flat":
+        return IndexSpec("flat", "IDMap,Flat")
+    if kind == "hnsw":
+        return IndexSpec(
+            "hnsw", "IDMap,HNSW32,Flat",
+            build_params={"efConstruction": 80}, search_params={"efSearch": 128},
+        )
+    if kind == "ivf-pq":
+        # About 4 sqrt(n) lists (FAISS's guideline), a power of two, at least 1 vector in 39 of
+        # the training set per centroid (k-means wants >= 39 points per centroid).
+        nlist = int(2 ** round(np.log2(max(16, 4 * np.sqrt(n_vectors)))))
+        nlist = max(1, min(nlist, n_vectors // 39))
+        return IndexSpec(
+            "ivf-pq", f"IDMap,IVF{nlist},PQ{_pq_subquantizers(dim)}x4fs,RFlat",
+            search_params={"nprobe": min(nlist, 32), "k_factor_rf": 8},
+            train_size=min(n_vectors, 64 * nlist),
+        )
+    raise NeighbourIndexError(f"unknown index kind {kind!r} (one of {', '.join(KINDS)})")
+
+
+# ---- ids ---------------------------------------------------------------------------------
+
+
+def encode_ids(image: np.ndarray, sub: np.ndarray, stride: int) -> np.ndarray:
+    """(image index, crop or token index) -> int64 id = image * stride + sub."""
+    return np.asarray(image, dtype=np.int64) * stride + np.asarray(sub, dtype=np.int64)
+
+
+def decode_ids(ids: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ids -> (image index, crop or token index); FAISS's -1 (no result) stays -1."""
+    ids = np.asarray(ids, dtype=np.int64)
+    image, sub = np.divmod(ids, stride)
+    return np.where(ids < 0, -1, image), np.where(ids < 0, -1, sub)
+
+
+# ---- where the vectors came from ---------------------------------------------------------
+
+
+def store_fingerprint(store: FeatureStore) -> dict[str, Any]:
+    """The store's identity plus a hash of its image paths: tells two stores apart even when
+    they share a teacher and a size, and still matches a store that was moved."""
+    h = hashlib.sha256()
+    for p in store.paths():
+        h.update(str(p).encode())
+        h.update(b"\0")
+    fp = {**store.identity(), "paths_sha256": h.hexdigest()}
+    if "://" not in fp["url"]:  # a local path: absolute, so a query from another folder finds it
+        fp["url"] = os.path.abspath(fp["url"])
+    return json.loads(json.dumps(fp))  # tuples -> lists: equal to itself after a save and load
+
+
+def _store_label(fp: dict[str, Any]) -> str:
+    t = fp["teacher"]
+    return f"{fp['url']} ({t['arch']}/{t['pretrained']} {t['sha256'][:12]}, {fp['n_images']} images)"
+
+
+def _store_mismatches(built: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    pairs = [
+        ("teacher", built["teacher"]["sha256"][:12], given["teacher"]["sha256"][:12]),
+        ("grids", built["grids"], given["grids"]),
+        ("view_size", built["view_size"], given["view_size"]),
+        ("images", built["n_images"], given["n_images"]),
+        ("image paths", built["paths_sha256"][:12], given["paths_sha256"][:12]),
+    ]
+    return [f"{name} {a} vs {b}" for name, a, b in pairs if a != b]
+
+
+@dataclass
+class IndexMeta:
+    """meta.json: everything needed to trust and read an index file."""
+
+    source: str  # "crops" | "segments"
+    kind: str
+    factory: str
+    build_params: dict[str, Any]
+    search_params: dict[str, Any]
+    dim: int
+    stride: int  # id = image * stride + sub
+    count: int  # vectors in the index
+    store: dict[str, Any]  # store_fingerprint of the store the vectors came from
+    checkpoint: dict[str, Any] | None = None  # {"path", "sha256"} of the student (segments)
+    grids: list[int] | None = None  # crop grids indexed (crops), a subset of the store's
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def teacher(self) -> dict[str, Any]:
+        return self.store["teacher"]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> IndexMeta:
+        d = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class NeighbourIndex:
+    """A FAISS index over L2-normalised vectors with its meta. Build: `new`, `train` (when
+    `needs_training`), `add` in batches, `save`. Read: `open`, `check_store`, `search`."""
+
+    def __init__(self, index: faiss.Index, meta: IndexMeta):
+        self.index = index
+        self.meta = meta
+
+    @classmethod
+    def new(cls, spec: IndexSpec, meta: IndexMeta) -> NeighbourIndex:
+        index = faiss.index_factory(meta.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+        params = {**spec.build_params, **spec.search_params}
+        if params:
+            faiss.ParameterSpace().set_index_parameters(index, spec.parameter_string(params))
+        return cls(index, meta)
+
+    @property
+    def needs_training(self) -> bool:
+        return not self.index.is_trained
+
+    @staticmethod
+    def _normalised(vectors: np.ndarray) -> np.ndarray:
+        """(n, D) any float -> contiguous float32 copy with unit rows (zero rows stay zero)."""
+        x = np.array(vectors, dtype=np.float32, order="C", copy=True)
+        faiss.normalize_L2(x)
+        return x
+
+    def train(self, sample: np.ndarray) -> None:
+        self.index.train(self._normalised(sample))
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Add one batch (n, D) with its int64 ids; the caller keeps batches small."""
+        self.index.add_with_ids(self._normalised(vectors), np.ascontiguousarray(ids, dtype=np.int64))
+        self.meta.count = int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries (q, D) -> cosine scores (q, k) float32, ids (q, k) int64 (-1 past the end)."""
+        if queries.shape[-1] != self.meta.dim:
+            raise NeighbourIndexError(f"query has dimension {queries.shape[-1]}, the index {self.meta.dim}")
+        return self.index.search(self._normalised(np.atleast_2d(queries)), k)
+
+    # ---- files ---------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write both files; each goes to a temporary name first, so an interrupted save never
+        leaves a half-written file under the real name."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp_index, tmp_meta = folder / (INDEX_FILE + ".tmp"), folder / (META_FILE + ".tmp")
+        faiss.write_index(self.index, str(tmp_index))
+        tmp_meta.write_text(self.meta.to_json())
+        os.replace(tmp_index, folder / INDEX_FILE)
+        os.replace(tmp_meta, folder / META_FILE)
+        return folder
+
+    @classmethod
+    def open(cls, folder: str | Path) -> NeighbourIndex:
+        folder = Path(folder)
+        index_path, meta_path = folder / INDEX_FILE, folder / META_FILE
+        for path in (meta_path, index_path):
+            if not path.is_file():
+                raise NeighbourIndexError(f"no neighbour index at {folder} ({path.name} missing)")
+        try:
+            meta = IndexMeta.from_json(meta_path.read_text())
+        except (ValueError, TypeError) as e:
+            raise NeighbourIndexError(f"{meta_path} is corrupt: {e}")
+        if meta.format_version != FORMAT_VERSION:
+            raise NeighbourIndexError(
+                f"{folder}: index format {meta.format_version}, this zeroseg reads {FORMAT_VERSION}"
+            )
+        try:
+            index = faiss.read_index(str(index_path))
+        except RuntimeError as e:
+            raise NeighbourIndexError(f"{index_path} is corrupt: {str(e).strip().splitlines()[-1]}")
+        if index.ntotal != meta.count or index.d != meta.dim:
+            raise NeighbourIndexError(
+                f"{folder}: {INDEX_FILE} holds {index.ntotal} x {index.d}, "
+                f"{META_FILE} says {meta.count} x {meta.dim}"
+            )
+        return cls(index, meta)
+
+    # ---- provenance checks ---------------------------------------------------------------
+
+    def check_store(self, store: FeatureStore) -> None:
+        """Refuse a store other than the one the index was built from, naming both sides."""
+        given = store_fingerprint(store)
+        problems = _store_mismatches(self.meta.store, given)
+        if problems:
+            raise NeighbourIndexError(
+                f"index was built from store {_store_label(self.meta.store)}, "
+                f"given {_store_label(given)}: " + "; ".join(problems)
+            )
+
+    def check_checkpoint(self, path: str, sha256: str) -> None:
+        built = self.meta.checkpoint
+        if built is None:
+            raise NeighbourIndexError(f"index holds {self.meta.source}, not segment tokens: it has no checkpoint, given {path}")
+        if built["sha256"] != sha256:
+            raise NeighbourIndexError(
+                f"index was built from checkpoint {built['path']} ({built['sha256'][:12]}), "
+                f"given {path} ({sha256[:12]})"
+            )
