@@ -48,6 +48,12 @@ def clustered_vectors(n: int, dim: int, clusters: int, seed: int) -> tuple[np.nd
     return data, draw(1000)
 
 
+def rss_gb() -> float:
+    """Resident memory now (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
@@ -58,13 +64,15 @@ class Row:
     factory: str
     params: str
     build_s: float
-    index_gb: float
+    index_gb: float  # resident memory the built index added
     recall: float
     p50_ms: float
     p99_ms: float
 
 
-def build(spec: IndexSpec, data: np.ndarray, seed: int) -> tuple[NeighbourIndex, float]:
+def build(spec: IndexSpec, data: np.ndarray, seed: int) -> tuple[NeighbourIndex, float, float]:
+    """The index, its build time in s (train + add) and the resident memory it added in GiB."""
+    rss0 = rss_gb()
     meta = IndexMeta("bench", spec.kind, spec.factory, spec.build_params, spec.search_params,
                      dim=data.shape[1], stride=1, count=0, store={})
     index = NeighbourIndex.new(spec, meta)
@@ -75,7 +83,7 @@ def build(spec: IndexSpec, data: np.ndarray, seed: int) -> tuple[NeighbourIndex,
     for start in range(0, len(data), BATCH):
         stop = min(start + BATCH, len(data))
         index.add(data[start:stop], np.arange(start, stop))
-    return index, time.perf_counter() - t0
+    return index, time.perf_counter() - t0, rss_gb() - rss0
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
@@ -110,7 +118,7 @@ def measure(index: NeighbourIndex, queries, truth, k, params: str) -> tuple[floa
 
 SWEEPS = {
     "hnsw": ["efSearch=32", "efSearch=64", "efSearch=128", "efSearch=256"],
-    "ivf-pq": [f"nprobe={p},k_factor_rf={f}" for p in (8, 16, 32, 64) for f in (4, 8)],
+    "ivf-pq": [f"nprobe={p},k_factor_rf={f}" for p in (8, 16, 32, 64) for f in (8, 16, 32)],
 }
 
 
@@ -135,7 +143,7 @@ def main() -> None:
           f"{len(queries)} queries, made in {time.perf_counter() - t0:.1f} s; faiss {faiss.__version__}, "
           f"{faiss.omp_get_max_threads()} build threads", flush=True)
 
-    exact, flat_build = build(index_spec("flat", args.n, args.dim), data, args.seed)
+    exact, flat_build, flat_gb = build(index_spec("flat", args.n, args.dim), data, args.seed)
     t0 = time.perf_counter()
     _, truth = exact.search(queries, args.k)  # ground truth, all threads, batched
     print(f"ground truth by exact search in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -144,14 +152,13 @@ def main() -> None:
     for kind in args.kinds.split(","):
         spec = index_spec(kind, args.n, args.dim)
         if kind == "flat":
-            index, build_s = exact, flat_build
+            index, build_s, size_gb = exact, flat_build, flat_gb
             q = queries[: args.flat_latency_queries]
             p50, p99, found = latency_ms(index, q, args.k)
             recall = recall_at(found, truth[: len(q)])
         else:
-            index, build_s = build(spec, data, args.seed)
+            index, build_s, size_gb = build(spec, data, args.seed)
             recall, p50, p99 = measure(index, queries, truth, args.k, "")
-        size_gb = len(faiss.serialize_index(index.index)) / 2**30
         params = spec.parameter_string(spec.search_params)
         rows.append(Row(kind, spec.factory, params, build_s, size_gb, recall, p50, p99))
         print(f"{kind}: built in {build_s:.1f} s, recall@{args.k} {recall:.3f}, p50 {p50:.3f} ms, "
@@ -167,7 +174,7 @@ def main() -> None:
     auto = choose_kind(args.n)
     print(f"\n{args.n:,} x {args.dim} vectors, {args.clusters} clusters, {len(queries)} queries, "
           f"k={args.k}; auto picks {auto}\n")
-    print(f"| kind | factory | search params | build s | index GiB | recall@{args.k} | p50 ms | p99 ms |")
+    print(f"| kind | factory | search params | build s | memory GiB | recall@{args.k} | p50 ms | p99 ms |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         mark = " (auto)" if r.kind == auto and (r.params == index_spec(auto, args.n, args.dim).parameter_string(

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from zeroseg.segment.neighbours import (
+    OUTLINE,
     BuildConfig,
     build_index,
-    query_and_render,
     query_index,
     sheet_size,
     text_vector,
@@ -220,7 +220,7 @@ def test_cli_build_and_contact_sheet(tmp_path, monkeypatch, capsys):
     with Image.open(sheet) as im:
         assert im.size == sheet_size(8)  # the query and 7 neighbours
         px = np.asarray(im.convert("RGB"))
-    assert (px == (255, 40, 40)).all(axis=-1).any()  # crop boxes are outlined
+    assert (px == OUTLINE).all(axis=-1).sum() > 100  # crop boxes are outlined
 
 
 def test_contact_sheet_decodes_paths_without_pixels(tmp_path):
@@ -233,8 +233,8 @@ def test_contact_sheet_decodes_paths_without_pixels(tmp_path):
     store = make_store(tmp_path / "s", n=10, pixels=False, paths=paths)
     assert not store.has_pixels
     build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig())
-    result, sheet = query_and_render(tmp_path / "ix", image=4, crop=0, k=3, sheet=tmp_path / "q.png")
-    with Image.open(sheet) as im:
+    result = query_index(tmp_path / "ix", image=4, crop=0, k=3, sheet=tmp_path / "q.png")
+    with Image.open(result.sheet) as im:
         assert im.size == sheet_size(4)
         first = np.asarray(im.convert("RGB"))[100, 100]  # inside the query's tile: image 4's grey
     np.testing.assert_allclose(first, [80, 80, 80], atol=2)
@@ -259,9 +259,82 @@ def test_text_query_finds_planted_crops(tmp_path, tiny_teacher):
     store = make_store(tmp_path / "t", n=12, teacher=info, features=feats)
     build_index(str(tmp_path / "t"), tmp_path / "ix", BuildConfig())
 
-    result, sheet = query_and_render(tmp_path / "ix", text="red circle", k=5, sheet=tmp_path / "t.png")
+    result = query_index(tmp_path / "ix", text="red circle", k=5, sheet=tmp_path / "t.png")
     assert result.query == {"text": "red circle"}
     assert {(n.image, n.sub) for n in result.neighbours[:3]} == set(planted)
     assert [n.rank for n in result.neighbours] == [1, 2, 3, 4, 5]
-    with Image.open(sheet) as im:
+    with Image.open(result.sheet) as im:
         assert im.size == sheet_size(6)  # the text tile and 5 neighbours
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory):
+    """A tiny student trained a few steps on a random store: (store url, run dir)."""
+    pytest.importorskip("zeroseg.trainer.checkpoint", reason="the student trainer is not on this branch yet")
+    from zeroseg.trainer.config import TrainConfig
+    from zeroseg.trainer.model import preset
+    from zeroseg.trainer.train import train
+
+    root = tmp_path_factory.mktemp("student")
+    make_store(root / "s", n=24)
+    config = TrainConfig(model=preset("tiny"), preset="tiny", steps=4, batch=8, grids=(1, 2),
+                         checkpoint_every=4, log_every=2, workers=1, prefetch=2)
+    train(str(root / "s"), root / "run", config, progress=False)
+    return str(root / "s"), root / "run"
+
+
+def test_segments_index_maps_back_to_tokens(tiny_student, tmp_path, monkeypatch, capsys):
+    from zeroseg.segment.neighbours import SegmentVectors
+    from zeroseg.stores.features import FeatureStore
+
+    store_url, run = tiny_student
+    code, out, err = run_cli(monkeypatch, capsys, "index", "build", store_url, "--source", "segments",
+                             "--checkpoint", run, "--out", tmp_path / "ix")
+    assert code == 0, err
+    index = NeighbourIndex.open(tmp_path / "ix")
+    meta = index.meta
+    assert meta.source == "segments" and meta.checkpoint["sha256"] and meta.kind == "flat"
+
+    # Every non-empty token of every image is in the index under image * K + token, and the
+    # stored vector is the student's token (its own nearest neighbour, cosine 1).
+    student = SegmentVectors(FeatureStore.open(store_url), str(run))
+    tokens, assignment = student.segment(student.views(np.arange(24)))  # (24, K, D), (24, h, w)
+    k_tokens = tokens.shape[1]
+    assert meta.stride == k_tokens
+    used = [(i, t) for i in range(24) for t in range(k_tokens) if (assignment[i] == t).any()]
+    assert meta.count == len(used)
+    image, token = used[len(used) // 2]
+    scores, ids = index.search(tokens[image, token][None], 1)
+    assert tuple(int(v[0]) for v in decode_ids(ids[0], k_tokens)) == (image, token)
+    assert scores[0, 0] == pytest.approx(1.0, abs=1e-4)
+
+    sheet = tmp_path / "seg.png"
+    result = query_index(tmp_path / "ix", image=image, token=token, k=5, sheet=sheet)
+    assert (result.neighbours[0].image, result.neighbours[0].sub) == (image, token)
+    assert all((assignment[n.image] == n.sub).any() for n in result.neighbours)  # never an empty token
+    with Image.open(sheet) as im:
+        assert im.size == sheet_size(6)
+        assert (np.asarray(im.convert("RGB")) == OUTLINE).all(axis=-1).sum() > 100  # masks outlined
+
+    empty = [t for t in range(k_tokens) if not (assignment[0] == t).any()]
+    if empty:
+        with pytest.raises(Exception, match="empty segment"):
+            query_index(tmp_path / "ix", image=0, token=empty[0])
+    with pytest.raises(Exception, match="query it with --token"):
+        query_index(tmp_path / "ix", image=0, crop=0)
+
+
+def test_segments_index_refuses_another_checkpoint(tiny_student, tmp_path):
+    from zeroseg.trainer.config import TrainConfig
+    from zeroseg.trainer.model import preset
+    from zeroseg.trainer.train import train
+
+    store_url, run = tiny_student
+    build_index(store_url, tmp_path / "ix", BuildConfig(source="segments", checkpoint=str(run)))
+    other = tmp_path / "other"
+    train(store_url, other, TrainConfig(model=preset("tiny"), preset="tiny", steps=1, batch=8, grids=(1, 2),
+                                        seed=1, checkpoint_every=1, workers=1, prefetch=2), progress=False)
+    with pytest.raises(NeighbourIndexError, match=r"built from checkpoint .*run.*, given .*other"):
+        query_index(tmp_path / "ix", image=0, token=0, checkpoint=str(other))
+    with pytest.raises(Exception, match="needs --checkpoint"):
+        build_index(store_url, tmp_path / "ix2", BuildConfig(source="segments"))

@@ -75,17 +75,16 @@ def query(
     """Nearest crops or segments of a crop, a token or a text; optionally a contact sheet PNG."""
     import json
 
-    from zeroseg.segment.neighbours import neighbours_table, query_and_render
+    from zeroseg.segment.neighbours import neighbours_table, query_index
 
-    result, sheet = query_and_render(index, image=image, crop=crop, token=token, text=text,
-                                     store_url=store, checkpoint=checkpoint, k=k, sheet=out)
+    result = query_index(index, image=image, crop=crop, token=token, text=text, store_url=store,
+                         checkpoint=checkpoint, k=k, sheet=out)
     if as_json:
-        print(json.dumps({**result.to_dict(), "sheet": str(sheet) if sheet else None}, indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
     else:
         Console().print(neighbours_table(result))
-        if sheet:
-            print(f"contact sheet: {sheet}")
-
+        if result.sheet:
+            print(f"contact sheet: {result.sheet}")
 
 def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

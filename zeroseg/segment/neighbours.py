@@ -78,6 +78,70 @@ class CropVectors:
         return encode_ids(image.ravel(), crop.ravel(), self.stride), feats.reshape(-1, feats.shape[-1])
 
 
+class SegmentVectors:
+    """A trained student's segment tokens for every status-ok image; tokens that own no patch
+    (empty segments) are left out. The student sees the store's pixels, or each image file
+    decoded again into the store's training view (it resizes that to its own input itself)."""
+
+    source = "segments"
+
+    def __init__(self, store: FeatureStore, checkpoint: str, batch_images: int = 32):
+        import torch
+
+        from zeroseg.trainer.checkpoint import load_student
+
+        model, _, meta = load_student(checkpoint)
+        made_by, have = TeacherInfo.from_dict(meta["store"]["teacher"]), store.config.teacher
+        if made_by.sha256 != have.sha256:
+            raise UserError(
+                f"student {checkpoint} learned teacher {made_by.arch}/{made_by.pretrained} "
+                f"({made_by.sha256[:12]}), store {store.url} holds {have.arch}/{have.pretrained} ({have.sha256[:12]})"
+            )
+        self.torch = torch
+        self.store = store
+        self.model = model
+        self.batch_images = batch_images
+        self.grids = None
+        self.checkpoint = {"path": str(Path(meta["checkpoint"]).resolve()), "sha256": meta["sha256"]}
+        blank = np.zeros((1, store.config.view_size, store.config.view_size, 3), dtype=np.uint8)
+        self.stride = int(self.segment(blank)[0].shape[1])  # K tokens per image
+
+    def estimate_count(self) -> int:
+        """An upper bound (empty segments are dropped): sizes the index kind."""
+        return int((self.store.status() == Status.OK).sum()) * self.stride
+
+    def segment(self, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """views (B, S, S, 3) uint8 -> tokens (B, K, D) float32, assignment (B, h, w) int64."""
+        tokens, assignment = [], []
+        with self.torch.inference_mode():
+            for i in range(0, len(views), self.batch_images):
+                seg = self.model.segment(self.torch.from_numpy(np.ascontiguousarray(views[i : i + self.batch_images])))
+                tokens.append(seg.tokens.numpy())
+                assignment.append(seg.assignment.numpy())
+        return np.concatenate(tokens), np.concatenate(assignment)
+
+    def views(self, images: np.ndarray) -> np.ndarray:
+        """Training views (n, S, S, 3) of the given image indices."""
+        size = self.store.config.view_size
+        return np.stack([image_view(self.store, int(i), size) for i in images])
+
+    def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk i -> ids (n,) int64, vectors (n, D) float32 of its non-empty segments."""
+        sl = self.store.chunk_slice(i)
+        ok = np.flatnonzero(self.store.group["images/status"][sl] == Status.OK)
+        if len(ok) == 0:
+            return np.zeros(0, np.int64), np.zeros((0, self.store.dim), np.float32)
+        if self.store.has_pixels:
+            views = self.store.pixels[sl][ok]
+        else:
+            views = self.views(sl.start + ok)
+        tokens, assignment = self.segment(views)  # (n, K, D), (n, h, w)
+        k = tokens.shape[1]
+        used = (assignment.reshape(len(ok), -1)[:, :, None] == np.arange(k)).any(axis=1)  # (n, K)
+        image, token = np.nonzero(used)
+        return encode_ids(sl.start + ok[image], token, self.stride), tokens[image, token]
+
+
 def parse_grids(text: str | None) -> tuple[int, ...] | None:
     """"2,3,4" -> (2, 3, 4); None stays None (all grids)."""
     if not text:
@@ -112,9 +176,13 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
     """Index the store's crops (or the student's segment tokens) into folder `out`."""
     store = FeatureStore.open(store_url)
     if config.source == "crops":
+        if config.checkpoint:
+            raise UserError("--checkpoint is for --source segments; crops come from the store")
         vectors = CropVectors(store, config.grids)
     elif config.source == "segments":
-        raise UserError("--source segments needs the student trainer, which this build lacks")
+        if not config.checkpoint:
+            raise UserError("--source segments needs --checkpoint (the trained student)")
+        vectors = SegmentVectors(store, config.checkpoint)
     else:
         raise UserError(f"unknown source {config.source!r} (crops or segments)")
     n = vectors.estimate_count()
@@ -172,12 +240,14 @@ class QueryResult:
     source: str  # what the index holds: crops | segments
     query: dict  # {"text": ...} or {"image", "crop"|"token", "path"}
     neighbours: list[Neighbour] = field(default_factory=list)
+    sheet: str | None = None  # the contact sheet PNG, when one was asked for
 
     def to_dict(self) -> dict:
         return {
             "source": self.source,
             "query": self.query,
             "neighbours": [vars(n) for n in self.neighbours],
+            "sheet": self.sheet,
         }
 
 
@@ -221,16 +291,22 @@ def text_vector(store: FeatureStore, text: str) -> np.ndarray:
     return emb.mean(axis=0)
 
 
-def _crop_vector(index: NeighbourIndex, store: FeatureStore, image: int, crop: int) -> np.ndarray:
-    if index.meta.source != "crops":
-        raise UserError(f"index holds {index.meta.source}, not crops: query it with --token")
+def _student_for(index: NeighbourIndex, store: FeatureStore, checkpoint: str | None) -> SegmentVectors:
+    """The student a segments index was built with (the recorded one unless given), checked."""
+    path = checkpoint or index.meta.checkpoint["path"]
+    student = SegmentVectors(store, path)
+    index.check_checkpoint(path, student.checkpoint["sha256"])
+    if student.stride != index.meta.stride:
+        raise NeighbourIndexError(f"student gives {student.stride} tokens per image, the index {index.meta.stride}")
+    return student
+
+
+def _check_image(store: FeatureStore, image: int) -> None:
     if not 0 <= image < store.n_images:
         raise UserError(f"image {image} out of range: the store has {store.n_images} images")
-    if not 0 <= crop < store.n_crops:
-        raise UserError(f"crop {crop} out of range: images have {store.n_crops} crops")
-    if store.group["images/status"][image] != Status.OK:
-        raise UserError(f"image {image} has no features (status {Status(store.group['images/status'][image]).name})")
-    return store.features[image, crop].astype(np.float32)
+    status = Status(int(store.group["images/status"][image]))
+    if status != Status.OK:
+        raise UserError(f"image {image} has status {status.name.lower()}: it is not in the index")
 
 
 def query_index(
@@ -241,62 +317,69 @@ def query_index(
     token: int | None = None,
     text: str | None = None,
     store_url: str | None = None,
+    checkpoint: str | None = None,
     k: int = 10,
+    sheet: str | Path | None = None,
 ) -> QueryResult:
-    """The k nearest neighbours of a crop (image, crop), a token (image, token) or a text. A crop
-    or token query is itself neighbour 0 (score 1) and is not counted in k."""
+    """The k nearest neighbours of a crop (image, crop), a token (image, token) or a text, and
+    with `sheet` their contact sheet PNG. A crop or token query is itself neighbour 0 (score 1)
+    and is not counted in k."""
     if (text is None) == (image is None) or (image is not None and (crop is None) == (token is None)):
         raise UserError("query one of: --image I --crop C, --image I --token T, --text TEXT")
     if k < 1:
         raise UserError(f"--k must be at least 1, not {k}")
     index, store = open_for_query(index_dir, store_url)
     meta = index.meta
+    if checkpoint and meta.source == "crops":
+        raise UserError(f"index {index_dir} holds crops, not segment tokens: it takes no --checkpoint")
+    student = _student_for(index, store, checkpoint) if meta.source == "segments" else None
     if text is not None:
-        query = {"text": text}
+        query, self_id = {"text": text}, None
         vector = text_vector(store, text)
-    elif crop is not None:
-        query = {"image": image, "crop": crop}
-        vector = _crop_vector(index, store, image, crop)
     else:
-        raise UserError("token queries need a segments index, which this build cannot make yet")
+        wanted = "crop" if crop is not None else "token"
+        if wanted != {"crops": "crop", "segments": "token"}[meta.source]:
+            raise UserError(f"index holds {meta.source}: query it with --{'crop' if meta.source == 'crops' else 'token'}")
+        _check_image(store, image)
+        sub = crop if crop is not None else token
+        if not 0 <= sub < meta.stride:
+            raise UserError(f"{wanted} {sub} out of range: images have {meta.stride} {wanted}s")
+        query, self_id = {"image": image, wanted: sub}, int(encode_ids(image, sub, meta.stride))
+        if student is None:
+            vector = store.features[image, crop].astype(np.float32)
+        else:
+            tokens, assignment = student.segment(student.views(np.array([image])))
+            if not (assignment[0] == token).any():
+                raise UserError(f"token {token} of image {image} owns no patch: an empty segment")
+            vector = tokens[0, token]
 
-    self_id = None if text is not None else int(encode_ids(image, crop if crop is not None else token, meta.stride))
     scores, ids = index.search(vector[None], k + (self_id is not None))
     paths, boxes = store.paths(), store.boxes
     result = QueryResult(source=meta.source, query=query)
     if self_id is not None:
         query["path"] = str(paths[image])
         result.neighbours.append(_neighbour(0, self_id, 1.0, meta, paths, boxes))
-    rank = 1
     for score, i in zip(scores[0], ids[0]):
-        if i < 0 or i == self_id or rank > k:
-            continue
-        result.neighbours.append(_neighbour(rank, int(i), float(score), meta, paths, boxes))
-        rank += 1
+        if i >= 0 and i != self_id and len(result.neighbours) < k + (self_id is not None):
+            rank = len(result.neighbours) + (self_id is None)
+            result.neighbours.append(_neighbour(rank, int(i), float(score), meta, paths, boxes))
+    if sheet is not None:
+        masks = _segment_masks(student, result) if student is not None else None
+        result.sheet = str(render_contact_sheet(result, store, sheet, masks))
     return result
 
 
+def _segment_masks(student: SegmentVectors, result: QueryResult) -> dict[int, np.ndarray]:
+    """Each neighbour's segment as a (h, w) bool mask on the student's patch grid, by rank."""
+    images = np.array([n.image for n in result.neighbours])
+    _, assignment = student.segment(student.views(images))  # (n, h, w)
+    return {n.rank: assignment[j] == n.sub for j, n in enumerate(result.neighbours)}
+
+
 def _neighbour(rank: int, id_: int, score: float, meta: IndexMeta, paths, boxes) -> Neighbour:
-    image, sub = (int(v[0]) for v in decode_ids(np.array([id_]), meta.stride))
+    image, sub = divmod(id_, meta.stride)
     box = [round(float(v), 4) for v in boxes[sub]] if meta.source == "crops" else None
     return Neighbour(rank, image, sub, round(score, 4), str(paths[image]), box)
-
-
-def query_and_render(
-    index_dir: str | Path,
-    *,
-    checkpoint: str | None = None,
-    sheet: str | Path | None = None,
-    **query,
-) -> tuple[QueryResult, Path | None]:
-    """`zeroseg query`: the neighbours and, with `sheet`, their contact sheet PNG."""
-    if checkpoint is not None:
-        raise UserError("token queries need a segments index, which this build cannot make yet")
-    result = query_index(index_dir, **query)
-    if sheet is None:
-        return result, None
-    _, store = open_for_query(index_dir, query.get("store_url"))
-    return result, render_contact_sheet(result, store, sheet)
 
 
 def neighbours_table(result: QueryResult) -> Table:
@@ -316,7 +399,8 @@ def neighbours_table(result: QueryResult) -> Table:
 TILE = 192  # pixels per image tile
 CAPTION = 34  # pixels of text under each tile
 COLUMNS = 6
-OUTLINE = (255, 40, 40)
+OUTLINE = (0, 255, 255)  # cyan inside a black rim: visible on any object colour
+RIM = (0, 0, 0)
 
 
 def sheet_size(n_tiles: int) -> tuple[int, int]:
@@ -345,13 +429,19 @@ def _tile(view: np.ndarray, box: list[float] | None, mask: np.ndarray | None) ->
     tile = Image.fromarray(view).resize((TILE, TILE), Image.BILINEAR)
     if mask is not None:
         m = Image.fromarray(mask.astype(np.uint8) * 255).resize((TILE, TILE), Image.NEAREST)
-        edge = np.asarray(m) > np.asarray(m.filter(ImageFilter.MinFilter(5)))  # a 2-px outline
+        m = np.pad(np.asarray(m) > 0, 3)  # outside the image counts as outside the mask
+        inner = np.asarray(Image.fromarray(m).filter(ImageFilter.MinFilter(5)))[3:-3, 3:-3]  # eroded 2 px
+        rim = np.asarray(Image.fromarray(m).filter(ImageFilter.MaxFilter(3)))[3:-3, 3:-3]  # dilated 1 px
+        m = m[3:-3, 3:-3]
         px = np.asarray(tile).copy()
-        px[edge] = OUTLINE
+        px[rim & ~inner] = RIM
+        px[m & ~inner] = OUTLINE
         tile = Image.fromarray(px)
     if box is not None:
         x0, y0, x1, y1 = (round(v * TILE) for v in box)
-        ImageDraw.Draw(tile).rectangle((x0, y0, x1 - 1, y1 - 1), outline=OUTLINE, width=3)
+        draw = ImageDraw.Draw(tile)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=RIM, width=4)
+        draw.rectangle((x0 + 1, y0 + 1, x1 - 2, y1 - 2), outline=OUTLINE, width=2)
     return tile
 
 
