@@ -11,19 +11,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from rich.console import Console
-from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from zeroseg.errors import UserError
 from zeroseg.stores.features import FeatureStore, Status, StoreError, TeacherInfo
 from zeroseg.stores.index import (
     IndexMeta,
     NeighbourIndex,
+    KINDS,
     NeighbourIndexError,
     decode_ids,
     encode_ids,
@@ -86,8 +86,6 @@ class SegmentVectors:
     source = "segments"
 
     def __init__(self, store: FeatureStore, checkpoint: str, batch_images: int = 32):
-        import torch
-
         from zeroseg.trainer.checkpoint import load_student
 
         model, _, meta = load_student(checkpoint)
@@ -97,11 +95,10 @@ class SegmentVectors:
                 f"student {checkpoint} learned teacher {made_by.arch}/{made_by.pretrained} "
                 f"({made_by.sha256[:12]}), store {store.url} holds {have.arch}/{have.pretrained} ({have.sha256[:12]})"
             )
-        self.torch = torch
         self.store = store
         self.model = model
         self.batch_images = batch_images
-        self.grids = None
+        self.grids = None  # crops only
         self.checkpoint = {"path": str(Path(meta["checkpoint"]).resolve()), "sha256": meta["sha256"]}
         blank = np.zeros((1, store.config.view_size, store.config.view_size, 3), dtype=np.uint8)
         self.stride = int(self.segment(blank)[0].shape[1])  # K tokens per image
@@ -112,10 +109,12 @@ class SegmentVectors:
 
     def segment(self, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """views (B, S, S, 3) uint8 -> tokens (B, K, D) float32, assignment (B, h, w) int64."""
+        import torch
+
         tokens, assignment = [], []
-        with self.torch.inference_mode():
+        with torch.inference_mode():
             for i in range(0, len(views), self.batch_images):
-                seg = self.model.segment(self.torch.from_numpy(np.ascontiguousarray(views[i : i + self.batch_images])))
+                seg = self.model.segment(torch.from_numpy(np.ascontiguousarray(views[i : i + self.batch_images])))
                 tokens.append(seg.tokens.numpy())
                 assignment.append(seg.assignment.numpy())
         return np.concatenate(tokens), np.concatenate(assignment)
@@ -165,15 +164,10 @@ def _training_sample(vectors, n: int, seed: int) -> np.ndarray:
     return np.concatenate(parts)[:n]
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
-
-
 def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMeta:
     """Index the store's crops (or the student's segment tokens) into folder `out`."""
+    if config.kind not in KINDS:
+        raise UserError(f"unknown index kind {config.kind!r} (one of {', '.join(KINDS)})")
     store = FeatureStore.open(store_url)
     if config.source == "crops":
         if config.checkpoint:
@@ -193,11 +187,13 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
         source=vectors.source, kind=spec.kind, factory=spec.factory, build_params=spec.build_params,
         search_params=spec.search_params, dim=store.dim, stride=vectors.stride, count=0,
         store=store_fingerprint(store), checkpoint=vectors.checkpoint,
-        grids=list(vectors.grids) if vectors.source == "crops" else None,
+        grids=list(vectors.grids) if vectors.grids else None,
     )
     index = NeighbourIndex.new(spec, meta)
+    console = Console(stderr=True)
     if index.needs_training:
-        index.train(_training_sample(vectors, spec.train_size, config.seed))
+        with console.status(f"training {spec.factory} on {spec.train_size} {vectors.source} vectors"):
+            index.train(_training_sample(vectors, spec.train_size, config.seed))
 
     pending_ids, pending_x, pending_n = [], [], 0
 
@@ -207,7 +203,8 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
             index.add(np.concatenate(pending_x), np.concatenate(pending_ids))
         pending_ids, pending_x, pending_n = [], [], 0
 
-    with _progress() as progress:
+    columns = TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"indexing {vectors.source} ({spec.kind})", total=store.n_chunks)
         for i in range(store.n_chunks):
             ids, x = vectors.chunk(i)
@@ -353,16 +350,20 @@ def query_index(
                 raise UserError(f"token {token} of image {image} owns no patch: an empty segment")
             vector = tokens[0, token]
 
+    # One more than k for a crop or token query: its own vector comes back too (score ~1); it is
+    # listed as rank 0, ahead of the k neighbours.
     scores, ids = index.search(vector[None], k + (self_id is not None))
+    found = [(float(sc), int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0 and i != self_id][:k]
+    if self_id is not None:
+        query["path"] = str(store.group["images/path"][image])
+        found.insert(0, (1.0, self_id))
+    images, subs = decode_ids(np.array([i for _, i in found], dtype=np.int64), meta.stride)
     paths, boxes = store.paths(), store.boxes
     result = QueryResult(source=meta.source, query=query)
-    if self_id is not None:
-        query["path"] = str(paths[image])
-        result.neighbours.append(_neighbour(0, self_id, 1.0, meta, paths, boxes))
-    for score, i in zip(scores[0], ids[0]):
-        if i >= 0 and i != self_id and len(result.neighbours) < k + (self_id is not None):
-            rank = len(result.neighbours) + (self_id is None)
-            result.neighbours.append(_neighbour(rank, int(i), float(score), meta, paths, boxes))
+    for j, ((score, _), image_j, sub) in enumerate(zip(found, images.tolist(), subs.tolist())):
+        box = [round(float(v), 4) for v in boxes[sub]] if meta.source == "crops" else None
+        rank = j if self_id is not None else j + 1
+        result.neighbours.append(Neighbour(rank, image_j, sub, round(score, 4), str(paths[image_j]), box))
     if sheet is not None:
         masks = _segment_masks(student, result) if student is not None else None
         result.sheet = str(render_contact_sheet(result, store, sheet, masks))
@@ -374,12 +375,6 @@ def _segment_masks(student: SegmentVectors, result: QueryResult) -> dict[int, np
     images = np.array([n.image for n in result.neighbours])
     _, assignment = student.segment(student.views(images))  # (n, h, w)
     return {n.rank: assignment[j] == n.sub for j, n in enumerate(result.neighbours)}
-
-
-def _neighbour(rank: int, id_: int, score: float, meta: IndexMeta, paths, boxes) -> Neighbour:
-    image, sub = divmod(id_, meta.stride)
-    box = [round(float(v), 4) for v in boxes[sub]] if meta.source == "crops" else None
-    return Neighbour(rank, image, sub, round(score, 4), str(paths[image]), box)
 
 
 def neighbours_table(result: QueryResult) -> Table:
@@ -411,7 +406,8 @@ def sheet_size(n_tiles: int) -> tuple[int, int]:
 
 
 def image_view(store: FeatureStore, image: int, size: int) -> np.ndarray:
-    """Image `image` as the model saw it: the store's pixels, else its file decoded again."""
+    """Image `image` as the model saw it, (size, size, 3) uint8: the store's pixels, else its
+    file decoded again into the training view."""
     from zeroseg.pipeline.crops import training_view
 
     if store.has_pixels and store.config.view_size == size:
@@ -421,7 +417,7 @@ def image_view(store: FeatureStore, image: int, size: int) -> np.ndarray:
         with Image.open(path) as im:
             return training_view(im, size)
     except OSError as e:
-        raise UserError(f"cannot read image {image} ({path}) for the contact sheet: {e}")
+        raise UserError(f"cannot read image {image} ({path}): {e}")
 
 
 def _tile(view: np.ndarray, box: list[float] | None, mask: np.ndarray | None) -> Image.Image:
