@@ -170,10 +170,6 @@ class IndexMeta:
     grids: list[int] | None = None  # crop grids indexed (crops), a subset of the store's
     format_version: int = FORMAT_VERSION
 
-    @property
-    def teacher(self) -> dict[str, Any]:
-        return self.store["teacher"]
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
