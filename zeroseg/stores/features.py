@@ -48,6 +48,10 @@ class StoreError(UserError):
     """Missing store, wrong schema, a store made differently than asked."""
 
 
+class StoreNotFoundError(StoreError):
+    """No store at that URL (so one may be created there)."""
+
+
 @dataclass(frozen=True)
 class TeacherInfo:
     """What identifies the teacher that made the features."""
@@ -188,7 +192,7 @@ class FeatureStore:
         try:
             group = zarr.open_group(_zarr_store(url, read_only=mode == "r"), mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-            raise StoreError(f"no feature store at {url}")
+            raise StoreNotFoundError(f"no feature store at {url}")
         version = group.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise StoreError(
