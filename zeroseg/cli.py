@@ -107,5 +107,5 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(2)
