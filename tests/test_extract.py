@@ -267,22 +267,34 @@ def test_the_heartbeat_moves(tmp_path):
 
 
 # ---- through Ray ---------------------------------------------------------------------------
+# Each of 2 actors on 2 CPUs runs 1 torch thread. The in-process reference runs 1 thread too:
+# a different thread count may flip the last float16 bit of a few values (the GEMM's summation
+# order changes), which would hide a real difference in the comparison.
 
 
-def test_ray_with_two_workers_equals_in_process(tmp_path, ray_session):
-    write_good(tmp_path / "imgs", 10)
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ray_with_two_workers_equals_in_process(tmp_path, ray_session, one_thread):
+    write_good(tmp_path / "imgs", 8)
     local, pooled = str(tmp_path / "local.zarr"), str(tmp_path / "ray.zarr")
     run_extract(str(tmp_path / "imgs"), local, SMALL, notify=quiet)
     notices = []
     summary = run_extract(str(tmp_path / "imgs"), pooled, ExtractConfig(**{**SMALL.__dict__, "workers": 2}),
                           notify=notices.append)
-    assert summary.ok == 10 and not summary.lost_chunks
+    assert summary.ok == 8 and not summary.lost_chunks
     assert any(n.startswith("2 Ray workers x 1 torch threads") for n in notices)
     assert_same_store(local, pooled)
 
 
-def test_a_killed_ray_worker_is_restarted_and_its_chunk_redone(tmp_path, ray_session):
-    write_good(tmp_path / "imgs", 24)
+@pytest.mark.slow
+def test_a_killed_ray_worker_is_restarted_and_its_chunk_redone(tmp_path, ray_session, one_thread):
+    write_good(tmp_path / "imgs", 16)
     local, pooled = str(tmp_path / "local.zarr"), str(tmp_path / "ray.zarr")
     config = ExtractConfig(**{**SMALL.__dict__, "chunk_images": 2})
     run_extract(str(tmp_path / "imgs"), local, config, notify=quiet)
@@ -291,14 +303,15 @@ def test_a_killed_ray_worker_is_restarted_and_its_chunk_redone(tmp_path, ray_ses
     def kill_one_worker(message: str) -> None:
         pids = re.findall(r"pid (\d+) on", message)
         if message.startswith("workers:") and pids:
-            def later():  # once the job is under way, SIGKILL the first actor's process
-                time.sleep(0.5)
+            def after_the_first_chunk():  # SIGKILL the first actor's process mid-job
+                while (FeatureStore.open(pooled).status() == Status.PENDING).all():
+                    time.sleep(0.02)
                 os.kill(int(pids[0]), 9)
-                killed.append(int(pids[0]))
-            threading.Thread(target=later).start()
+                killed.append(len(FeatureStore.open(pooled).pending_chunks()))
+            threading.Thread(target=after_the_first_chunk).start()
 
     summary = run_extract(str(tmp_path / "imgs"), pooled, ExtractConfig(**{**config.__dict__, "workers": 2}),
                           notify=kill_one_worker)
-    assert killed
-    assert summary.pending == 0 and summary.ok == 24 and not summary.lost_chunks
+    assert killed and killed[0] > 0  # chunks were still to do when the worker died
+    assert summary.pending == 0 and summary.ok == 16 and not summary.lost_chunks
     assert_same_store(local, pooled)

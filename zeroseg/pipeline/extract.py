@@ -36,7 +36,7 @@ from zeroseg.pipeline.decode import Decoded, decode_image
 from zeroseg.pipeline.sources import list_images
 from zeroseg.pipeline.teacher import Teacher, load_teacher
 from zeroseg.stores.features import FeatureStore, Status, StoreConfig, StoreNotFoundError
-from zeroseg.stores.lock import StoreLock
+from zeroseg.stores.lock import LockedError, StoreLock, lock_holder
 
 DEFAULT_CHUNK_IMAGES = 64
 # Each actor's calls queue in order; a second call in flight means the actor never waits on the
@@ -155,7 +155,7 @@ class ChunkWorker:
     threads, so N actors share the cores instead of each taking them all)."""
 
     def __init__(self, url: str, config: ExtractConfig, batch: int, threads: int | None = None,
-                 teacher: Teacher | None = None):
+                 teacher: Teacher | None = None, lock_token: str | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.teacher = teacher or load_teacher(config.teacher, config.pretrained, seed=config.seed)
@@ -164,6 +164,7 @@ class ChunkWorker:
         self.paths = self.store.paths()  # the store's list is authoritative
         self.boxes = self.store.boxes
         self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zeroseg-decode")
+        self.url, self.lock_token = url, lock_token
 
     def describe(self) -> dict:
         return {"sha256": self.teacher.info.sha256, "host": socket.gethostname(), "pid": os.getpid(),
@@ -174,6 +175,9 @@ class ChunkWorker:
         arrays = embed_chunk(
             self.teacher, list(self.paths[sl]), self.store.config, self.batch, self.boxes, self.decoder
         )
+        if self.lock_token and (lock_holder(self.url) or {}).get("token") != self.lock_token:
+            # Our driver died and a new job took the store over: leave the chunk to it.
+            raise LockedError(f"{self.url}: lost the lock before writing chunk {chunk}")
         self.store.write_chunk(
             chunk, arrays.features, arrays.status, arrays.errors, arrays.sizes,
             arrays.views if self.store.has_pixels else None,
@@ -241,7 +245,7 @@ def run_extract(
     store, batch = open_or_create(url, images, config, teacher.info, notify)
     t0 = time.perf_counter()
     done, lost = 0, {}
-    with StoreLock(url, notify=notify):
+    with StoreLock(url, notify=notify) as lock:
         store = FeatureStore.open(url, mode="r+")  # re-read under the lock: a job may just have ended
         pending = store.pending_chunks()
         todo = sum(_len(store.chunk_slice(c)) for c in pending)
@@ -261,7 +265,7 @@ def run_extract(
         elif pending:
             del teacher  # the actors build their own
             lost = _run_ray_pool(url, config, batch, pending, teacher_sha=store.config.teacher.sha256,
-                                 finished=finished, notify=notify)
+                                 lock_token=lock.token, finished=finished, notify=notify)
     return summarize(FeatureStore.open(url), done, time.perf_counter() - t0, lost)
 
 
@@ -269,7 +273,7 @@ def _len(sl: slice) -> int:
     return sl.stop - sl.start
 
 
-def _run_ray_pool(url, config, batch, pending, teacher_sha, finished, notify) -> dict[int, str]:
+def _run_ray_pool(url, config, batch, pending, teacher_sha, lock_token, finished, notify) -> dict[int, str]:
     """Keep every actor busy with IN_FLIGHT_PER_WORKER chunks until none are left. An actor that
     dies is restarted by Ray and its calls retried (max_restarts / max_task_retries); a chunk whose
     retries run out stays pending for the next run. Returns those chunks with the reason."""
@@ -289,7 +293,9 @@ def _run_ray_pool(url, config, batch, pending, teacher_sha, finished, notify) ->
         notify(f"{n_workers} Ray workers x {threads} torch threads ({cpus} CPUs in the cluster)")
         actor_class = ray.remote(num_cpus=threads if share >= 1 else share, max_restarts=2,
                                  max_task_retries=2)(ChunkWorker)
-        actors = [actor_class.remote(url, config, batch, threads) for _ in range(n_workers)]
+        # Actors can outlive a SIGKILLed driver for a moment: with the job's lock token, each
+        # checks before writing a chunk that no new job has taken the store over.
+        actors = [actor_class.remote(url, config, batch, threads, lock_token=lock_token) for _ in range(n_workers)]
         infos = ray.get([a.describe.remote() for a in actors])
         for info in infos:
             if info["sha256"] != teacher_sha:

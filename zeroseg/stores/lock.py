@@ -40,6 +40,12 @@ def _fs_path(url: str):
     return fs, path.rstrip("/") + "/" + LOCK_NAME
 
 
+def lock_holder(url: str) -> dict | None:
+    """The lock's content (see StoreLock.read) without taking it: workers check before each
+    write that their job still holds the store."""
+    return StoreLock(url).read()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
