@@ -21,7 +21,7 @@ from images import write_bad_and_odd, write_good
 from zeroseg.cli import main
 from zeroseg.errors import UserError
 from zeroseg.pipeline.crops import cut_crops, training_view
-from zeroseg.pipeline.extract import ExtractConfig, embed_chunk, run_extract
+from zeroseg.pipeline.extract import ChunkWorker, ExtractConfig, embed_chunk, run_extract
 from zeroseg.stores.features import FeatureStore, Status, StoreConfig, grid_boxes
 from zeroseg.stores.lock import LOCK_NAME, LockedError, StoreLock
 
@@ -315,3 +315,15 @@ def test_a_killed_ray_worker_is_restarted_and_its_chunk_redone(tmp_path, ray_ses
     assert killed and killed[0] > 0  # chunks were still to do when the worker died
     assert summary.pending == 0 and summary.ok == 16 and not summary.lost_chunks
     assert_same_store(local, pooled)
+
+
+def test_a_worker_whose_job_lost_the_lock_writes_nothing(tmp_path, tiny_teacher):
+    write_good(tmp_path / "imgs", 3)
+    url = str(tmp_path / "s.zarr")
+    run_extract(str(tmp_path / "imgs"), url, SMALL, notify=quiet)
+    FeatureStore.open(url, mode="r+").group["images/status"][:] = 0
+    with StoreLock(url):  # a new job holds the store; the old job's worker has another token
+        worker = ChunkWorker(url, SMALL, batch=20, teacher=tiny_teacher, lock_token="old-job")
+        with pytest.raises(LockedError, match="lost the lock before writing chunk 0"):
+            worker.process(0)
+    assert FeatureStore.open(url).pending_chunks() == [0]
