@@ -141,16 +141,6 @@ class SegmentVectors:
         return encode_ids(sl.start + ok[image], token, self.stride), tokens[image, token]
 
 
-def parse_grids(text: str | None) -> tuple[int, ...] | None:
-    """"2,3,4" -> (2, 3, 4); None stays None (all grids)."""
-    if not text:
-        return None
-    try:
-        return tuple(int(g) for g in text.split(","))
-    except ValueError:
-        raise UserError(f"--grids wants comma-separated integers like 2,3,4, not {text!r}")
-
-
 def _training_sample(vectors, n: int, seed: int) -> np.ndarray:
     """About n vectors from randomly chosen whole chunks (reads only what it keeps)."""
     order = np.random.default_rng(seed).permutation(vectors.store.n_chunks)
