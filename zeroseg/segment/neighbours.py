@@ -420,6 +420,7 @@ def _tile(view: np.ndarray, box: list[float] | None, mask: np.ndarray | None) ->
         rim = np.asarray(Image.fromarray(m).filter(ImageFilter.MaxFilter(3)))[3:-3, 3:-3]  # dilated 1 px
         m = m[3:-3, 3:-3]
         px = np.asarray(tile).copy()
+        px[~m] = px[~m] // 2  # dim the rest of the image: the segment stands out
         px[rim & ~inner] = RIM
         px[m & ~inner] = OUTLINE
         tile = Image.fromarray(px)
