@@ -29,6 +29,7 @@ TERMS = ("distill", "match", "mae")
 @dataclass(frozen=True)
 class LossConfig:
     distill: float = 1.0  # multi-scale distillation: L1(z, v_j) over every crop, 1x1 included
+    multiscale: bool = True  # False: distil z to the 1x1 crop only (the paper's table 4 "base")
     match: float = 1.0  # segment matching, eq. 1: sum_i min_j L1(g_i, v_j) over local crops
     mae: float = 1.0  # MAE reconstruction MSE on the masked patches
     target_norm: str = "l2"  # "l2" | "none", see the module docstring
@@ -37,7 +38,7 @@ class LossConfig:
         return [t for t in TERMS if getattr(self, t) > 0]
 
     @classmethod
-    def parse(cls, spec: str, target_norm: str = "l2") -> LossConfig:
+    def parse(cls, spec: str, target_norm: str = "l2", multiscale: bool = True) -> LossConfig:
         """"distill,match=0.5" -> only those terms on, each weight 1 unless given."""
         weights = dict.fromkeys(TERMS, 0.0)
         for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -47,7 +48,7 @@ class LossConfig:
             weights[name] = float(w) if w else 1.0
         if not any(weights.values()):
             raise UserError(f"--loss {spec!r} enables no loss")
-        return cls(**weights, target_norm=target_norm)
+        return cls(**weights, multiscale=multiscale, target_norm=target_norm)
 
 
 def prepare_targets(features: torch.Tensor, norm: str) -> torch.Tensor:
@@ -84,13 +85,14 @@ def zeroseg_losses(
     """The weighted total and each enabled term's value (unweighted) for logging.
 
     features (B, C, D): the teacher's features of the selected crops; local (C,) bool, False at the
-    1x1 crop (excluded from segment matching, kept for distillation).
+    1x1 crop (excluded from segment matching, kept for distillation). With no local crop at all
+    (grids 1 only) there is nothing to match and the term is left out, as in the paper's table 3.
     """
     targets = prepare_targets(features, config.target_norm)
     terms: dict[str, torch.Tensor] = {}
     if config.distill > 0:
-        terms["distill"] = distill_loss(out.z.float(), targets)
-    if config.match > 0:
+        terms["distill"] = distill_loss(out.z.float(), targets if config.multiscale else targets[:, ~local])
+    if config.match > 0 and local.any():
         terms["match"] = matching_loss(out.segments.float(), targets[:, local])
     if config.mae > 0 and out.recon is not None:
         terms["mae"] = mae_loss(out.recon, out.target, out.mask)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import time
 from contextlib import ExitStack
@@ -45,8 +46,10 @@ def steps_for_epochs(epochs: float, n_ok: int, batch: int) -> int:
 
 
 def same_store(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Store identities agree on everything but where the store lives."""
-    return {k: v for k, v in a.items() if k != "url"} == {k: v for k, v in b.items() if k != "url"}
+    """Store identities agree on everything but where the store lives (compared as JSON)."""
+    def strip(d):
+        return json.loads(json.dumps({k: v for k, v in d.items() if k != "url"}))
+    return strip(a) == strip(b)
 
 
 def check_fit(config: TrainConfig, store: FeatureStore) -> Columns:
@@ -174,7 +177,7 @@ def train(
 
     torch.manual_seed(config.seed)
     model = ZeroSegStudent(config.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, foreach=True)
     if ckpt is not None:
         ckpt_io.load_weights(model, ckpt)
         ckpt_io.load_optimizer(optimizer, ckpt, state)
@@ -189,6 +192,9 @@ def train(
     log = RunLog(run_dir, start_step)
     result: dict[str, Any] = {"step": start_step, "metrics": log.rows[-1] if log.rows else {}}
     with ExitStack() as stack:
+        if config.threads:
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(config.threads)
         stack.callback(log.close)
         stack.callback(source.close)
         batches = stack.enter_context(
@@ -236,3 +242,35 @@ def train(
                 log.plot()
             result["step"] = done
     return result
+
+
+def run_train(
+    store_url: str, out: str | Path, *, preset_name: str = "small", steps: int | None = None,
+    epochs: float | None = None, batch: int = 32, lr: float = 1e-3, grids: str | None = None,
+    mask_ratio: float = 0.6, loss: str = "distill,match,mae", multiscale: bool = True,
+    target_norm: str = "l2", targets: str = "cached", precision: str = "fp32", seed: int = 0,
+    threads: int = 0, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own)."""
+    from zeroseg.trainer.losses import LossConfig
+    from zeroseg.trainer.model import PRESETS, preset
+
+    if resume:
+        return train(store_url, out, resume=True, stop_after=stop_after, progress=progress)
+    if preset_name not in PRESETS:
+        raise UserError(f"unknown preset {preset_name!r} (have: {', '.join(PRESETS)})")
+    if steps is not None and epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    store = FeatureStore.open(store_url)
+    if epochs is not None:
+        steps = steps_for_epochs(epochs, int((store.status() == 1).sum()), batch)
+    try:
+        grid_list = tuple(int(g) for g in grids.split(",")) if grids else store.config.grids
+    except ValueError:
+        raise UserError(f"--grids takes comma-separated integers, not {grids!r}")
+    config = TrainConfig(
+        model=preset(preset_name), preset=preset_name, losses=LossConfig.parse(loss, target_norm, multiscale),
+        steps=steps or 1000, batch=batch, lr=lr, mask_ratio=mask_ratio, grids=grid_list,
+        targets=targets, precision=precision, seed=seed, threads=threads,
+    )
+    return train(store_url, out, config, stop_after=stop_after, progress=progress)
