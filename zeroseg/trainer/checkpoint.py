@@ -61,7 +61,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """AdamW's state_dict split into flat tensors (state.<param>.<key>) and JSON param groups."""
     sd = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v.contiguous() for i, s in sd["state"].items() for k, v in s.items()}
+    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
     return tensors, sd["param_groups"]
 
 
@@ -81,7 +81,7 @@ def save_checkpoint(
     if ckpt.exists():
         shutil.rmtree(ckpt)
     ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt / MODEL_FILE)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, ckpt / MODEL_FILE)
     tensors, groups = _optimizer_tensors(optimizer)
     save_file(tensors, ckpt / OPTIMIZER_FILE)
     write_json(ckpt / STATE_FILE, {

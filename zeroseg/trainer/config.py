@@ -42,6 +42,7 @@ class TrainConfig:
     # torch's compute threads; 0 = torch's default (one per core). On a shared, busy machine 1 is
     # several times faster (idle OpenMP threads spin while waiting for a core).
     threads: int = 0
+    device: str = "cpu"  # torch device of the student (and of the online teacher); the loader is CPU
 
     def __post_init__(self) -> None:
         problems = []

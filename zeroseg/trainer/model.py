@@ -76,10 +76,11 @@ PRESETS: dict[str, ModelConfig] = {
         image_size=32, patch_size=8, width=64, depth=2, heads=2, head_depths=(1, 1, 1),
         group_tokens=(8, 4), decoder_width=32, decoder_depth=1, decoder_heads=2,
     ),
-    # the synthetic demo: trains to something useful in a few CPU minutes
+    # the synthetic demo: trains to something useful in a few CPU minutes (one block per head
+    # stage: the head runs over every visible token plus the group tokens, so it dominates)
     "small": ModelConfig(
-        image_size=64, patch_size=8, width=192, depth=6, heads=3, head_depths=(2, 2, 1),
-        group_tokens=(16, 8), decoder_width=128, decoder_depth=2, decoder_heads=4,
+        image_size=64, patch_size=8, width=128, depth=4, heads=4, head_depths=(1, 1, 1),
+        group_tokens=(16, 8), decoder_width=96, decoder_depth=1, decoder_heads=4,
     ),
     # the paper's: ViT-B/16 encoder, 5-layer head, 8-layer decoder, 32 then 8 groups
     "base": ModelConfig(),

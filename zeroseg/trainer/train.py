@@ -65,14 +65,14 @@ def check_fit(config: TrainConfig, store: FeatureStore) -> Columns:
 class OnlineTeacher:
     """The store's own teacher, cutting the same crops of the same view as the extractor did."""
 
-    def __init__(self, store: FeatureStore, columns: Columns):
+    def __init__(self, store: FeatureStore, columns: Columns, device: str):
         from zeroseg.pipeline.teacher import RANDOM, load_teacher
 
         info = store.config.teacher
         if info.pretrained.startswith(f"{RANDOM}:"):
-            self.teacher = load_teacher(info.arch, RANDOM, seed=int(info.pretrained.split(":", 1)[1]))
+            self.teacher = load_teacher(info.arch, RANDOM, seed=int(info.pretrained.split(":", 1)[1]), device=device)
         else:
-            self.teacher = load_teacher(info.arch, info.pretrained)
+            self.teacher = load_teacher(info.arch, info.pretrained, device=device)
         if self.teacher.info.sha256 != info.sha256:
             raise UserError(f"the teacher {info.arch}/{info.pretrained} loaded here differs from the store's (sha256)")
         self.boxes = columns.boxes
@@ -176,13 +176,14 @@ def train(
     ckpt_io.write_json(run_dir / "config.json", {"config": config.to_dict(), "store": store.identity()})
 
     torch.manual_seed(config.seed)
-    model = ZeroSegStudent(config.model)
+    device = torch.device(config.device)
+    model = ZeroSegStudent(config.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, foreach=True)
     if ckpt is not None:
         ckpt_io.load_weights(model, ckpt)
         ckpt_io.load_optimizer(optimizer, ckpt, state)
-    teacher = OnlineTeacher(store, columns) if config.targets == "online" else None
-    local = torch.from_numpy(columns.local)
+    teacher = OnlineTeacher(store, columns, config.device) if config.targets == "online" else None
+    local = torch.from_numpy(columns.local).to(device)
     last_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
 
     source = StoreSource(store, columns, features=teacher is None, workers=config.workers)
@@ -210,13 +211,14 @@ def train(
         model.train()
         for step in range(start_step, last_step):
             batch = next(batches)
-            features = teacher.features(batch["pixels"]) if teacher else batch["features"]
+            pixels = batch["pixels"].to(device, non_blocking=True)
+            features = teacher.features(pixels) if teacher else batch["features"].to(device, non_blocking=True)
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             torch.manual_seed(ckpt_io.step_seed(config.seed, step))  # masking and Gumbel noise
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                out = model(batch["pixels"], config.mask_ratio, reconstruct=config.losses.mae > 0)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                out = model(pixels, config.mask_ratio, reconstruct=config.losses.mae > 0)
             loss, terms = zeroseg_losses(out, features, local, config.losses)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
