@@ -107,6 +107,41 @@ def store_verify(store: str = typer.Argument(..., help="the feature store")) -> 
     print(f"{store}: ok ({report['ok']} of {report['images']} images ok, no problems)")
 
 
+# ---- trainer ------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    store: str = typer.Argument(..., help="feature store (path or fsspec URL)"),
+    out: Path = typer.Option(..., "--out", help="run dir: config, metrics, curves, checkpoint"),
+    preset: str = typer.Option("small", help="student size: tiny | small | base"),
+    steps: int = typer.Option(None, help="optimizer steps (default 1000)"),
+    epochs: float = typer.Option(None, help="passes over the store's ok images (instead of --steps)"),
+    batch: int = typer.Option(32, help="images per step"),
+    lr: float = typer.Option(1e-3, help="peak learning rate (warm-up then cosine)"),
+    grids: str = typer.Option(None, help="crop grids to distil, e.g. 1,2,3 (default: all the store's)"),
+    mask_ratio: float = typer.Option(0.6, "--mask-ratio", help="MAE masking ratio in training"),
+    loss: str = typer.Option("distill,match,mae", help="loss terms [=weight]: distill, match, mae"),
+    multiscale: bool = typer.Option(True, "--multiscale/--single-scale", help="distil z to every crop, or the 1x1 only"),
+    target_norm: str = typer.Option("l2", "--target-norm", help="l2 | none: teacher features as targets"),
+    targets: str = typer.Option("cached", help="cached (read the store) | online (run the teacher)"),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast)"),
+    seed: int = typer.Option(0, help="the run is a pure function of the seed and the store"),
+    threads: int = typer.Option(0, help="torch compute threads (0: one per core; 1 on a busy machine)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out with its own config"),
+    stop_after: int = typer.Option(None, "--stop-after", help="leave (with a checkpoint) after N steps of this call"),
+) -> None:
+    """Train the ZeroSeg student from a store's cached crop features (no teacher is run)."""
+    from zeroseg.trainer.train import run_train
+
+    result = run_train(
+        store, out, preset_name=preset, steps=steps, epochs=epochs, batch=batch, lr=lr, grids=grids,
+        mask_ratio=mask_ratio, loss=loss, multiscale=multiscale, target_norm=target_norm,
+        targets=targets, precision=precision, seed=seed, threads=threads, resume=resume, stop_after=stop_after,
+    )
+    print(f"step {result['step']}: {result.get('checkpoint', 'no new checkpoint')}  loss {result['metrics'].get('loss', '-')}")
+
+
 def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
