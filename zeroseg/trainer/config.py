@@ -30,8 +30,9 @@ class TrainConfig:
     mask_ratio: float = 0.6
     grids: tuple[int, ...] = (1, 2, 3, 4)  # the crop scales to distil (a subset of the store's)
     targets: str = "cached"  # "cached" (read the store) | "online" (run the teacher each step)
-    # fp32 by default: measured faster than bf16 autocast on this project's CPUs (no native bf16,
-    # see the trainer's report); "bf16" autocasts the student's forward pass.
+    # fp32 by default: on this project's 2-core AMD EPYC (AVX2, no native bf16) bf16 autocast made a
+    # train step 2.2x (tiny) to 7x (small) slower (benchmarks/presets.py); "bf16" autocasts the
+    # student's forward pass, for CPUs with AMX/AVX512-bf16 and for GPUs.
     precision: str = "fp32"
     seed: int = 0
     log_every: int = 10
