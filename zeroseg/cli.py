@@ -142,6 +142,44 @@ def train(
     print(f"step {result['step']}: {result.get('checkpoint', 'no new checkpoint')}  loss {result['metrics'].get('loss', '-')}")
 
 
+# ---- ablations (trainer/ablate.py) --------------------------------------------------------------
+
+
+@app.command()
+def ablate(
+    store: str = typer.Argument(..., help="feature store (path or fsspec URL)"),
+    out: Path = typer.Option(..., "--out", help="ablation dir: trials/, results.csv, results.md, miou.png"),
+    eval_dataset: str = typer.Option(..., "--eval", help="labelled dataset: a scenes folder or a VOC folder"),
+    vocab: str = typer.Option(..., help="the store's text vocabulary to classify segments with"),
+    grid: str = typer.Option(None, help="a YAML/JSON spec (file or inline): {grid: {field: [values]}} or {trials: [...]}"),
+    preset: str = typer.Option(None, help="one of the paper's tables: scales | losses | mask-ratio | tokens"),
+    steps: int = typer.Option(300, help="optimizer steps per trial"),
+    seeds: str = typer.Option("0", help="comma-separated seeds; every trial runs once per seed"),
+    student: str = typer.Option("small", help="student preset: tiny | small | base"),
+    batch: int = typer.Option(32, help="images per step"),
+    calibrate_on: str = typer.Option(None, help="pick the background threshold on this (train) dataset"),
+    bg_threshold: float = typer.Option(None, help="fixed background threshold (else calibrated or the paper's)"),
+    trials_parallel: int = typer.Option(None, help="trials at once as Ray tasks [default: one per CPU]; 0 = in this process"),
+    address: str = typer.Option(None, help="join this Ray cluster"),
+    online_ratio: float = typer.Option(191.0, help="cached/online speed ratio for the cost estimate (benchmarks/train.py)"),
+) -> None:
+    """Many short trainings over one store, then the paper-style tables; re-run to resume."""
+    from zeroseg.trainer.ablate import run_ablation
+
+    if (grid is None) == (preset is None):
+        raise UserError("give one of --grid SPEC or --preset NAME")
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, not {seeds!r}")
+    report = run_ablation(
+        store, grid or preset, out, eval_dataset, vocab, steps=steps, seeds=seed_list, preset=student,
+        batch=batch, calibrate_on=calibrate_on, threshold=bg_threshold, parallel=trials_parallel,
+        address=address, online_ratio=online_ratio,
+    )
+    print(report.markdown)
+
+
 def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:
