@@ -270,7 +270,6 @@ def test_text_query_finds_planted_crops(tmp_path, tiny_teacher):
 @pytest.fixture(scope="module")
 def tiny_student(tmp_path_factory):
     """A tiny student trained a few steps on a random store: (store url, run dir)."""
-    pytest.importorskip("zeroseg.trainer.checkpoint", reason="the student trainer is not on this branch yet")
     from zeroseg.trainer.config import TrainConfig
     from zeroseg.trainer.model import preset
     from zeroseg.trainer.train import train

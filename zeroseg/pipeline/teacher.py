@@ -103,3 +103,18 @@ def load_teacher(arch: str, pretrained: str = RANDOM, seed: int = 0, device: str
     )
     return Teacher(model=model, info=info, device=torch.device(device))
 
+
+
+def load_store_teacher(info: TeacherInfo, device: str = "cpu") -> Teacher:
+    """The teacher that made a store's features, from its recorded TeacherInfo (a `random:SEED`
+    label reloads that seed), refusing weights whose sha256 differs from the recorded one."""
+    if info.pretrained.startswith(f"{RANDOM}:"):
+        teacher = load_teacher(info.arch, RANDOM, seed=int(info.pretrained.split(":", 1)[1]), device=device)
+    else:
+        teacher = load_teacher(info.arch, info.pretrained, device=device)
+    if teacher.info.sha256 != info.sha256:
+        raise TeacherError(
+            f"teacher {info.arch}/{info.pretrained} loads as weights {teacher.info.sha256[:12]}, "
+            f"the store was made by {info.sha256[:12]}"
+        )
+    return teacher

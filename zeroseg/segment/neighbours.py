@@ -252,25 +252,11 @@ def open_for_query(index_dir: str | Path, store_url: str | None) -> tuple[Neighb
     return index, store
 
 
-def teacher_for_store(info: TeacherInfo):
-    """Load the store's teacher again and make sure it is the same weights (sha256)."""
-    from zeroseg.pipeline.teacher import RANDOM, load_teacher
-
-    if info.pretrained.startswith(f"{RANDOM}:"):
-        teacher = load_teacher(info.arch, RANDOM, seed=int(info.pretrained.split(":", 1)[1]))
-    else:
-        teacher = load_teacher(info.arch, info.pretrained)
-    if teacher.info.sha256 != info.sha256:
-        raise UserError(
-            f"teacher {info.arch}/{info.pretrained} loads as weights {teacher.info.sha256[:12]}, "
-            f"the store was made by {info.sha256[:12]}"
-        )
-    return teacher
-
-
 def text_vector(store: FeatureStore, text: str) -> np.ndarray:
     """The store's teacher's text embedding of `text`, prompt templates averaged: (D,) float32."""
-    teacher = teacher_for_store(store.config.teacher)
+    from zeroseg.pipeline.teacher import load_store_teacher
+
+    teacher = load_store_teacher(store.config.teacher)
     if not hasattr(teacher.model, "encode_text"):
         raise UserError(f"the store's teacher {teacher.info.arch} has no text tower: no text queries")
     emb = teacher.encode_text([t.format(text) for t in TEXT_TEMPLATES]).numpy()  # (T, D)
