@@ -323,7 +323,8 @@ def query_index(
         else:
             tokens, assignment = student.segment(student.views(np.array([image])))
             if not (assignment[0] == token).any():
-                raise UserError(f"token {token} of image {image} owns no patch: an empty segment")
+                used = ", ".join(map(str, np.unique(assignment[0])))
+                raise UserError(f"token {token} of image {image} owns no patch (an empty segment); its segments: {used}")
             vector = tokens[0, token]
 
     # One more than k for a crop or token query: its own vector comes back too (score ~1); it is
