@@ -16,6 +16,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True)
 
 
+@app.callback()
+def zeroseg() -> None:
+    """ZeroSeg: a CLIP crop-feature cache (Ray + Zarr) and a fast student trainer that reads it."""
+
+
 @app.command()
 def scenes(
     out: Path = typer.Argument(..., help="folder for images/, masks/ and manifest.jsonl"),

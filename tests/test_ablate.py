@@ -1,0 +1,101 @@
+import csv
+import json
+
+import pytest
+
+from zeroseg.errors import UserError
+from zeroseg.trainer.ablate import (
+    PRESETS, Trial, apply_overrides, expand, load_spec, render_tables, run_trial, trial_key,
+    varied_fields, write_results,
+)
+
+BASE = {"grids": [1, 2, 3, 4], "mask_ratio": 0.6, "losses": {"match": 1.0, "mae": 1.0}, "seed": 0}
+
+
+def test_grid_expansion_is_the_product_in_order():
+    trials = expand(load_spec('{"grid": {"grids": ["1", "1,2"], "losses.match": [0, 1]}}'))
+    assert [t.overrides for t in trials] == [
+        {"grids": "1", "losses.match": 0}, {"grids": "1", "losses.match": 1},
+        {"grids": "1,2", "losses.match": 0}, {"grids": "1,2", "losses.match": 1},
+    ]
+    assert trials[1].name == "grids=1, losses.match=1"
+    assert varied_fields(trials) == ["grids", "losses.match"]
+
+
+def test_presets_are_the_papers_tables():
+    assert [t.overrides["grids"] for t in expand(load_spec("scales"))] == ["1", "1,2", "1,3", "1,4", "1,2,3,4"]
+    losses = expand(load_spec("losses"))
+    assert [t.name for t in losses] == ["base", "+multi-scale", "+segment matching", "both"]
+    assert varied_fields(losses) == ["losses.multiscale", "losses.match"]
+    assert len(expand(PRESETS["mask-ratio"])) == 5
+
+
+def test_yaml_spec_file_and_bad_specs(tmp_path):
+    f = tmp_path / "spec.yaml"
+    f.write_text("grid:\n  mask_ratio: [0.2, 0.6]\n")
+    assert [t.overrides for t in expand(load_spec(str(f)))] == [{"mask_ratio": 0.2}, {"mask_ratio": 0.6}]
+    with pytest.raises(UserError, match="neither a preset"):
+        load_spec("no-such-preset")
+    with pytest.raises(UserError, match="non-empty list"):
+        expand({"grid": {"mask_ratio": 0.5}})
+
+
+def test_overrides_set_nested_fields_and_refuse_unknown_ones():
+    cfg = apply_overrides(BASE, {"grids": "1,2", "losses.match": 0.0, "mask_ratio": 0.4})
+    assert cfg["grids"] == [1, 2] and cfg["losses"]["match"] == 0.0 and cfg["mask_ratio"] == 0.4
+    assert BASE["grids"] == [1, 2, 3, 4]  # the base is not modified
+    with pytest.raises(UserError, match="unknown config field 'losses.nope'"):
+        apply_overrides(BASE, {"losses.nope": 1})
+    with pytest.raises(UserError, match="unknown config field 'model.width'"):
+        apply_overrides(BASE, {"model.width": 1})
+
+
+def test_trial_key_changes_with_what_makes_a_result():
+    store = {"url": "s", "n_images": 10}
+    key = trial_key(BASE, 0, store, "heldout")
+    assert key == trial_key(json.loads(json.dumps(BASE)), 0, store, "heldout")
+    assert key != trial_key(BASE, 1, store, "heldout")
+    assert key != trial_key(apply_overrides(BASE, {"mask_ratio": 0.4}), 0, store, "heldout")
+    assert key != trial_key(BASE, 0, {**store, "n_images": 11}, "heldout")
+    assert key != trial_key(BASE, 0, store, "voc")
+
+
+def _job(tmp_path, name="t", seed=0):
+    return {"trial": name, "seed": seed, "key": f"{name}{seed}", "fields": {"mask_ratio": 0.6},
+            "config": BASE, "run_dir": str(tmp_path / f"{name}-{seed}")}
+
+
+def test_resume_skips_finished_trials_and_retries_failed_ones(tmp_path):
+    calls = []
+
+    def trial_fn(config, run_dir):
+        calls.append(run_dir.name)
+        if run_dir.name.startswith("bad") and len(calls) < 3:
+            raise RuntimeError("loss is NaN\nlong traceback text")
+        return {"miou": 0.5, "steps": 3}
+
+    good = run_trial(trial_fn, _job(tmp_path, "good"))
+    bad = run_trial(trial_fn, _job(tmp_path, "bad"))
+    assert good["status"] == "ok" and good["miou"] == 0.5 and good["mask_ratio"] == 0.6
+    assert bad == {**bad, "status": "failed", "error": "RuntimeError: loss is NaN"}
+    assert json.loads((tmp_path / "bad-0" / "result.json").read_text())["status"] == "failed"
+
+    assert run_trial(trial_fn, _job(tmp_path, "good")) == good  # finished: not run again
+    assert run_trial(trial_fn, _job(tmp_path, "bad"))["status"] == "ok"  # failed: tried again
+    assert calls == ["good-0", "bad-0", "bad-0"]
+
+
+def test_tables_from_a_hand_made_results_file(tmp_path):
+    rows = [
+        {"trial": "a", "seed": s, "grids": g, "status": "ok", "error": "", "miou": m}
+        for g, s, m in [("1", 0, 0.20), ("1", 1, 0.30), ("1,2", 0, 0.50), ("1,2", 1, 0.50)]
+    ] + [{"trial": "b", "seed": 0, "grids": "1,3", "status": "failed", "error": "ValueError: x", "miou": ""}]
+    markdown = write_results(rows, ["grids"], tmp_path)
+    assert "| 1 | 25.0 ± 7.1 | 2 |" in markdown
+    assert "| 1,2 | 50.0 ± 0.0 | 2 |" in markdown
+    assert "- b (seed 0): ValueError: x" in markdown
+    assert (tmp_path / "results.md").read_text() == markdown
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    assert (tmp_path / "miou.png").stat().st_size > 1000
+    assert render_tables(rows[:1], []).startswith("| trial | mIoU (%) | seeds |")
