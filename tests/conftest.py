@@ -11,3 +11,13 @@ def tiny_teacher():
     from zeroseg.pipeline.teacher import load_teacher
 
     return load_teacher("zeroseg-tiny", "random", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (ray.init costs seconds): 2 CPUs, small store."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False)
+    yield ray
+    ray.shutdown()

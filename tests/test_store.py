@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig, StoreError, TeacherInfo, grid_boxes
+import zarr
+
+from zeroseg.stores.features import FeatureStore, Status, StoreConfig, StoreError, StoreNotFoundError, TeacherInfo, grid_boxes
 
 TEACHER = TeacherInfo("zeroseg-tiny", "random:0", "ab" * 32, 64, (0.5,) * 3, (0.25,) * 3, 16)
 
@@ -103,3 +105,12 @@ def test_text_vocabulary_round_trip_and_teacher_check(tmp_path):
     store.group["text/toy"].attrs["teacher"] = {**store.group["text/toy"].attrs["teacher"], "arch": "ViT-B-32"}
     with pytest.raises(StoreError, match="embedded by ViT-B-32"):
         store.read_text("toy")
+
+
+def test_an_interrupted_create_is_created_again(tmp_path):
+    url = str(tmp_path / "s")
+    zarr.open_group(url, mode="w-", zarr_format=3)  # a create killed before its attributes
+    with pytest.raises(StoreNotFoundError, match="unfinished store"):
+        FeatureStore.open(url)
+    store = FeatureStore.create(url, make_config(), ["a", "b"])
+    assert FeatureStore.open(url).n_images == 2 and store.pending_chunks() == [0]

@@ -36,6 +36,77 @@ def scenes(
     print(manifest)
 
 
+# ---- extract and store (pipeline/extract.py, stores/inspect.py) ------------------------------
+
+store_app = typer.Typer(no_args_is_help=True, help="Inspect a feature store.")
+app.add_typer(store_app, name="store")
+
+
+def _grids(text: str) -> tuple[int, ...]:
+    try:
+        grids = tuple(int(g) for g in text.split(","))
+    except ValueError:
+        raise UserError(f"--grids {text}: give grid sizes like 1,2,3,4")
+    if not grids or min(grids) < 1:
+        raise UserError(f"--grids {text}: grid sizes must be positive")
+    return grids
+
+
+@app.command()
+def extract(
+    images: str = typer.Argument(..., help="a folder (recursive), a glob, an image or a manifest (one path per line, or .jsonl with 'image')"),
+    store: str = typer.Argument(..., help="the feature store: a path or an fsspec URL (file://, memory://, s3://...)"),
+    teacher: str = typer.Option("zeroseg-tiny", help="open_clip architecture"),
+    pretrained: str = typer.Option("random", help="open_clip tag, a local checkpoint, or 'random'"),
+    seed: int = typer.Option(0, help="seed of the random init (with --pretrained random)"),
+    grids: str = typer.Option("1,2,3,4", help="grid sizes: g x g crops of the training view each"),
+    view_size: int = typer.Option(224, help="training view side (resize shorter side + center crop)"),
+    batch: int = typer.Option(None, help="crops per teacher forward, whole images [default: store's, or 256]"),
+    chunk_images: int = typer.Option(None, help="images per store chunk [default: store's, or 64]"),
+    pixels: bool = typer.Option(None, "--pixels/--no-pixels", help="also store the training views [default: store's, or no]"),
+    workers: int = typer.Option(None, help="Ray actors [default: one per CPU]; 0 runs in this process without Ray"),
+    address: str = typer.Option(None, help="join this Ray cluster instead of starting a local one"),
+) -> None:
+    """Embed the grid crops of every image into STORE; re-run the same command to resume."""
+    from zeroseg.pipeline.extract import ExtractConfig, extract_with_progress
+
+    config = ExtractConfig(
+        teacher=teacher, pretrained=pretrained, seed=seed, grids=_grids(grids), view_size=view_size,
+        batch=batch, chunk_images=chunk_images, pixels=pixels, workers=workers, address=address,
+    )
+    summary = extract_with_progress(images, store, config, err)
+    if summary.pending:
+        raise typer.Exit(1)
+
+
+@store_app.command("info")
+def store_info(
+    store: str = typer.Argument(..., help="the feature store"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Counts by status, shape, chunking, bytes on disk, teacher and grids."""
+    import json
+
+    from zeroseg.stores.inspect import format_info, store_info as info
+
+    report = info(store)
+    print(json.dumps(report, indent=2) if as_json else format_info(report))
+
+
+@store_app.command("verify")
+def store_verify(store: str = typer.Argument(..., help="the feature store")) -> None:
+    """Check features against status out of core (NaN/inf, zero rows, norms); exit 1 on problems."""
+    from zeroseg.stores.inspect import format_norms, verify_store
+
+    report, problems = verify_store(store)
+    print(format_norms(report))
+    for problem in problems:
+        print(f"problem: {problem}")
+    if problems:
+        raise typer.Exit(1)
+    print(f"{store}: ok ({report['ok']} of {report['images']} images ok, no problems)")
+
+
 # ---- text, segment, eval, teacher, demo (segment/ and demo/) ------------------------------------
 
 

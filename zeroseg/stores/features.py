@@ -48,6 +48,10 @@ class StoreError(UserError):
     """Missing store, wrong schema, a store made differently than asked."""
 
 
+class StoreNotFoundError(StoreError):
+    """No store at that URL (so one may be created there)."""
+
+
 @dataclass(frozen=True)
 class TeacherInfo:
     """What identifies the teacher that made the features."""
@@ -160,7 +164,13 @@ class FeatureStore:
         try:
             group = zarr.open_group(store, mode="w-", zarr_format=3)
         except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
-            raise StoreError(f"{url} already holds a store; open it instead of creating one")
+            try:
+                unfinished = "schema_version" not in zarr.open_group(store, mode="r").attrs
+            except (zarr.errors.GroupNotFoundError, FileNotFoundError):
+                unfinished = False
+            if not unfinished:
+                raise StoreError(f"{url} already holds a store; open it instead of creating one")
+            group = zarr.open_group(store, mode="w", zarr_format=3)  # an interrupted create: redo it
         n, c, b, s = len(paths), config.n_crops, config.chunk_images, config.view_size
         d = config.teacher.embed_dim
         group.create_array(
@@ -179,7 +189,8 @@ class FeatureStore:
                 compressors=COMPRESSOR, fill_value=0,
             )
         # Attributes last: a group without them is an interrupted create, not a store.
-        group.attrs.update({**config.to_attrs(), "extract": extract or {}})
+        # One metadata write (attrs.update would write once per key: a reader could see half).
+        group.update_attributes({**config.to_attrs(), "extract": extract or {}})
         return cls(group, url)
 
     @classmethod
@@ -188,8 +199,10 @@ class FeatureStore:
         try:
             group = zarr.open_group(_zarr_store(url, read_only=mode == "r"), mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-            raise StoreError(f"no feature store at {url}")
+            raise StoreNotFoundError(f"no feature store at {url}")
         version = group.attrs.get("schema_version")
+        if version is None and not group.attrs:
+            raise StoreNotFoundError(f"{url} holds only an unfinished store (its creation was interrupted)")
         if version != SCHEMA_VERSION:
             raise StoreError(
                 f"{url}: schema version {version}, this zeroseg reads version {SCHEMA_VERSION}"
@@ -312,7 +325,7 @@ class FeatureStore:
         g = self.group.require_group("text").require_group(vocab)
         g.create_array("names", shape=(len(names),), dtype=str, overwrite=True)[:] = np.asarray(names, dtype=str)
         g.create_array("embeddings", data=embeddings.astype(np.float32), overwrite=True)
-        g.attrs.update({"templates": list(templates), "teacher": dataclasses.asdict(self.config.teacher)})
+        g.update_attributes({"templates": list(templates), "teacher": dataclasses.asdict(self.config.teacher)})
 
     def read_text(self, vocab: str) -> tuple[list[str], np.ndarray]:
         if vocab not in self.vocabularies():

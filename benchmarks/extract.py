@@ -1,0 +1,100 @@
+"""How much the extraction job costs beyond the teacher itself, and how it scales with workers.
+
+On the same synthetic scenes and teacher, prints images/s of:
+  bare      the teacher alone on crops cut beforehand (only the forward passes are timed)
+  extract   `run_extract` in this process (decode, crops, teacher, store writes, all timed)
+  ray x1    `run_extract` through Ray, 1 actor x 1 torch thread on a 1-CPU local cluster
+  ray x2    `run_extract` through Ray, 2 actors x 1 torch thread on a 2-CPU local cluster
+and the ratios extract/bare (goal >= 0.9) and ray x2 / ray x1 (goal >= 1.8 on 2 cores), plus the
+store's bytes per image on disk against raw float16.
+
+    PYTHONPATH=. python benchmarks/extract.py --images 256 --teachers zeroseg-tiny
+    PYTHONPATH=. python benchmarks/extract.py --images 16 --teachers ViT-B-32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from zeroseg.demo.scenes import generate_scenes  # noqa: E402
+from zeroseg.pipeline.crops import cut_crops  # noqa: E402
+from zeroseg.pipeline.decode import decode_image  # noqa: E402
+from zeroseg.pipeline.extract import ExtractConfig, images_per_batch, run_extract  # noqa: E402
+from zeroseg.pipeline.sources import list_images  # noqa: E402
+from zeroseg.pipeline.teacher import load_teacher  # noqa: E402
+from zeroseg.stores.features import grid_boxes  # noqa: E402
+from zeroseg.stores.inspect import store_info  # noqa: E402
+
+GRIDS = (1, 2, 3, 4)
+
+
+def bare_teacher(arch: str, paths: list[str], view_size: int, batch: int) -> float:
+    """images/s of the teacher alone: crops are cut (as uint8, to fit memory) before the clock."""
+    teacher = load_teacher(arch, "random")
+    boxes = grid_boxes(GRIDS)
+    views = torch.from_numpy(np.stack([decode_image(p, view_size, GRIDS).view for p in paths]))
+    per = images_per_batch(batch, len(boxes))
+    groups = [cut_crops(views[i:i + per], boxes, teacher.info.input_size).mul(255).round().to(torch.uint8)
+              for i in range(0, len(views), per)]
+    start = time.perf_counter()
+    for crops in groups:
+        teacher.encode_images(crops.float().div_(255))
+    return len(paths) / (time.perf_counter() - start)
+
+
+def extract_rate(images: str, store: str, config: ExtractConfig, ray_cpus: int | None = None) -> float:
+    """images/s of the job itself (after listing and the driver's teacher load)."""
+    if ray_cpus:
+        import ray
+
+        ray.init(num_cpus=ray_cpus, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+    try:
+        summary = run_extract(images, store, config, notify=lambda _: None)
+    finally:
+        if ray_cpus:
+            ray.shutdown()
+    assert summary.pending == 0 and summary.done_this_run == summary.n_images
+    return summary.images_per_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--teachers", default="zeroseg-tiny,ViT-B-32")
+    parser.add_argument("--view-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=256, help="crops per forward (whole images)")
+    parser.add_argument("--chunk-images", type=int, default=16)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="zeroseg-bench-"))
+    manifest = generate_scenes(work / "scenes", n=args.images, split="train", seed=0, size=args.view_size)
+    paths = list_images(str(manifest))
+    print(f"{len(paths)} synthetic scenes ({args.view_size} px), grids {GRIDS}, batch {args.batch} crops, "
+          f"chunk {args.chunk_images} images, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
+    for arch in args.teachers.split(","):
+        config = ExtractConfig(teacher=arch, grids=GRIDS, view_size=args.view_size, batch=args.batch,
+                               chunk_images=args.chunk_images)
+        bare = bare_teacher(arch, paths, args.view_size, args.batch)
+        local = extract_rate(str(manifest), str(work / f"{arch}-local.zarr"), ExtractConfig(**{**config.__dict__, "workers": 0}))
+        one = extract_rate(str(manifest), str(work / f"{arch}-ray1.zarr"), ExtractConfig(**{**config.__dict__, "workers": 1}), ray_cpus=1)
+        two = extract_rate(str(manifest), str(work / f"{arch}-ray2.zarr"), ExtractConfig(**{**config.__dict__, "workers": 2}), ray_cpus=2)
+        info = store_info(str(work / f"{arch}-local.zarr"))["bytes"]
+        print(f"\n{arch}")
+        print(f"  bare teacher      {bare:8.2f} images/s")
+        print(f"  extract (local)   {local:8.2f} images/s   extract/bare = {local / bare:.2f}  (goal >= 0.9)")
+        print(f"  ray 1 worker x1t  {one:8.2f} images/s")
+        print(f"  ray 2 workers x1t {two:8.2f} images/s   2 vs 1 workers = {two / one:.2f}x  (goal >= 1.8)")
+        print(f"  features on disk  {info['features_per_image']} B/image vs raw float16 {info['raw_float16_per_image']} B/image"
+              f" ({info['features_per_image'] / info['raw_float16_per_image']:.2f}); whole store {info['per_image']} B/image")
+
+
+if __name__ == "__main__":
+    main()

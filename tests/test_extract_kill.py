@@ -1,0 +1,71 @@
+"""SIGKILL the extraction driver mid-job, re-run the same command: only the pending chunks are
+done, and the store is bit-identical to an uninterrupted run's (issue: resume)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from images import write_good
+from test_extract import assert_same_store
+from zeroseg.stores.features import FeatureStore, Status, StoreError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def extract_command(images: Path, store: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "zeroseg", "extract", str(images), str(store), "--grids", "1,2,3,4",
+            "--view-size", "64", "--chunk-images", "4", "--batch", "60", "--pixels", "--workers", str(workers)]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_rerun_gives_a_bit_identical_store(tmp_path, workers):
+    write_good(tmp_path / "imgs", 40, size=48)
+    whole, killed = tmp_path / "whole.zarr", tmp_path / "killed.zarr"
+    assert run(extract_command(tmp_path / "imgs", whole, workers)).returncode == 0
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(extract_command(tmp_path / "imgs", killed, workers), env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and job.poll() is None:
+            try:
+                if (FeatureStore.open(str(killed)).status() != Status.PENDING).any():
+                    break
+            except StoreError:  # not created yet
+                pass
+            time.sleep(0.02)
+        os.kill(job.pid, signal.SIGKILL)  # the driver only: its Ray workers die with it
+        job.wait()
+    finally:
+        if job.poll() is None:
+            os.kill(job.pid, signal.SIGKILL)
+    # Ray leaves helper processes behind when its driver is SIGKILLed (dashboard and runtime-env
+    # agents): they are in the job's own process group, so end them with it.
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pending = FeatureStore.open(str(killed)).pending_chunks()
+    assert 0 < len(pending) < 10, "the kill must land mid-job"
+
+    again = run(extract_command(tmp_path / "imgs", killed, workers))
+    assert again.returncode == 0, again.stderr
+    assert "taking over a stale lock" in again.stderr and "no longer running" in again.stderr
+    # Only pending chunks are redone (a killed driver's Ray workers may finish one or two more
+    # before they notice: they stop writing once the new job holds the lock).
+    todo = int(re.search(r"(\d+) to do in", again.stderr).group(1))
+    assert todo <= len(pending) * 4 and f"{todo} this run" in again.stderr
+    assert_same_store(str(whole), str(killed))
