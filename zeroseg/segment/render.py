@@ -57,12 +57,16 @@ def _with_legend(body: Image.Image, items: list[tuple[str, tuple[int, int, int]]
     return canvas
 
 
-def side_by_side(panels: list[Image.Image], gap: int = 6) -> Image.Image:
-    h = max(p.height for p in panels)
+def side_by_side(panels: list[Image.Image], titles: list[str], gap: int = 6) -> Image.Image:
+    """Panels in a row, each under its title."""
+    top = 16
+    h = max(p.height for p in panels) + top
     canvas = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), h), "white")
+    draw = ImageDraw.Draw(canvas)
     x = 0
-    for p in panels:
-        canvas.paste(p, (x, 0))
+    for p, title in zip(panels, titles):
+        draw.text((x + 4, 2), title, fill="black", font=ImageFont.load_default())
+        canvas.paste(p, (x, top))
         x += p.width + gap
     return canvas
 
