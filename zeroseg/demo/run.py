@@ -120,6 +120,7 @@ def train_student(cfg: DemoConfig, store_url: str, out: Path, match: bool) -> Pa
     config = TrainConfig(
         model=preset(cfg.student_preset), preset=cfg.student_preset,
         losses=LossConfig(match=1.0 if match else 0.0), steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed,
+        threads=1,  # as for the teacher: one thread beats two on a busy 2-core machine
     )
     name = "student" if match else "no-match"
     run_dir = out / "runs" / f"{name}-{_key(store_url, config.to_dict())}"
@@ -181,6 +182,10 @@ def run_demo(out: Path, preset: str = "default", console: Console | None = None)
     console.print(results_table(results, teacher_report))
     console.print(f"overlays: {', '.join(str(p) for p in overlays)}")
     console.print(f"results: {out / 'results.json'}   wall time {summary['wall_seconds']:.0f} s")
+    console.print(
+        f"segment your own: zeroseg segment {runs['student']} IMAGE... --store {store_url} --vocab {VOCAB} "
+        f"--bg-threshold {results['student']['bg_threshold']} --out DIR", soft_wrap=True,
+    )
     return summary
 
 
