@@ -107,6 +107,79 @@ def store_verify(store: str = typer.Argument(..., help="the feature store")) -> 
     print(f"{store}: ok ({report['ok']} of {report['images']} images ok, no problems)")
 
 
+# ---- trainer ------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    store: str = typer.Argument(..., help="feature store (path or fsspec URL)"),
+    out: Path = typer.Option(..., "--out", help="run dir: config, metrics, curves, checkpoint"),
+    preset: str = typer.Option("small", help="student size: tiny | small | base"),
+    steps: int = typer.Option(None, help="optimizer steps (default 1000)"),
+    epochs: float = typer.Option(None, help="passes over the store's ok images (instead of --steps)"),
+    batch: int = typer.Option(32, help="images per step"),
+    lr: float = typer.Option(1e-3, help="peak learning rate (warm-up then cosine)"),
+    grids: str = typer.Option(None, help="crop grids to distil, e.g. 1,2,3 (default: all the store's)"),
+    mask_ratio: float = typer.Option(0.6, "--mask-ratio", help="MAE masking ratio in training"),
+    loss: str = typer.Option("distill,match,mae", help="loss terms [=weight]: distill, match, mae"),
+    multiscale: bool = typer.Option(True, "--multiscale/--single-scale", help="distil z to every crop, or the 1x1 only"),
+    target_norm: str = typer.Option("l2", "--target-norm", help="l2 | none: teacher features as targets"),
+    targets: str = typer.Option("cached", help="cached (read the store) | online (run the teacher)"),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast)"),
+    seed: int = typer.Option(0, help="the run is a pure function of the seed and the store"),
+    threads: int = typer.Option(0, help="torch compute threads (0: one per core; 1 on a busy machine)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out with its own config"),
+    stop_after: int = typer.Option(None, "--stop-after", help="leave (with a checkpoint) after N steps of this call"),
+) -> None:
+    """Train the ZeroSeg student from a store's cached crop features (no teacher is run)."""
+    from zeroseg.trainer.train import run_train
+
+    result = run_train(
+        store, out, preset_name=preset, steps=steps, epochs=epochs, batch=batch, lr=lr, grids=grids,
+        mask_ratio=mask_ratio, loss=loss, multiscale=multiscale, target_norm=target_norm,
+        targets=targets, precision=precision, seed=seed, threads=threads, resume=resume, stop_after=stop_after,
+    )
+    print(f"step {result['step']}: {result.get('checkpoint', 'no new checkpoint')}  loss {result['metrics'].get('loss', '-')}")
+
+
+# ---- ablations (trainer/ablate.py) --------------------------------------------------------------
+
+
+@app.command()
+def ablate(
+    store: str = typer.Argument(..., help="feature store (path or fsspec URL)"),
+    out: Path = typer.Option(..., "--out", help="ablation dir: trials/, results.csv, results.md, miou.png"),
+    eval_dataset: str = typer.Option(..., "--eval", help="labelled dataset: a scenes folder or a VOC folder"),
+    vocab: str = typer.Option(..., help="the store's text vocabulary to classify segments with"),
+    grid: str = typer.Option(None, help="a YAML/JSON spec (file or inline): {grid: {field: [values]}} or {trials: [...]}"),
+    preset: str = typer.Option(None, help="one of the paper's tables: scales | losses | mask-ratio | tokens"),
+    steps: int = typer.Option(300, help="optimizer steps per trial"),
+    seeds: str = typer.Option("0", help="comma-separated seeds; every trial runs once per seed"),
+    student: str = typer.Option("small", help="student preset: tiny | small | base"),
+    batch: int = typer.Option(32, help="images per step"),
+    calibrate_on: str = typer.Option(None, help="pick the background threshold on this (train) dataset"),
+    bg_threshold: float = typer.Option(None, help="fixed background threshold (else calibrated or the paper's)"),
+    trials_parallel: int = typer.Option(None, help="trials at once as Ray tasks [default: one per CPU]; 0 = in this process"),
+    address: str = typer.Option(None, help="join this Ray cluster"),
+    online_ratio: float = typer.Option(191.0, help="cached/online speed ratio for the cost estimate (benchmarks/train.py)"),
+) -> None:
+    """Many short trainings over one store, then the paper-style tables; re-run to resume."""
+    from zeroseg.trainer.ablate import run_ablation
+
+    if (grid is None) == (preset is None):
+        raise UserError("give one of --grid SPEC or --preset NAME")
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds takes comma-separated integers, not {seeds!r}")
+    report = run_ablation(
+        store, grid or preset, out, eval_dataset, vocab, steps=steps, seeds=seed_list, preset=student,
+        batch=batch, calibrate_on=calibrate_on, threshold=bg_threshold, parallel=trials_parallel,
+        address=address, online_ratio=online_ratio,
+    )
+    print(report.markdown)
+
+
 # ---- text, segment, eval, teacher, demo (segment/ and demo/) ------------------------------------
 
 

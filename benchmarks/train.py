@@ -1,0 +1,114 @@
+"""Trainer throughput, side by side in one run: same student preset, same batch, same store.
+
+(a) steps/s reading the Zarr store vs with every target preloaded in RAM (goal >= 0.9: the loader
+    is never the bottleneck);
+(b) steps/s with cached targets vs `--targets online`, the teacher (ViT-B-32, random weights)
+    embedding the 30 crops of every image in the step (goal >= 10x).
+
+    PYTHONPATH=. python benchmarks/train.py [--images 256] [--preset small] [--batch 32] [--device cpu]
+
+The store is built once (in --work) with the same teacher, so cached and online runs distil the
+same features. steps/s is taken over the steps after the first logging interval (warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from zeroseg.pipeline.teacher import load_teacher
+from zeroseg.stores.features import FeatureStore
+from zeroseg.trainer.config import TrainConfig
+from zeroseg.trainer.model import preset
+from zeroseg.trainer.synthetic import synthetic_store
+from zeroseg.trainer.train import train
+
+
+def steps_per_s(run_dir: Path) -> float:
+    rows = (run_dir / "metrics.csv").read_text().splitlines()[1:]
+    rates = [float(r.split(",")[-1]) for r in rows[1:]]  # skip the first interval (warm-up)
+    return statistics.mean(rates)
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+    if device.startswith("cuda"):
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--view", type=int, default=224, help="store view size (the crops' source)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--online-steps", type=int, default=6, help="online steps are slow: fewer of them")
+    ap.add_argument("--teacher", default="ViT-B-32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--chunk", type=int, default=64, help="store chunk size in images")
+    ap.add_argument("--rounds", type=int, default=2, help="zarr / RAM runs alternate this many times")
+    ap.add_argument("--work", type=Path, default=None, help="folder for the store and runs (default: a temp dir)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="zeroseg-bench-"))
+    url = str(work / "store.zarr")
+    teacher = load_teacher(args.teacher, "random", seed=0, device=args.device)
+    if not (work / "store.zarr").exists():
+        t0 = time.perf_counter()
+        synthetic_store(url, teacher, args.images, grids=(1, 2, 3, 4), view_size=args.view, chunk_images=args.chunk, batch=64)
+        print(f"store: {args.images} images x 30 crops of {args.teacher} in {time.perf_counter() - t0:.1f} s")
+    store = FeatureStore.open(url)
+    del teacher
+
+    base = TrainConfig(
+        model=preset(args.preset), preset=args.preset, steps=args.steps, batch=args.batch,
+        log_every=5, checkpoint_every=10**9, device=args.device, threads=args.threads,
+    )
+
+    def run(name: str, **kw) -> float:
+        preload = kw.pop("preload", False)
+        config = dataclasses.replace(base, **kw)
+        run_dir = work / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        train(url, run_dir, config, preload=preload, progress=False)
+        rate = steps_per_s(run_dir)
+        print(f"  {name:<14} {rate:8.3f} steps/s")
+        return rate
+
+    print(f"machine: {machine(args.device)}")
+    print(f"student {args.preset}, batch {args.batch}, store {store.n_images} images of {args.view} px, "
+          f"{store.n_crops} crops x {store.dim} dims, device {args.device}")
+    zarr_rates, ram_rates = [], []
+    for r in range(args.rounds):
+        zarr_rates.append(run(f"zarr-{r}"))
+        ram_rates.append(run(f"ram-{r}", preload=True))
+    online = run("online", targets="online", steps=args.online_steps, log_every=1)
+    cached = statistics.mean(zarr_rates)
+    ram = statistics.mean(ram_rates)
+    print(f"(a) zarr / RAM   = {cached:.3f} / {ram:.3f} = {cached / ram:.2f}  (goal >= 0.9)")
+    print(f"(b) cached / online ({args.teacher}, 30 crops/image) = {cached:.3f} / {online:.3f} = {cached / online:.1f}x  (goal >= 10x)")
+    if args.work is None:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The trainer against real (small) feature stores: loader, train loop, resume, online targets, CLI."""
+
+import dataclasses
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from zeroseg.cli import main
+from zeroseg.errors import UserError
+from zeroseg.stores.features import FeatureStore, Status
+from zeroseg.trainer.checkpoint import load_student, sha256_file
+from zeroseg.trainer.config import TrainConfig
+from zeroseg.trainer.loader import Batches, MemorySource, Plan, StoreSource, select_columns
+from zeroseg.trainer.model import preset
+from zeroseg.trainer.synthetic import synthetic_store
+from zeroseg.trainer.train import train
+
+N_IMAGES, FAILED = 30, (4, 17)
+
+
+@pytest.fixture(scope="module")
+def store_url(tmp_path_factory, tiny_teacher):
+    """30 images (2 failed), grids 1..4, 32-px views with pixels, chunks of 8."""
+    url = str(tmp_path_factory.mktemp("trainer") / "store.zarr")
+    synthetic_store(url, tiny_teacher, N_IMAGES, failed=FAILED)
+    return url
+
+
+def tiny_config(**kw) -> TrainConfig:
+    defaults = dict(model=preset("tiny"), preset="tiny", steps=8, batch=6, log_every=1, checkpoint_every=4, lr=2e-3, threads=1)
+    return TrainConfig(**{**defaults, **kw})
+
+
+def all_batches(source, plan, batch, start_step, n):
+    with Batches(source, plan, batch, start_step) as batches:
+        return [next(batches) for _ in range(n)]
+
+
+# ---- loader -----------------------------------------------------------------------------------
+
+
+def test_grid_subset_selects_columns_by_box(store_url):
+    store = FeatureStore.open(store_url)
+    cols = select_columns(store.boxes, store.config.grids, (1, 2, 3))
+    assert cols.index.tolist() == list(range(14))
+    assert cols.local.tolist() == [False] + [True] * 13
+    cols = select_columns(store.boxes, store.config.grids, (2, 4))
+    assert cols.index.tolist() == [1, 2, 3, 4] + list(range(14, 30))
+    assert cols.local.all()
+    np.testing.assert_allclose(store.boxes[cols.index], cols.boxes)
+    with pytest.raises(UserError, match="grids 2,5 asked, the store has only 1,2,3,4"):
+        select_columns(store.boxes, store.config.grids, (2, 5))
+
+
+def test_batches_carry_the_stored_rows_of_ok_images_once_per_epoch(store_url):
+    store = FeatureStore.open(store_url)
+    cols = select_columns(store.boxes, store.config.grids, (1, 3))
+    plan = Plan(store.status(), store.config.chunk_images, seed=3, buffer_chunks=2)
+    assert plan.n_ok == N_IMAGES - len(FAILED)
+    batches = all_batches(StoreSource(store, cols), plan, 7, 0, 8)  # 56 positions = 2 epochs
+    index = torch.cat([b["index"] for b in batches]).numpy()
+    ok = sorted(set(range(N_IMAGES)) - set(FAILED))
+    assert sorted(index[:28]) == ok and sorted(index[28:56]) == ok  # each epoch: every ok image once
+    assert not np.array_equal(index[:28], index[28:56])  # reshuffled each epoch
+    assert not np.array_equal(index[:28], np.sort(index[:28]))  # shuffled at all
+    for b in batches[:3]:
+        rows = b["index"].numpy()
+        np.testing.assert_array_equal(b["features"].numpy(), store.features[:][rows][:, cols.index])
+        np.testing.assert_array_equal(b["pixels"].numpy(), store.pixels[:][rows])
+    assert batches[4]["epoch"] == pytest.approx(28 / 28)
+
+
+def test_resumed_order_is_the_continuation_and_preload_matches(store_url):
+    store = FeatureStore.open(store_url)
+    cols = select_columns(store.boxes, store.config.grids, (1, 2))
+    plan = Plan(store.status(), store.config.chunk_images, seed=0, buffer_chunks=3)
+    source = StoreSource(store, cols)
+    straight = all_batches(source, plan, 5, 0, 9)
+    resumed = all_batches(source, plan, 5, 4, 5)
+    preloaded = all_batches(MemorySource(source, store.n_chunks), plan, 5, 0, 9)
+    for a, b in zip(straight[4:], resumed):
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["features"], b["features"])
+    for a, b in zip(straight, preloaded):
+        assert torch.equal(a["pixels"], b["pixels"]) and torch.equal(a["features"], b["features"])
+
+
+def test_store_without_pixels_decodes_image_paths(tmp_path, tiny_teacher, store_url):
+    url = str(tmp_path / "paths.zarr")
+    store = synthetic_store(url, tiny_teacher, 10, grids=(1, 2), pixels=False, image_dir=tmp_path / "img", chunk_images=4)
+    assert not store.has_pixels
+    with_pixels = FeatureStore.open(store_url)  # same seed: the same first 10 views
+    cols = select_columns(store.boxes, store.config.grids, (1, 2))
+    plan = Plan(store.status(), 4, seed=0, buffer_chunks=2)
+    (batch,) = all_batches(StoreSource(store, cols), plan, 10, 0, 1)
+    np.testing.assert_array_equal(batch["pixels"].numpy(), with_pixels.pixels[:10][batch["index"].numpy()])
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+
+def test_tiny_run_loss_falls_and_writes_its_run_dir(store_url, tmp_path):
+    config = tiny_config(steps=60, batch=8, log_every=10, checkpoint_every=30, lr=3e-3)
+    result = train(store_url, tmp_path / "run", config, progress=False)
+    run = tmp_path / "run"
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].split(",") == ["step", "epoch", "lr", "loss", "distill", "match", "mae", "steps_per_s"]
+    losses = [float(r.split(",")[3]) for r in rows[1:]]
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert (run / "loss_curve.png").stat().st_size > 0
+    assert list(run.glob("events.out.tfevents.*"))
+    assert json.loads((run / "config.json").read_text())["config"]["model"]["out_dim"] == 128
+
+    model, cfg, meta = load_student(run)
+    assert meta["step"] == 60 and result["step"] == 60
+    assert meta["sha256"] == sha256_file(run / "checkpoint-0000060" / "model.safetensors")
+    assert meta["store"]["n_images"] == N_IMAGES
+    assert cfg.model.image_size == model.config.image_size == 32 and not model.training
+    seg = model.segment(torch.from_numpy(FeatureStore.open(store_url).pixels[:2]))
+    assert seg.tokens.shape == (2, 4, 128) and seg.assignment.shape == (2, 4, 4)
+
+
+def test_stop_and_resume_reaches_the_same_weights(store_url, tmp_path):
+    config = tiny_config(steps=10, checkpoint_every=3)
+    train(store_url, tmp_path / "straight", config, progress=False)
+    first = train(store_url, tmp_path / "resumed", config, stop_after=5, progress=False)
+    assert first["step"] == 5
+    train(store_url, tmp_path / "resumed", resume=True, progress=False)
+    a, _, meta_a = load_student(tmp_path / "straight")
+    b, _, meta_b = load_student(tmp_path / "resumed")
+    assert meta_a["step"] == meta_b["step"] == 10
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    opt_a = (tmp_path / "straight/checkpoint-0000010/optimizer.safetensors").read_bytes()
+    opt_b = (tmp_path / "resumed/checkpoint-0000010/optimizer.safetensors").read_bytes()
+    assert opt_a == opt_b
+    # the resumed run's metrics are the straight run's, row for row except the timing
+    strip = lambda p: [r.rsplit(",", 1)[0] for r in (p / "metrics.csv").read_text().splitlines()]
+    assert strip(tmp_path / "straight") == strip(tmp_path / "resumed")
+
+
+def test_cached_and_online_targets_agree(store_url, tmp_path):
+    config = tiny_config(steps=3, grids=(1, 2, 3))
+    cached = train(store_url, tmp_path / "cached", config, progress=False)
+    online = train(store_url, tmp_path / "online", dataclasses.replace(config, targets="online"), progress=False)
+    read = lambda p: [[float(x) for x in r.split(",")[3:7]] for r in (p / "metrics.csv").read_text().splitlines()[1:]]
+    a, b = np.array(read(tmp_path / "cached")), np.array(read(tmp_path / "online"))
+    assert a.shape == (3, 4)
+    np.testing.assert_allclose(a, b, rtol=2e-3)  # the store holds float16 features
+    assert cached["step"] == online["step"] == 3
+
+
+def test_store_that_does_not_fit_the_config(store_url, tmp_path):
+    bad_dim = tiny_config(model=preset("tiny", out_dim=512))
+    with pytest.raises(UserError, match="projects to dim 512, the store's teacher zeroseg-tiny has dim 128"):
+        train(store_url, tmp_path / "a", bad_dim, progress=False)
+    with pytest.raises(UserError, match="the store has only 1,2,3,4"):
+        train(store_url, tmp_path / "b", tiny_config(grids=(1, 6)), progress=False)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(store_url, tmp_path / "c", resume=True, progress=False)
+
+
+def run_cli(monkeypatch, capsys, args):
+    """The real entry point (main), as a shell would call it: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["zeroseg", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def test_cli_train_and_one_line_errors(store_url, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cli"
+    args = ["train", store_url, "--out", str(out), "--preset", "tiny", "--steps", "4", "--batch", "4",
+            "--grids", "1,2", "--loss", "distill,match=0.5", "--mask-ratio", "0.5", "--threads", "1"]
+    code, stdout, _ = run_cli(monkeypatch, capsys, args)
+    assert code == 0 and "step 4" in stdout
+    cfg = json.loads((out / "config.json").read_text())["config"]
+    assert cfg["grids"] == [1, 2] and cfg["mask_ratio"] == 0.5 and cfg["steps"] == 4
+    assert cfg["losses"] == {"distill": 1.0, "multiscale": True, "match": 0.5, "mae": 0.0, "target_norm": "l2"}
+    for bad_args, message in [
+        (args, "already holds a run"),
+        (["train", store_url, "--out", str(tmp_path / "x"), "--grids", "1,5"], "the store has only 1,2,3,4"),
+        (["train", store_url, "--out", str(tmp_path / "y"), "--loss", "hungarian"], "unknown loss"),
+        (["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "z")], "no feature store"),
+    ]:
+        code, _, stderr = run_cli(monkeypatch, capsys, bad_args)
+        # one message, no traceback (rich wraps a long line at the console width, hence the join)
+        assert code == 2 and message in " ".join(stderr.split()) and "Traceback" not in stderr
+        assert stderr.startswith("error:") and stderr.count("error:") == 1

@@ -1,0 +1,138 @@
+"""The student model and the losses on hand-made tensors (no store)."""
+
+import math
+
+import pytest
+import torch
+
+from zeroseg.errors import UserError
+from zeroseg.trainer.losses import LossConfig, matching_loss, mae_loss, prepare_targets, zeroseg_losses
+from zeroseg.trainer.model import PRESETS, GroupingBlock, StudentOutput, ZeroSegStudent, preset
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "base" else n for n in PRESETS])
+def test_preset_shapes(name):
+    torch.manual_seed(0)
+    model = ZeroSegStudent(preset(name, out_dim=48))
+    c = model.config
+    k = c.group_tokens[-1]
+    pixels = torch.randint(0, 256, (2, c.image_size, c.image_size, 3), dtype=torch.uint8)
+    out = model(pixels, mask_ratio=0.6)
+    assert out.segments.shape == (2, k, 48)
+    assert out.z.shape == (2, 48)
+    assert out.recon.shape == out.target.shape == (2, c.n_patches, c.patch_size**2 * 3)
+    assert out.mask.shape == (2, c.n_patches)
+    seg = model.segment(pixels)
+    assert seg.tokens.shape == (2, k, 48) and seg.tokens.dtype == torch.float32
+    assert seg.assignment.shape == (2, c.grid, c.grid) and seg.assignment.dtype == torch.long
+    assert 0 <= seg.assignment.min() and seg.assignment.max() < k
+    assert model.training  # segment() leaves the mode as it found it
+
+
+def test_segment_resizes_a_larger_view():
+    model = ZeroSegStudent(preset("tiny", out_dim=8))
+    seg = model.segment(torch.randint(0, 256, (1, 48, 48, 3), dtype=torch.uint8))
+    assert seg.assignment.shape == (1, 4, 4)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.6, 0.75, 0.9])
+def test_masking_keeps_exactly_the_ratio(ratio):
+    n = 196
+    keep, mask = ZeroSegStudent.random_masking(5, n, ratio, "cpu")
+    hidden = round(n * ratio)
+    assert (mask.sum(dim=1) == hidden).all()
+    assert keep.shape == (5, n - hidden)
+    assert (torch.gather(mask, 1, keep) == 0).all()  # the kept ones are the visible ones
+    assert all(len(set(row.tolist())) == n - hidden for row in keep)
+
+
+def test_masking_ratio_in_the_forward_pass():
+    model = ZeroSegStudent(preset("tiny", out_dim=8))  # 16 patches
+    out = model(torch.zeros(3, 32, 32, 3, dtype=torch.uint8), mask_ratio=0.6)
+    assert (out.mask.sum(dim=1) == round(16 * 0.6)).all()
+    assert model(torch.zeros(1, 32, 32, 3, dtype=torch.uint8), mask_ratio=0.0).recon is None
+
+
+def test_grouping_is_hard_one_hot_and_straight_through():
+    torch.manual_seed(0)
+    block = GroupingBlock(width=16, heads=2, mlp_ratio=2.0)
+    tokens = torch.randn(2, 10, 16, requires_grad=True)
+    groups = torch.randn(2, 4, 16)
+    for training in (False, True):
+        block.train(training)
+        out, assign = block(tokens, groups)
+        assert out.shape == (2, 4, 16) and assign.shape == (2, 10, 4)
+        assert set(assign.unique().tolist()) <= {0.0, 1.0}
+        assert (assign.sum(dim=-1) == 1).all()  # every token in exactly one group
+    block.eval()
+    a1 = block(tokens, groups)[1]
+    assert torch.equal(a1, block(tokens, groups)[1])  # argmax at inference: no noise
+    block.train()
+    out, _ = block(tokens, groups)
+    out.sum().backward()
+    assert tokens.grad is not None and tokens.grad.abs().sum() > 0
+
+
+def test_segment_assignment_is_the_composed_grouping():
+    torch.manual_seed(1)
+    model = ZeroSegStudent(preset("tiny", out_dim=8)).eval()
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    x = model.patch_embed(model.normalise(pixels)).flatten(2).transpose(1, 2) + model.pos_embed
+    for block in model.encoder:
+        x = block(x)
+    _, (a1, a2) = model.head(model.encoder_norm(x))
+    expected = a2.argmax(-1).gather(1, a1.argmax(-1)).view(2, 4, 4)  # patch -> group 1 -> group 2
+    assert torch.equal(model.segment(pixels).assignment, expected)
+
+
+def test_matching_picks_the_min_per_token():
+    d = 4
+    g = torch.tensor([[[0.0, 0, 0, 0], [1, 1, 1, 1]]])  # (1, K=2, D)
+    v = torch.tensor([[[5.0, 5, 5, 5], [0.9, 1, 1, 1.1], [0.5, 0, 0, 0]]])  # (1, C'=3, D)
+    # token 0: nearest is v2 (L1 0.5), token 1: nearest is v1 (L1 0.2); mean over dims, then tokens
+    expected = (0.5 / d + 0.2 / d) / 2
+    assert matching_loss(g, v).item() == pytest.approx(expected)
+
+
+def test_matching_excludes_the_1x1_crop_and_distill_includes_it():
+    d = 6
+    global_feat = torch.full((1, 1, d), 3.0)  # crop 0, the 1x1 view
+    local_feats = torch.full((1, 4, d), -2.0)
+    features = torch.cat([global_feat, local_feats], dim=1)  # (1, 5, D)
+    local = torch.tensor([False, True, True, True, True])
+    out = StudentOutput(
+        segments=torch.full((1, 2, d), 3.0),  # exactly the 1x1 feature: would be 0 if it counted
+        z=torch.full((1, d), -2.0),  # exactly the local ones: distill is then only the 1x1's error
+        recon=None, target=None, mask=torch.zeros(1, 4),
+    )
+    _, terms = zeroseg_losses(out, features, local, LossConfig(mae=0, target_norm="none"))
+    assert terms["match"] == pytest.approx(5.0)  # |3 - (-2)| to the nearest local crop
+    assert terms["distill"] == pytest.approx(5.0 / 5)  # one of five crops off by 5
+    assert set(terms) == {"distill", "match"}
+
+
+def test_l2_targets_have_norm_sqrt_d():
+    v = torch.randn(2, 3, 16).half() * 40
+    t = prepare_targets(v, "l2")
+    assert t.dtype == torch.float32
+    torch.testing.assert_close(t.norm(dim=-1), torch.full((2, 3), math.sqrt(16)))
+    assert torch.equal(prepare_targets(v, "none"), v.float())
+
+
+def test_mae_loss_counts_only_masked_patches():
+    target = torch.randn(2, 5, 12)
+    recon = target.clone()
+    mask = torch.tensor([[1.0, 0, 1, 0, 0], [0, 1, 0, 0, 0]])
+    recon[mask == 0] += 10.0  # wrong where visible: must not count
+    assert mae_loss(recon, target, mask).item() == 0.0
+    recon[0, 0] += 2.0  # wrong by 2 on one of three hidden patches
+    assert mae_loss(recon, target, mask).item() == pytest.approx(4.0 / 3)
+
+
+def test_loss_spec_parsing():
+    assert LossConfig.parse("distill,match=0.5") == LossConfig(distill=1.0, match=0.5, mae=0.0)
+    assert LossConfig.parse("mae").enabled() == ["mae"]
+    with pytest.raises(UserError, match="unknown loss"):
+        LossConfig.parse("distill,hungarian")
+    with pytest.raises(UserError, match="enables no loss"):
+        LossConfig.parse("distill=0")

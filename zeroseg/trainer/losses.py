@@ -1,0 +1,100 @@
+"""The three ZeroSeg losses (PAPER.md, "Losses"), each switchable and weighted from the config.
+
+L1 is reduced as a mean over the feature dims (torch's l1_loss convention) rather than eq. 1's sum:
+a constant factor 1/D that leaves every min and every gradient direction unchanged, and keeps the
+weights comparable across teachers of different dims. Segment matching sums over nothing else:
+it is eq. 1 averaged over segment tokens and images.
+
+Targets: the store keeps the teacher's raw features; PAPER.md does not say whether they were
+normalised. Raw CLIP features have norms that vary with the crop; zero-shot inference compares by
+cosine, so only directions matter. `target_norm="l2"` (the default) puts every target on the
+sphere of radius sqrt(D), i.e. unit L2 norm scaled so each dim has unit RMS: the L1 terms are then
+O(1) like the MAE term, for any D. `"none"` regresses the raw features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from zeroseg.errors import UserError
+from zeroseg.trainer.model import StudentOutput
+
+TERMS = ("distill", "match", "mae")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    distill: float = 1.0  # multi-scale distillation: L1(z, v_j) over every crop, 1x1 included
+    multiscale: bool = True  # False: distil z to the 1x1 crop only (the paper's table 4 "base")
+    match: float = 1.0  # segment matching, eq. 1: sum_i min_j L1(g_i, v_j) over local crops
+    mae: float = 1.0  # MAE reconstruction MSE on the masked patches
+    target_norm: str = "l2"  # "l2" | "none", see the module docstring
+
+    def enabled(self) -> list[str]:
+        return [t for t in TERMS if getattr(self, t) > 0]
+
+    @classmethod
+    def parse(cls, spec: str, target_norm: str = "l2", multiscale: bool = True) -> LossConfig:
+        """"distill,match=0.5" -> only those terms on, each weight 1 unless given."""
+        weights = dict.fromkeys(TERMS, 0.0)
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            name, _, w = item.partition("=")
+            if name not in TERMS:
+                raise UserError(f"unknown loss {name!r} (have: {', '.join(TERMS)})")
+            weights[name] = float(w) if w else 1.0
+        if not any(weights.values()):
+            raise UserError(f"--loss {spec!r} enables no loss")
+        return cls(**weights, multiscale=multiscale, target_norm=target_norm)
+
+
+def prepare_targets(features: torch.Tensor, norm: str) -> torch.Tensor:
+    """(B, C, D) teacher features (any float dtype) -> float32 targets."""
+    v = features.float()
+    if norm == "l2":
+        return F.normalize(v, dim=-1) * math.sqrt(v.shape[-1])
+    if norm == "none":
+        return v
+    raise ValueError(f"unknown target_norm {norm!r} (have: l2, none)")
+
+
+def distill_loss(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """z (B, D), targets (B, C, D): mean over images and crops of the per-dim-mean L1."""
+    return (z[:, None, :] - targets).abs().mean()
+
+
+def matching_loss(segments: torch.Tensor, local_targets: torch.Tensor) -> torch.Tensor:
+    """segments (B, K, D), local_targets (B, C', D) (the 1x1 crop already removed):
+    eq. 1, each segment token's L1 to its nearest crop feature, averaged over tokens and images."""
+    dist = (segments[:, :, None, :] - local_targets[:, None, :, :]).abs().mean(dim=-1)  # (B, K, C')
+    return dist.min(dim=2).values.mean()
+
+
+def mae_loss(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """recon, target (B, N, P*P*3), mask (B, N) 1 = hidden: MSE per patch, mean over hidden patches."""
+    per_patch = (recon.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def zeroseg_losses(
+    out: StudentOutput, features: torch.Tensor, local: torch.Tensor, config: LossConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted total and each enabled term's value (unweighted) for logging.
+
+    features (B, C, D): the teacher's features of the selected crops; local (C,) bool, False at the
+    1x1 crop (excluded from segment matching, kept for distillation). With no local crop at all
+    (grids 1 only) there is nothing to match and the term is left out, as in the paper's table 3.
+    """
+    targets = prepare_targets(features, config.target_norm)
+    terms: dict[str, torch.Tensor] = {}
+    if config.distill > 0:
+        terms["distill"] = distill_loss(out.z.float(), targets if config.multiscale else targets[:, ~local])
+    if config.match > 0 and local.any():
+        terms["match"] = matching_loss(out.segments.float(), targets[:, local])
+    if config.mae > 0 and out.recon is not None:
+        terms["mae"] = mae_loss(out.recon, out.target, out.mask)
+    total = sum(getattr(config, name) * value for name, value in terms.items())
+    return total, {name: float(value.detach()) for name, value in terms.items()}

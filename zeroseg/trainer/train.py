@@ -1,0 +1,278 @@
+"""The train loop: AdamW, linear warm-up then cosine, gradient clipping, optional bf16 autocast,
+deterministic from a seed, resumable to the same weights.
+
+Run dir: config.json, metrics.csv, TensorBoard events, loss_curve.png (all updated as it goes),
+and the newest checkpoint (checkpoint.py). `targets="online"` runs the store's teacher on the
+same crops each step instead of reading them: the baseline, and a check of the cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from zeroseg.errors import UserError
+from zeroseg.stores.features import FeatureStore
+from zeroseg.trainer import checkpoint as ckpt_io
+from zeroseg.trainer.config import TrainConfig
+from zeroseg.trainer.loader import Batches, Columns, MemorySource, Plan, StoreSource, select_columns
+from zeroseg.trainer.losses import TERMS, zeroseg_losses
+from zeroseg.trainer.model import ZeroSegStudent
+
+METRICS = ["step", "epoch", "lr", "loss", *TERMS, "steps_per_s"]
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up from 0 over the first `warmup` of the steps, then cosine down to min_lr."""
+    warmup = int(config.warmup * config.steps)
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, config.steps - warmup)
+    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def steps_for_epochs(epochs: float, n_ok: int, batch: int) -> int:
+    return max(1, math.ceil(epochs * n_ok / batch))
+
+
+def same_store(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Store identities agree on everything but where the store lives (compared as JSON)."""
+    def strip(d):
+        return json.loads(json.dumps({k: v for k, v in d.items() if k != "url"}))
+    return strip(a) == strip(b)
+
+
+def check_fit(config: TrainConfig, store: FeatureStore) -> Columns:
+    """The crop columns to train on; a one-line UserError if the store cannot serve this config."""
+    if config.model.out_dim and config.model.out_dim != store.dim:
+        raise UserError(
+            f"the student projects to dim {config.model.out_dim}, the store's teacher "
+            f"{store.config.teacher.arch} has dim {store.dim}"
+        )
+    return select_columns(store.boxes, store.config.grids, config.grids)
+
+
+class OnlineTeacher:
+    """The store's own teacher, cutting the same crops of the same view as the extractor did."""
+
+    def __init__(self, store: FeatureStore, columns: Columns, device: str):
+        from zeroseg.pipeline.teacher import RANDOM, load_teacher
+
+        info = store.config.teacher
+        if info.pretrained.startswith(f"{RANDOM}:"):
+            self.teacher = load_teacher(info.arch, RANDOM, seed=int(info.pretrained.split(":", 1)[1]), device=device)
+        else:
+            self.teacher = load_teacher(info.arch, info.pretrained, device=device)
+        if self.teacher.info.sha256 != info.sha256:
+            raise UserError(f"the teacher {info.arch}/{info.pretrained} loaded here differs from the store's (sha256)")
+        self.boxes = columns.boxes
+
+    def features(self, views: torch.Tensor) -> torch.Tensor:
+        """views (B, S, S, 3) uint8 at the store's view size -> (B, C', D) float32."""
+        from zeroseg.pipeline.crops import cut_crops
+
+        crops = cut_crops(views, self.boxes, self.teacher.info.input_size)  # (B*C', 3, s, s)
+        return self.teacher.encode_images(crops).view(views.shape[0], len(self.boxes), -1)
+
+
+@dataclass
+class RunLog:
+    """metrics.csv, TensorBoard and the loss-curve PNG, all from the same logged rows."""
+
+    run_dir: Path
+    start_step: int
+
+    def __post_init__(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        path = self.run_dir / "metrics.csv"
+        rows = []
+        if path.exists():  # a resumed run: keep what the checkpoint had reached, drop the rest
+            with open(path) as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.start_step]
+        self.rows: list[dict[str, Any]] = rows
+        self.file = open(path, "w", newline="")
+        self.csv = csv.DictWriter(self.file, fieldnames=METRICS)
+        self.csv.writeheader()
+        self.csv.writerows(rows)
+        self.file.flush()
+        self.tb = SummaryWriter(str(self.run_dir), purge_step=self.start_step or None)
+
+    def add(self, row: dict[str, Any]) -> None:
+        row = {k: row.get(k, "") for k in METRICS}
+        self.rows.append(row)
+        self.csv.writerow(row)
+        self.file.flush()
+        for key in ("loss", "lr", "steps_per_s", *TERMS):
+            if row[key] != "":
+                self.tb.add_scalar(f"train/{key}", float(row[key]), int(row["step"]))
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [int(r["step"]) for r in self.rows]
+        for key in ("loss", *TERMS):
+            values = [float(r[key]) for r in self.rows if r[key] != ""]
+            if values:
+                ax.plot(steps[-len(values):], values, label=key, lw=2 if key == "loss" else 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(self.run_dir.name)
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "loss_curve.png", dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def train(
+    store_url: str, run_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
+    stop_after: int | None = None, preload: bool = False, progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume) a student in run_dir from the store's cached targets (or online).
+
+    stop_after: leave after this many steps of this invocation (with a checkpoint), as a killed run
+    would; `resume=True` then continues it. preload: read the whole store into RAM first (the
+    benchmark's baseline). Returns {"step", "checkpoint", "metrics": the last logged row}.
+    """
+    run_dir = Path(run_dir)
+    store = FeatureStore.open(store_url)
+    start_step, ckpt = 0, None
+    if resume:
+        ckpt = ckpt_io.latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UserError(f"nothing to resume in {run_dir} (no complete checkpoint)")
+        state = ckpt_io.read_state(ckpt)
+        config, start_step = TrainConfig.from_dict(state["config"]), state["step"]
+        if not same_store(state["store"], store.identity()):
+            raise UserError(f"{run_dir} was trained on another store than {store_url}")
+    elif config is None:
+        raise ValueError("a new run needs a config")
+    elif ckpt_io.latest_checkpoint(run_dir) is not None:
+        raise UserError(f"{run_dir} already holds a run: --resume it or choose another --out")
+
+    columns = check_fit(config, store)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, out_dim=store.dim))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_io.write_json(run_dir / "config.json", {"config": config.to_dict(), "store": store.identity()})
+
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    model = ZeroSegStudent(config.model).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, foreach=True)
+    if ckpt is not None:
+        ckpt_io.load_weights(model, ckpt)
+        ckpt_io.load_optimizer(optimizer, ckpt, state)
+    teacher = OnlineTeacher(store, columns, config.device) if config.targets == "online" else None
+    local = torch.from_numpy(columns.local).to(device)
+    last_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
+
+    source = StoreSource(store, columns, features=teacher is None, workers=config.workers)
+    if preload:
+        source = MemorySource(source, store.n_chunks)
+    plan = Plan(store.status(), store.config.chunk_images, config.seed, config.buffer_chunks)
+    log = RunLog(run_dir, start_step)
+    result: dict[str, Any] = {"step": start_step, "metrics": log.rows[-1] if log.rows else {}}
+    with ExitStack() as stack:
+        if config.threads:
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(config.threads)
+        stack.callback(log.close)
+        stack.callback(source.close)
+        batches = stack.enter_context(
+            Batches(source, plan, config.batch, start_step, prefetch=config.prefetch, readers=config.workers)
+        )
+        bar = stack.enter_context(Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not progress,
+        ))
+        task = bar.add_task("train", total=config.steps, completed=start_step, info="")
+        sums: dict[str, float] = {}
+        tick, tick_step = time.perf_counter(), start_step
+        model.train()
+        for step in range(start_step, last_step):
+            batch = next(batches)
+            pixels = batch["pixels"].to(device, non_blocking=True)
+            features = teacher.features(pixels) if teacher else batch["features"].to(device, non_blocking=True)
+            lr = lr_at(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            torch.manual_seed(ckpt_io.step_seed(config.seed, step))  # masking and Gumbel noise
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                out = model(pixels, config.mask_ratio, reconstruct=config.losses.mae > 0)
+            loss, terms = zeroseg_losses(out, features, local, config.losses)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+
+            for k, v in {"loss": float(loss.detach()), **terms}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            done = step + 1
+            if done % config.log_every == 0 or done == last_step:
+                now = time.perf_counter()
+                n = done - tick_step
+                row = {k: f"{v / n:.6g}" for k, v in sums.items()}
+                row.update(step=done, epoch=f"{batch['epoch']:.4f}", lr=f"{lr:.6g}", steps_per_s=f"{n / (now - tick):.4g}")
+                log.add(row)
+                result["metrics"] = row
+                bar.update(task, info=f"loss {row['loss']}  {row['steps_per_s']} steps/s")
+                sums, tick, tick_step = {}, now, done
+            bar.update(task, completed=done)
+            if done % config.checkpoint_every == 0 or done == last_step:
+                result["checkpoint"] = str(ckpt_io.save_checkpoint(run_dir, done, model, optimizer, config, store.identity()))
+                log.plot()
+            result["step"] = done
+    return result
+
+
+def run_train(
+    store_url: str, out: str | Path, *, preset_name: str = "small", steps: int | None = None,
+    epochs: float | None = None, batch: int = 32, lr: float = 1e-3, grids: str | None = None,
+    mask_ratio: float = 0.6, loss: str = "distill,match,mae", multiscale: bool = True,
+    target_norm: str = "l2", targets: str = "cached", precision: str = "fp32", seed: int = 0,
+    threads: int = 0, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own)."""
+    from zeroseg.trainer.losses import LossConfig
+    from zeroseg.trainer.model import PRESETS, preset
+
+    if resume:
+        return train(store_url, out, resume=True, stop_after=stop_after, progress=progress)
+    if preset_name not in PRESETS:
+        raise UserError(f"unknown preset {preset_name!r} (have: {', '.join(PRESETS)})")
+    if steps is not None and epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    store = FeatureStore.open(store_url)
+    if epochs is not None:
+        steps = steps_for_epochs(epochs, int((store.status() == 1).sum()), batch)
+    try:
+        grid_list = tuple(int(g) for g in grids.split(",")) if grids else store.config.grids
+    except ValueError:
+        raise UserError(f"--grids takes comma-separated integers, not {grids!r}")
+    config = TrainConfig(
+        model=preset(preset_name), preset=preset_name, losses=LossConfig.parse(loss, target_norm, multiscale),
+        steps=steps or 1000, batch=batch, lr=lr, mask_ratio=mask_ratio, grids=grid_list,
+        targets=targets, precision=precision, seed=seed, threads=threads,
+    )
+    return train(store_url, out, config, stop_after=stop_after, progress=progress)
