@@ -46,7 +46,7 @@ class DemoConfig:
     n_heldout: int = 100
     extract_workers: int | None = None  # None: a local Ray pool, one actor per core
     student_preset: str = "small"
-    steps: int = 600
+    steps: int = 300
     batch: int = 32
     lr: float = 1e-3
     calibrate_images: int = 100  # train scenes the thresholds are chosen on
