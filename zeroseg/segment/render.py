@@ -1,0 +1,99 @@
+"""PNGs people look at: palette masks, overlays with a legend, confusion matrices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from zeroseg.segment.metrics import IGNORE
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (256 x RGB): class i of every dataset here is drawn in VOC's
+    colour i, so masks open in any VOC tool."""
+    from zeroseg.demo.scenes import voc_palette as palette
+
+    return palette()
+
+
+def save_mask(mask: np.ndarray, path: Path) -> None:
+    """(H, W) uint8 class ids -> a palette PNG whose pixel values are the ids."""
+    img = Image.fromarray(mask.astype(np.uint8), mode="P")
+    img.putpalette(voc_palette())
+    img.save(path)
+
+
+def colourise(mask: np.ndarray) -> np.ndarray:
+    """(H, W) ids -> (H, W, 3) uint8 palette colours."""
+    return np.asarray(voc_palette(), dtype=np.uint8).reshape(256, 3)[mask]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, names: dict[int, str], alpha: float = 0.55) -> Image.Image:
+    """The image with its mask blended over it (background left clear) and, below, a legend of the
+    class names present, each on its colour swatch."""
+    colours = colourise(mask).astype(np.float32)
+    painted = (mask != 0) & (mask != IGNORE)
+    blend = image.astype(np.float32)
+    blend[painted] = (1 - alpha) * blend[painted] + alpha * colours[painted]
+    body = Image.fromarray(blend.round().astype(np.uint8))
+    present = [int(c) for c in np.unique(mask) if c != IGNORE]
+    return _with_legend(body, [(names.get(c, str(c)), tuple(colourise(np.array([c]))[0])) for c in present])
+
+
+def _with_legend(body: Image.Image, items: list[tuple[str, tuple[int, int, int]]]) -> Image.Image:
+    font = ImageFont.load_default()
+    w = max(body.width, 160)
+    row, pad = 14, 4
+    canvas = Image.new("RGB", (w, body.height + pad + row * len(items) + pad), "white")
+    canvas.paste(body, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    y = body.height + pad
+    for name, colour in items:
+        draw.rectangle([pad, y + 2, pad + 10, y + 12], fill=colour, outline="black")
+        draw.text((pad + 16, y + 1), name, fill="black", font=font)
+        y += row
+    return canvas
+
+
+def side_by_side(panels: list[Image.Image], titles: list[str], gap: int = 6) -> Image.Image:
+    """Panels in a row, each under its title."""
+    top = 16
+    h = max(p.height for p in panels) + top
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + gap * (len(panels) - 1), h), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for p, title in zip(panels, titles):
+        draw.text((x + 4, 2), title, fill="black", font=ImageFont.load_default())
+        canvas.paste(p, (x, top))
+        x += p.width + gap
+    return canvas
+
+
+def save_confusion(counts: np.ndarray, names: list[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (truth rows, prediction columns) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = counts.sum(1, keepdims=True)
+    frac = np.divide(counts, rows, out=np.zeros(counts.shape, dtype=np.float64), where=rows > 0)
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * k, 2 + 0.42 * k), dpi=100)
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    for t in range(k):
+        for p in range(k):
+            if frac[t, p] >= 0.01:
+                ax.text(p, t, f"{frac[t, p]:.2f}"[1:] if frac[t, p] < 1 else "1", ha="center", va="center",
+                        fontsize=6, color="white" if frac[t, p] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
