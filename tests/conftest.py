@@ -21,3 +21,17 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """The whole offline loop at its smallest (`zeroseg demo --preset tiny`), run once: its out
+    dir (store, scenes, runs) and summary serve the demo, segment and ablation tests."""
+    from zeroseg.demo.run import run_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ZEROSEG_CACHE", str(root / "cache"))
+    summary = run_demo(root / "out", "tiny")
+    yield root / "out", summary
+    mp.undo()

@@ -87,15 +87,50 @@ def test_resume_skips_finished_trials_and_retries_failed_ones(tmp_path):
 
 def test_tables_from_a_hand_made_results_file(tmp_path):
     rows = [
-        {"trial": "a", "seed": s, "grids": g, "status": "ok", "error": "", "miou": m}
-        for g, s, m in [("1", 0, 0.20), ("1", 1, 0.30), ("1,2", 0, 0.50), ("1,2", 1, 0.50)]
-    ] + [{"trial": "b", "seed": 0, "grids": "1,3", "status": "failed", "error": "ValueError: x", "miou": ""}]
-    markdown = write_results(rows, ["grids"], tmp_path)
-    assert "| 1 | 25.0 ± 7.1 | 2 |" in markdown
-    assert "| 1,2 | 50.0 ± 0.0 | 2 |" in markdown
-    assert "- b (seed 0): ValueError: x" in markdown
+        {"trial": f"grids={g}, match={m}", "seed": s, "grids": g, "match": m, "status": "ok", "error": "", "miou": v}
+        for g, m, s, v in [
+            ("1", 0, 0, 0.20), ("1", 0, 1, 0.30), ("1,2", 0, 0, 0.50), ("1,2", 0, 1, 0.50),
+            ("1,2", 1, 0, 0.70), ("1,2", 1, 1, 0.70),
+        ]
+    ] + [{"trial": "grids=1,3, match=0", "seed": 0, "grids": "1,3", "match": 0, "status": "failed",
+          "error": "ValueError: x", "miou": ""}]
+    markdown = write_results(rows, ["grids", "match"], tmp_path, footer="Cost: none\n")
+    tables = markdown.split("\n\n")
+    assert tables[0].splitlines() == [
+        "| trial | grids | match | mIoU (%) | seeds |",
+        "|---|---|---|---|---|",
+        "| grids=1, match=0 | 1 | 0 | 25.0 ± 7.1 | 2 |",
+        "| grids=1,2, match=0 | 1,2 | 0 | 50.0 ± 0.0 | 2 |",
+        "| grids=1,2, match=1 | 1,2 | 1 | 70.0 ± 0.0 | 2 |",
+    ]
+    assert "| 1,2 | 60.0 ± 11.5 | 4 |" in tables[1]  # grids averaged over match
+    assert "| 0 | 37.5 ± 15.0 | 4 |" in tables[2]  # match averaged over grids
+    assert "- grids=1,3, match=0 (seed 0): ValueError: x" in markdown
+    assert markdown.endswith("Cost: none\n")
     assert (tmp_path / "results.md").read_text() == markdown
     with open(tmp_path / "results.csv") as f:
-        assert len(list(csv.DictReader(f))) == 5
+        assert len(list(csv.DictReader(f))) == 7
     assert (tmp_path / "miou.png").stat().st_size > 1000
-    assert render_tables(rows[:1], []).startswith("| trial | mIoU (%) | seeds |")
+    one_field = render_tables(rows[:2], ["grids"])
+    assert one_field.count("mIoU (%)") == 1  # one field varies: the trial table alone
+
+
+def test_an_ablation_over_the_tiny_demo_store_runs_resumes_and_records_failures(tiny_demo, ray_session, tmp_path):
+    from zeroseg.trainer.ablate import run_ablation
+
+    out, summary = tiny_demo
+    spec = '{"grid": {"mask_ratio": [0.25, 1.5]}}'  # 1.5 is no ratio: that trial must fail alone
+    kwargs = dict(steps=2, seeds=[0], preset="tiny", batch=4, threshold=0.5, parallel=2, progress=False)
+    report = run_ablation(summary["store"], spec, tmp_path, str(out / "scenes" / "heldout"), "scenes", **kwargs)
+    ok, failed = report.rows
+    assert ok["status"] == "ok" and ok["steps"] == 2 and 0.0 <= ok["miou"] <= 1.0 and ok["mask_ratio"] == 0.25
+    assert failed["status"] == "failed" and "mask ratio must be in [0, 1)" in failed["error"]
+    run_dir = tmp_path / "trials" / ok["key"]
+    assert json.loads((run_dir / "config.json").read_text())["config"]["mask_ratio"] == 0.25
+    assert report.teacher_passes_saved == 2 * 4 * 30
+    assert "| mask_ratio=0.25 | 0.25 |" in report.markdown and "Failed trials" in report.markdown
+
+    stamp = (run_dir / "result.json").stat().st_mtime_ns
+    again = run_ablation(summary["store"], spec, tmp_path, str(out / "scenes" / "heldout"), "scenes", **kwargs)
+    assert again.rows[0] == ok  # finished: read back, not re-run
+    assert (run_dir / "result.json").stat().st_mtime_ns == stamp

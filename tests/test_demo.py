@@ -10,20 +10,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-pytest.importorskip("zeroseg.trainer.train")  # the student trainer (another room of the project)
-from zeroseg.cli import app  # noqa: E402
-from zeroseg.demo.run import run_demo  # noqa: E402
-from zeroseg.stores.features import StoreError  # noqa: E402
+from zeroseg.cli import app
+from zeroseg.demo.run import run_demo
+from zeroseg.stores.features import StoreError
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ZEROSEG_CACHE", str(root / "cache"))
-    summary = run_demo(root / "out", "tiny")
-    yield root / "out", summary
-    mp.undo()
+def demo(tiny_demo):
+    return tiny_demo
 
 
 def test_tiny_demo_runs_end_to_end_and_reuses_its_stages(demo):

@@ -129,22 +129,36 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def groupings(fields: list[str]) -> list[str]:
+    """What the tables and plot panels group by: every trial first (the paper's table), then each
+    varied field on its own (averaged over the others) when more than one field varies."""
+    return ["trial"] + (fields if len(fields) > 1 else [])
+
+
+def miou_by(rows: list[dict[str, Any]], key: str) -> dict[str, list[float]]:
+    """mIoU in % of the successful rows, grouped by `key`'s value, in the order first seen."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            groups.setdefault(str(r[key]), []).append(100 * float(r["miou"]))
+    return groups
+
+
 def render_tables(rows: list[dict[str, Any]], fields: list[str]) -> str:
-    """Markdown: one table per varied field (or one by trial name when a table's rows are named
-    trials), mIoU as mean +- std over seeds, in the order the trials were given."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    failed = [r for r in rows if r["status"] != "ok"]
-    groupings = fields if fields else ["trial"]
+    """Markdown: a table of the trials (their field values, mIoU mean +- std over seeds), then one
+    per varied field when several vary; failed trials listed with their errors."""
     parts = []
-    for field in groupings:
-        by_value: dict[str, list[float]] = {}
-        for r in ok:
-            by_value.setdefault(str(r[field]), []).append(float(r["miou"]))
-        parts.append(f"| {field} | mIoU (%) | seeds |\n|---|---|---|")
-        for value, mious in by_value.items():
-            m, sd = mean_std([100 * v for v in mious])
-            parts.append(f"| {value} | {m:.1f} ± {sd:.1f} | {len(mious)} |")
+    for key in groupings(fields):
+        shown = [f for f in fields if key == "trial"]  # the trial table also shows its fields
+        values = {str(r[key]): r for r in rows}
+        parts.append("| " + " | ".join([key, *shown, "mIoU (%)", "seeds"]) + " |")
+        parts.append("|" + "---|" * (len(shown) + 3))
+        for value, mious in miou_by(rows, key).items():
+            m, sd = mean_std(mious)
+            cells = [value, *(str(values[value][f]) for f in shown), f"{m:.1f} ± {sd:.1f}", str(len(mious))]
+            parts.append("| " + " | ".join(cells) + " |")
         parts.append("")
+    failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         parts.append("Failed trials:\n")
         parts += [f"- {r['trial']} (seed {r['seed']}): {r['error']}" for r in failed]
@@ -153,24 +167,20 @@ def render_tables(rows: list[dict[str, Any]], fields: list[str]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], fields: list[str], path: Path) -> None:
-    """mIoU against each varied field (mean with std error bars), one panel per field."""
+    """mIoU (mean, std error bars) per trial, and against each field when several vary."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groupings = fields if fields else ["trial"]
-    fig, axes = plt.subplots(1, len(groupings), figsize=(4.5 * len(groupings), 3.6), squeeze=False)
-    for ax, field in zip(axes[0], groupings):
-        by_value: dict[str, list[float]] = {}
-        for r in rows:
-            if r["status"] == "ok":
-                by_value.setdefault(str(r[field]), []).append(100 * float(r["miou"]))
-        labels = list(by_value)
-        stats = [mean_std(v) for v in by_value.values()]
-        ax.errorbar(range(len(labels)), [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=4)
-        ax.set_xticks(range(len(labels)), labels, rotation=20)
-        ax.set_xlabel(field)
+    keys = groupings(fields)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        groups = miou_by(rows, key)
+        stats = [mean_std(v) for v in groups.values()]
+        ax.errorbar(range(len(groups)), [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=4)
+        ax.set_xticks(range(len(groups)), list(groups), rotation=20, ha="right")
+        ax.set_xlabel(key)
         ax.set_ylabel("held-out mIoU (%)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -300,11 +310,13 @@ def run_ablation(
     n_crops = {j["key"]: sum(g * g for g in j["config"]["grids"]) for j in jobs}
     saved = sum(int(r["steps"]) * batch * n_crops[r["key"]] for r in ok)
     online_s = sum(float(r["train_s"]) for r in ok) * online_ratio
+    train_s = sum(float(r["train_s"]) for r in ok)
     footer = (
         f"\nCost: {len(ok)} trainings over one cache saved {saved:,} teacher crop passes "
-        f"(steps x batch x crops). This run took {wall_s / 60:.1f} min; the same trainings with online "
-        f"targets would take about {online_s / 3600:.1f} h (train time x {online_ratio:g}, the measured "
-        "cached/online ratio of benchmarks/train.py with a ViT-B-32 teacher).\n"
+        f"(steps x batch x crops). They trained for {train_s / 60:.1f} CPU-min in all (this invocation: "
+        f"{wall_s / 60:.1f} min wall); with online targets the same trainings would take about "
+        f"{online_s / 3600:.1f} h (x {online_ratio:g}, the cached/online ratio measured by "
+        "benchmarks/train.py with a ViT-B-32 teacher).\n"
     )
     markdown = write_results(rows, fields, out, footer)
     return AblationReport(rows, markdown, wall_s, saved, online_s)
