@@ -309,8 +309,8 @@ def run_ablation(
     ok = [r for r in rows if r["status"] == "ok"]
     n_crops = {j["key"]: sum(g * g for g in j["config"]["grids"]) for j in jobs}
     saved = sum(int(r["steps"]) * batch * n_crops[r["key"]] for r in ok)
-    online_s = sum(float(r["train_s"]) for r in ok) * online_ratio
     train_s = sum(float(r["train_s"]) for r in ok)
+    online_s = train_s * online_ratio
     footer = (
         f"\nCost: {len(ok)} trainings over one cache saved {saved:,} teacher crop passes "
         f"(steps x batch x crops). They trained for {train_s / 60:.1f} CPU-min in all (this invocation: "
