@@ -307,8 +307,9 @@ def run_ablation(
     wall_s = time.perf_counter() - start
     fields = varied_fields(trials)
     ok = [r for r in rows if r["status"] == "ok"]
-    n_crops = {j["key"]: sum(g * g for g in j["config"]["grids"]) for j in jobs}
-    saved = sum(int(r["steps"]) * batch * n_crops[r["key"]] for r in ok)
+    # teacher passes one step of a trial replaces: its batch x its crops per image
+    per_step = {j["key"]: j["config"]["batch"] * sum(g * g for g in j["config"]["grids"]) for j in jobs}
+    saved = sum(int(r["steps"]) * per_step[r["key"]] for r in ok)
     train_s = sum(float(r["train_s"]) for r in ok)
     online_s = train_s * online_ratio
     footer = (
