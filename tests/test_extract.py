@@ -143,6 +143,14 @@ def test_nothing_to_extract_exits_2(tmp_path, what, capsys):
     assert len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line_and_writes_nothing(tmp_path, capsys):
+    write_good(tmp_path / "images", 1)
+    result = zeroseg(capsys, "extract", tmp_path / "images", tmp_path / "s.zarr", "--workers", "0", "--device", "cuda")
+    assert result.exit_code == 2 and not (tmp_path / "s.zarr").exists()
+    assert result.output.strip() == "error: --device cuda: torch sees no CUDA device here"
+
+
 @pytest.mark.parametrize("change, words", [
     ({"--grids": "1,2,3"}, "grids: asked 1,2,3, store has 1,2"),
     ({"--view-size": "48"}, "view_size: asked 48, store has 32"),

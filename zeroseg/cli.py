@@ -66,6 +66,7 @@ def extract(
     pixels: bool = typer.Option(None, "--pixels/--no-pixels", help="also store the training views [default: store's, or no]"),
     workers: int = typer.Option(None, help="Ray actors [default: one per CPU]; 0 runs in this process without Ray"),
     address: str = typer.Option(None, help="join this Ray cluster instead of starting a local one"),
+    device: str = typer.Option("cpu", help="where the teacher runs: cpu | cuda | auto (cuda where there is one)"),
 ) -> None:
     """Embed the grid crops of every image into STORE; re-run the same command to resume."""
     from zeroseg.pipeline.extract import ExtractConfig, extract_with_progress
@@ -73,6 +74,7 @@ def extract(
     config = ExtractConfig(
         teacher=teacher, pretrained=pretrained, seed=seed, grids=_grids(grids), view_size=view_size,
         batch=batch, chunk_images=chunk_images, pixels=pixels, workers=workers, address=address,
+        device=device,
     )
     summary = extract_with_progress(images, store, config, err)
     if summary.pending:

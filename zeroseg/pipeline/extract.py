@@ -57,7 +57,8 @@ class ExtractConfig:
     batch: int | None = None  # crops per teacher forward, rounded down to whole images
     chunk_images: int | None = None
     pixels: bool | None = None
-    workers: int | None = None  # None: one per CPU of the Ray cluster; 0: this process, no Ray
+    workers: int | None = None  # None: one per CPU (or GPU, on cuda) of the Ray cluster; 0: this process
+    device: str = "cpu"  # where the teacher runs: cpu | cuda | auto (cuda when there is one)
     address: str | None = None  # a Ray cluster to join; None starts a local one
 
 
@@ -140,9 +141,9 @@ def embed_chunk(
 
 
 def _embed_group(teacher: Teacher, out: ChunkArrays, rows: list[int], boxes: np.ndarray) -> None:
-    views = torch.from_numpy(out.views[rows])  # (G, S, S, 3)
+    views = torch.from_numpy(out.views[rows]).to(teacher.device)  # (G, S, S, 3): crops are cut where the teacher runs
     crops = cut_crops(views, boxes, teacher.info.input_size)  # (G*C, 3, in, in), image-major
-    emb = teacher.encode_images(crops).numpy()  # (G*C, D)
+    emb = teacher.encode_images(crops).cpu().numpy()  # (G*C, D)
     out.features[rows] = emb.reshape(len(rows), len(boxes), -1).astype(np.float16)
 
 
@@ -158,7 +159,8 @@ class ChunkWorker:
                  teacher: Teacher | None = None, lock_token: str | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.teacher = teacher or load_teacher(config.teacher, config.pretrained, seed=config.seed)
+        self.teacher = teacher or load_teacher(config.teacher, config.pretrained, seed=config.seed,
+                                               device=resolve_device(config.device))
         self.store = FeatureStore.open(url, mode="r+")
         self.batch = batch
         self.paths = self.store.paths()  # the store's list is authoritative
@@ -188,6 +190,17 @@ class ChunkWorker:
 # ---- driver ------------------------------------------------------------------------------
 
 
+def resolve_device(device: str) -> str:
+    """cpu | cuda | auto -> the torch device to use; asking for cuda where there is none is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA device here")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: choose cpu, cuda or auto")
+    return device
+
+
 def open_or_create(url: str, images: str, config: ExtractConfig, teacher_info, notify) -> tuple[FeatureStore, int]:
     """The store for this job and the batch to use. A new store is created for the listing of
     IMAGES; an existing one must have been made the same way (teacher, grids, view size) and from
@@ -204,7 +217,7 @@ def open_or_create(url: str, images: str, config: ExtractConfig, teacher_info, n
         batch = config.batch or 256
         options = {**dataclasses.asdict(config), "grids": list(config.grids), "batch": batch,
                    "chunk_images": want.chunk_images, "pixels": want.pixels, "source": images}
-        for runtime_only in ("workers", "address"):  # how it ran, not what it made
+        for runtime_only in ("workers", "address", "device"):  # how it ran, not what it made
             options.pop(runtime_only)
         return FeatureStore.create(url, want, paths, extract=options), batch
     have = store.config
@@ -241,7 +254,9 @@ def run_extract(
     `started(store, n_pending_images)` and `progress(result)` let a caller draw a progress bar."""
     if url.startswith("memory://") and config.workers != 0:
         raise UserError("a memory:// store lives inside one process: use --workers 0 with it")
-    teacher = load_teacher(config.teacher, config.pretrained, seed=config.seed)
+    # In this process the driver's teacher does the work; for Ray it only names the teacher.
+    device = resolve_device(config.device) if config.workers == 0 else "cpu"
+    teacher = load_teacher(config.teacher, config.pretrained, seed=config.seed, device=device)
     store, batch = open_or_create(url, images, config, teacher.info, notify)
     t0 = time.perf_counter()
     done, lost = 0, {}
@@ -287,12 +302,15 @@ def _run_ray_pool(url, config, batch, pending, teacher_sha, lock_token, finished
                  object_store_memory=None if config.address else 256 * 2**20)
     try:
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        n_workers = min(config.workers or cpus, len(pending))
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if config.device != "cpu" else 0
+        if config.device == "cuda" and not gpus:
+            raise UserError("--device cuda: the Ray cluster has no GPU")
+        n_workers = min(config.workers or gpus or cpus, len(pending))
         share = cpus / n_workers  # CPUs per actor; Ray wants whole numbers above 1
         threads = max(1, int(share))
-        notify(f"{n_workers} Ray workers x {threads} torch threads ({cpus} CPUs in the cluster)")
-        actor_class = ray.remote(num_cpus=threads if share >= 1 else share, max_restarts=2,
-                                 max_task_retries=2)(ChunkWorker)
+        notify(f"{n_workers} Ray workers x {threads} torch threads ({cpus} CPUs, {gpus} GPUs in the cluster)")
+        actor_class = ray.remote(num_cpus=threads if share >= 1 else share, num_gpus=gpus / n_workers,
+                                 max_restarts=2, max_task_retries=2)(ChunkWorker)
         # Actors can outlive a SIGKILLed driver for a moment: with the job's lock token, each
         # checks before writing a chunk that no new job has taken the store over.
         actors = [actor_class.remote(url, config, batch, threads, lock_token=lock_token) for _ in range(n_workers)]
