@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from zeroseg.errors import UserError
-from zeroseg.trainer.losses import LossConfig, matching_loss, mae_loss, prepare_targets, zeroseg_losses
-from zeroseg.trainer.model import PRESETS, GroupingBlock, StudentOutput, ZeroSegStudent, preset
+from zeroseg.trainer.losses import LossConfig, coverage_loss, matching_loss, mae_loss, prepare_targets, zeroseg_losses
+from zeroseg.trainer.model import PRESETS, GroupingBlock, StudentOutput, ZeroSegStudent, hard_gumbel_softmax, preset
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "base" else n for n in PRESETS])
@@ -73,6 +73,43 @@ def test_grouping_is_hard_one_hot_and_straight_through():
     assert tokens.grad is not None and tokens.grad.abs().sum() > 0
 
 
+def test_hard_gumbel_softmax_noise_scale():
+    logits = torch.tensor([[2.0, 0.5], [0.1, 1.0], [-1.0, -3.0]], requires_grad=True)  # (G=3, n=2)
+    hard = hard_gumbel_softmax(logits, noise=0.0, dim=0)
+    assert torch.equal(hard.detach(), torch.tensor([[1.0, 0], [0, 1], [0, 0]]))  # plain argmax
+    (hard * torch.arange(6.0).view(3, 2)).sum().backward()
+    soft = logits.detach().clone().requires_grad_()
+    (soft.softmax(0) * torch.arange(6.0).view(3, 2)).sum().backward()
+    torch.testing.assert_close(logits.grad, soft.grad)  # the soft assignment's gradient
+    torch.manual_seed(0)
+    a = hard_gumbel_softmax(logits.detach(), noise=1.0, dim=0)
+    torch.manual_seed(0)
+    b = torch.nn.functional.gumbel_softmax(logits.detach(), tau=1.0, hard=True, dim=0)
+    assert torch.equal(a, b)  # noise 1 is torch's (GroupViT's) gumbel_softmax
+
+
+def test_grouping_without_residual_builds_tokens_from_their_members_only():
+    torch.manual_seed(0)
+    tokens, groups = torch.randn(1, 2, 16), torch.randn(1, 4, 16)  # 2 tokens, 4 groups: >= 2 empty
+    for residual in (True, False):
+        torch.manual_seed(0)
+        block = GroupingBlock(width=16, heads=2, mlp_ratio=2.0, residual=residual).eval()
+        out, assign = block(tokens, groups)
+        empty = out[0, assign.sum(dim=1)[0] == 0]  # (>=2, W) the tokens of the empty groups
+        # with GroupViT's residual an empty group still carries its group token; without, nothing
+        assert torch.allclose(empty[0], empty[1:]) != residual
+
+
+def test_centred_logits_ignore_a_per_group_offset():
+    torch.manual_seed(0)
+    block = GroupingBlock(width=16, heads=2, mlp_ratio=2.0, center=True).eval()
+    tokens, groups = torch.randn(2, 12, 16), torch.randn(2, 4, 16)
+    assign = block(tokens, groups)[1]
+    with torch.no_grad():
+        block.k.bias += torch.randn(16) * 5  # adds q_g . b to every logit of group g
+    assert torch.equal(block(tokens, groups)[1], assign)
+
+
 def test_segment_assignment_is_the_composed_grouping():
     torch.manual_seed(1)
     model = ZeroSegStudent(preset("tiny", out_dim=8)).eval()
@@ -109,6 +146,14 @@ def test_matching_excludes_the_1x1_crop_and_distill_includes_it():
     assert terms["match"] == pytest.approx(5.0)  # |3 - (-2)| to the nearest local crop
     assert terms["distill"] == pytest.approx(5.0 / 5)  # one of five crops off by 5
     assert set(terms) == {"distill", "match"}
+
+
+def test_coverage_picks_the_nearest_token_per_crop():
+    d = 4
+    g = torch.tensor([[[0.0, 0, 0, 0], [1, 1, 1, 1]]])  # (1, K=2, D)
+    v = torch.tensor([[[5.0, 5, 5, 5], [0.9, 1, 1, 1.1], [0.5, 0, 0, 0]]])  # (1, C'=3, D)
+    # crop 0 -> token 1 (L1 16), crop 1 -> token 1 (0.2), crop 2 -> token 0 (0.5)
+    assert coverage_loss(g, v).item() == pytest.approx((16 / d + 0.2 / d + 0.5 / d) / 3)
 
 
 def test_l2_targets_have_norm_sqrt_d():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from zeroseg.errors import UserError
 from zeroseg.trainer.model import StudentOutput
 
-TERMS = ("distill", "match", "mae")
+TERMS = ("distill", "match", "mae", "cover")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class LossConfig:
     distill: float = 1.0  # multi-scale distillation: L1(z, v_j) over every crop, 1x1 included
     multiscale: bool = True  # False: distil z to the 1x1 crop only (the paper's table 4 "base")
     match: float = 1.0  # segment matching, eq. 1: sum_i min_j L1(g_i, v_j) over local crops
+    # Not in the paper: eq. 1's reverse direction, each local crop's L1 to its nearest segment
+    # token (with match, a Chamfer distance). Eq. 1 alone is minimised by all K tokens copying
+    # the one easiest crop of the image, which is what short runs learn; 0 = the paper's losses.
+    cover: float = 0.0
     mae: float = 1.0  # MAE reconstruction MSE on the masked patches
     target_norm: str = "l2"  # "l2" | "none", see the module docstring
 
@@ -66,11 +70,21 @@ def distill_loss(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (z[:, None, :] - targets).abs().mean()
 
 
+def token_crop_l1(segments: torch.Tensor, local_targets: torch.Tensor) -> torch.Tensor:
+    """segments (B, K, D), local_targets (B, C', D) -> (B, K, C') per-dim-mean L1 distances."""
+    return (segments[:, :, None, :] - local_targets[:, None, :, :]).abs().mean(dim=-1)
+
+
 def matching_loss(segments: torch.Tensor, local_targets: torch.Tensor) -> torch.Tensor:
     """segments (B, K, D), local_targets (B, C', D) (the 1x1 crop already removed):
     eq. 1, each segment token's L1 to its nearest crop feature, averaged over tokens and images."""
-    dist = (segments[:, :, None, :] - local_targets[:, None, :, :]).abs().mean(dim=-1)  # (B, K, C')
-    return dist.min(dim=2).values.mean()
+    return token_crop_l1(segments, local_targets).min(dim=2).values.mean()
+
+
+def coverage_loss(segments: torch.Tensor, local_targets: torch.Tensor) -> torch.Tensor:
+    """segments (B, K, D), local_targets (B, C', D): each crop's L1 to its nearest segment token,
+    averaged over crops and images (eq. 1 with the roles of tokens and crops swapped)."""
+    return token_crop_l1(segments, local_targets).min(dim=1).values.mean()
 
 
 def mae_loss(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -94,6 +108,8 @@ def zeroseg_losses(
         terms["distill"] = distill_loss(out.z.float(), targets if config.multiscale else targets[:, ~local])
     if config.match > 0 and local.any():
         terms["match"] = matching_loss(out.segments.float(), targets[:, local])
+    if config.cover > 0 and local.any():
+        terms["cover"] = coverage_loss(out.segments.float(), targets[:, local])
     if config.mae > 0 and out.recon is not None:
         terms["mae"] = mae_loss(out.recon, out.target, out.mask)
     total = sum(getattr(config, name) * value for name, value in terms.items())

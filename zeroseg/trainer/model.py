@@ -55,6 +55,19 @@ class ModelConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
     out_dim: int = 0  # D, the teacher's embedding dim; 0 = not yet known (set from the store)
+    # Scale of the Gumbel noise added to the assignment logits in training (1.0 = GroupViT's
+    # gumbel_softmax, tau 1; 0 = the hard argmax with the soft straight-through gradient).
+    gumbel_noise: float = 1.0
+    # Multiplies the assignment logits q.k / sqrt(W) (1.0 = GroupViT's scaling).
+    assign_scale: float = 1.0
+    # GroupViT adds each group token to its gathered mean. With it an empty group's token can still
+    # describe anything (its group token attended to the whole image), so the tokens need not come
+    # from their patches and the hard assignment (the mask) is left untrained. False: a segment
+    # token is made from its own patches only.
+    group_residual: bool = True
+    # Subtract each group's mean logit over the tokens before the softmax over groups: removes the
+    # per-group offset (q_g . mean_n k_n) that lets one group win every token.
+    center_logits: bool = False
 
     @property
     def grid(self) -> int:
@@ -146,6 +159,17 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def hard_gumbel_softmax(logits: torch.Tensor, noise: float, dim: int) -> torch.Tensor:
+    """One-hot argmax of logits + noise * Gumbel(0, 1) along dim, with the gradient of the softmax
+    of the same noisy logits (straight-through). noise=1 is torch's gumbel_softmax(tau=1, hard=True)."""
+    if noise > 0:
+        gumbels = -torch.empty_like(logits).exponential_().log()
+        logits = logits + noise * gumbels
+    soft = logits.softmax(dim)
+    hard = F.one_hot(soft.argmax(dim), soft.shape[dim]).movedim(-1, dim).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
 class GroupingBlock(nn.Module):
     """GroupViT's grouping: G group tokens gather the n input tokens into G new tokens.
 
@@ -154,8 +178,9 @@ class GroupingBlock(nn.Module):
     one's); at inference it is the argmax.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, gumbel_noise: float = 1.0, assign_scale: float = 1.0, residual: bool = True, center: bool = False):
         super().__init__()
+        self.gumbel_noise, self.assign_scale, self.residual, self.center = gumbel_noise, assign_scale, residual, center
         self.norm_tokens, self.norm_groups = nn.LayerNorm(width), nn.LayerNorm(width)
         self.cross = Attention(width, heads)  # group tokens look at the tokens before assigning
         self.norm_cross = nn.LayerNorm(width)
@@ -169,14 +194,16 @@ class GroupingBlock(nn.Module):
         g = self.norm_groups(groups)  # (B, G, W)
         g = g + self.cross(g, x)
         g = self.norm_cross(g)
-        logits = self.q(g) @ self.k(x).transpose(1, 2) / math.sqrt(x.shape[-1])  # (B, G, n)
+        logits = self.q(g) @ self.k(x).transpose(1, 2) * (self.assign_scale / math.sqrt(x.shape[-1]))  # (B, G, n)
+        if self.center:
+            logits = logits - logits.mean(dim=2, keepdim=True)
         if self.training:
-            assign = F.gumbel_softmax(logits.float(), tau=1.0, hard=True, dim=1)  # one-hot over G, soft gradient
+            assign = hard_gumbel_softmax(logits.float(), self.gumbel_noise, dim=1)  # one-hot over G, soft gradient
         else:
             assign = F.one_hot(logits.argmax(dim=1), logits.shape[1]).transpose(1, 2).float()  # (B, G, n)
         assign = assign.to(x.dtype)
         gathered = assign @ self.v(x) / (assign.sum(dim=2, keepdim=True) + 1.0)  # (B, G, W): mean of members
-        out = self.proj(gathered) + g
+        out = self.proj(gathered) + g if self.residual else self.proj(gathered)
         out = out + self.mlp(self.norm_out(out))
         return out, assign.transpose(1, 2)  # (B, G, W), (B, n, G)
 
@@ -222,7 +249,7 @@ class ZeroSegStudent(nn.Module):
         self.stages = nn.ModuleList(
             nn.ModuleList(Block(w, c.heads, c.mlp_ratio) for _ in range(d)) for d in c.head_depths
         )
-        self.grouping = nn.ModuleList(GroupingBlock(w, c.heads, c.mlp_ratio) for _ in c.group_tokens)
+        self.grouping = nn.ModuleList(GroupingBlock(w, c.heads, c.mlp_ratio, c.gumbel_noise, c.assign_scale, c.group_residual, c.center_logits) for _ in c.group_tokens)
         self.segment_norm = nn.LayerNorm(w)
         self.segment_proj = nn.Linear(w, c.out_dim)
 
