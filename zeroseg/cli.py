@@ -137,7 +137,7 @@ def train(
     from zeroseg.trainer.train import run_train
 
     result = run_train(
-        store, out, preset_name=preset, steps=steps, epochs=epochs, batch=batch, lr=lr, grids=grids,
+        store, out, preset_name=preset, steps=steps, epochs=epochs, batch=batch, lr=lr, grids=_grids(grids) if grids else None,
         mask_ratio=mask_ratio, loss=loss, multiscale=multiscale, target_norm=target_norm,
         targets=targets, precision=precision, seed=seed, threads=threads, resume=resume, stop_after=stop_after,
     )

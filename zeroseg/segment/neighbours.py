@@ -31,9 +31,6 @@ from zeroseg.stores.index import (
     store_fingerprint,
 )
 
-# Prompt templates for a free-text query (averaged, as for class names in PAPER.md).
-TEXT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "{}")
-
 
 @dataclass
 class BuildConfig:
@@ -256,12 +253,10 @@ def text_vector(store: FeatureStore, text: str) -> np.ndarray:
     """The store's teacher's text embedding of `text`, prompt templates averaged: (D,) float32."""
     from zeroseg.pipeline.teacher import load_store_teacher
 
-    teacher = load_store_teacher(store.config.teacher)
-    if not hasattr(teacher.model, "encode_text"):
-        raise UserError(f"the store's teacher {teacher.info.arch} has no text tower: no text queries")
-    emb = teacher.encode_text([t.format(text) for t in TEXT_TEMPLATES]).numpy()  # (T, D)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    return emb.mean(axis=0)
+    from zeroseg.segment.text import embed_classes
+
+    teacher = load_store_teacher(store.config.teacher)  # encode_text refuses a teacher without text tower
+    return embed_classes(teacher.encode_text, [text])[0]
 
 
 def _student_for(index: NeighbourIndex, store: FeatureStore, checkpoint: str | None) -> SegmentVectors:

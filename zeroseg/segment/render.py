@@ -7,15 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+# VOC's colour map: class i of every dataset here is drawn in VOC's colour i, so masks open in VOC tools.
+from zeroseg.demo.scenes import voc_palette
 from zeroseg.segment.metrics import IGNORE
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (256 x RGB): class i of every dataset here is drawn in VOC's
-    colour i, so masks open in any VOC tool."""
-    from zeroseg.demo.scenes import voc_palette as palette
-
-    return palette()
 
 
 def save_mask(mask: np.ndarray, path: Path) -> None:

@@ -242,7 +242,7 @@ def train(
 
 def run_train(
     store_url: str, out: str | Path, *, preset_name: str = "small", steps: int | None = None,
-    epochs: float | None = None, batch: int = 32, lr: float = 1e-3, grids: str | None = None,
+    epochs: float | None = None, batch: int = 32, lr: float = 1e-3, grids: tuple[int, ...] | None = None,
     mask_ratio: float = 0.6, loss: str = "distill,match,mae", multiscale: bool = True,
     target_norm: str = "l2", targets: str = "cached", precision: str = "fp32", seed: int = 0,
     threads: int = 0, resume: bool = False, stop_after: int | None = None, progress: bool = True,
@@ -260,13 +260,9 @@ def run_train(
     store = FeatureStore.open(store_url)
     if epochs is not None:
         steps = steps_for_epochs(epochs, int((store.status() == 1).sum()), batch)
-    try:
-        grid_list = tuple(int(g) for g in grids.split(",")) if grids else store.config.grids
-    except ValueError:
-        raise UserError(f"--grids takes comma-separated integers, not {grids!r}")
     config = TrainConfig(
         model=preset(preset_name), preset=preset_name, losses=LossConfig.parse(loss, target_norm, multiscale),
-        steps=steps or 1000, batch=batch, lr=lr, mask_ratio=mask_ratio, grids=grid_list,
+        steps=steps or 1000, batch=batch, lr=lr, mask_ratio=mask_ratio, grids=grids or store.config.grids,
         targets=targets, precision=precision, seed=seed, threads=threads,
     )
     return train(store_url, out, config, stop_after=stop_after, progress=progress)
