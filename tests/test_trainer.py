@@ -106,7 +106,7 @@ def test_tiny_run_loss_falls_and_writes_its_run_dir(store_url, tmp_path):
     result = train(store_url, tmp_path / "run", config, progress=False)
     run = tmp_path / "run"
     rows = (run / "metrics.csv").read_text().splitlines()
-    assert rows[0].split(",") == ["step", "epoch", "lr", "loss", "distill", "match", "mae", "cover", "steps_per_s"]
+    assert rows[0].split(",") == ["step", "epoch", "lr", "loss", "distill", "match", "mae", "cover", "region", "assign", "steps_per_s"]
     losses = [float(r.split(",")[3]) for r in rows[1:]]
     assert len(losses) == 6
     assert losses[-1] < 0.8 * losses[0], losses
@@ -180,11 +180,16 @@ def test_cli_train_and_one_line_errors(store_url, tmp_path, monkeypatch, capsys)
     assert code == 0 and "step 4" in stdout
     cfg = json.loads((out / "config.json").read_text())["config"]
     assert cfg["grids"] == [1, 2] and cfg["mask_ratio"] == 0.5 and cfg["steps"] == 4
-    assert cfg["losses"] == {"distill": 1.0, "multiscale": True, "match": 0.5, "cover": 0.0, "mae": 0.0, "target_norm": "l2"}
+    assert cfg["losses"] == {
+        "distill": 1.0, "multiscale": True, "match": 0.5, "cover": 0.0, "mae": 0.0, "region": 0.0, "assign": 0.0,
+        "assign_tau": 0.1, "target_norm": "l2",
+    }
+    assert cfg["recipe"] == "localised" and cfg["model"]["gumbel_noise"] == 0.0  # --loss replaced only the losses
     for bad_args, message in [
         (args, "already holds a run"),
         (["train", store_url, "--out", str(tmp_path / "x"), "--grids", "1,5"], "the store has only 1,2,3,4"),
         (["train", store_url, "--out", str(tmp_path / "y"), "--loss", "hungarian"], "unknown loss"),
+        (["train", store_url, "--out", str(tmp_path / "y"), "--recipe", "hungarian"], "unknown recipe"),
         (["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "z")], "no feature store"),
     ]:
         code, _, stderr = run_cli(monkeypatch, capsys, bad_args)

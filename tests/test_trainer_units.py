@@ -1,12 +1,16 @@
 """The student model and the losses on hand-made tensors (no store)."""
 
 import math
+import numpy as np
 
 import pytest
 import torch
 
 from zeroseg.errors import UserError
-from zeroseg.trainer.losses import LossConfig, coverage_loss, matching_loss, mae_loss, prepare_targets, zeroseg_losses
+from zeroseg.trainer.losses import (
+    LossConfig, assign_loss, box_membership, coverage_loss, matching_loss, mae_loss, prepare_targets, region_loss,
+    zeroseg_losses,
+)
 from zeroseg.trainer.model import PRESETS, GroupingBlock, StudentOutput, ZeroSegStudent, hard_gumbel_softmax, preset
 
 
@@ -22,6 +26,10 @@ def test_preset_shapes(name):
     assert out.z.shape == (2, 48)
     assert out.recon.shape == out.target.shape == (2, c.n_patches, c.patch_size**2 * 3)
     assert out.mask.shape == (2, c.n_patches)
+    v = c.n_patches - round(c.n_patches * 0.6)
+    assert out.keep.shape == (2, v) and out.patches.shape == (2, v, 48)
+    assert out.soft_assignment.shape == (2, v, k)
+    assert torch.allclose(out.soft_assignment.sum(-1), torch.ones(2, v))  # a distribution over segments
     seg = model.segment(pixels)
     assert seg.tokens.shape == (2, k, 48) and seg.tokens.dtype == torch.float32
     assert seg.assignment.shape == (2, c.grid, c.grid) and seg.assignment.dtype == torch.long
@@ -60,15 +68,16 @@ def test_grouping_is_hard_one_hot_and_straight_through():
     groups = torch.randn(2, 4, 16)
     for training in (False, True):
         block.train(training)
-        out, assign = block(tokens, groups)
-        assert out.shape == (2, 4, 16) and assign.shape == (2, 10, 4)
+        out, assign, soft = block(tokens, groups)
+        assert out.shape == (2, 4, 16) and assign.shape == soft.shape == (2, 10, 4)
         assert set(assign.unique().tolist()) <= {0.0, 1.0}
         assert (assign.sum(dim=-1) == 1).all()  # every token in exactly one group
+        assert torch.allclose(soft.sum(dim=-1), torch.ones(2, 10))
     block.eval()
     a1 = block(tokens, groups)[1]
     assert torch.equal(a1, block(tokens, groups)[1])  # argmax at inference: no noise
     block.train()
-    out, _ = block(tokens, groups)
+    out, _, _ = block(tokens, groups)
     out.sum().backward()
     assert tokens.grad is not None and tokens.grad.abs().sum() > 0
 
@@ -94,7 +103,7 @@ def test_grouping_without_residual_builds_tokens_from_their_members_only():
     for residual in (True, False):
         torch.manual_seed(0)
         block = GroupingBlock(width=16, heads=2, mlp_ratio=2.0, residual=residual).eval()
-        out, assign = block(tokens, groups)
+        out, assign, _ = block(tokens, groups)
         empty = out[0, assign.sum(dim=1)[0] == 0]  # (>=2, W) the tokens of the empty groups
         # with GroupViT's residual an empty group still carries its group token; without, nothing
         assert torch.allclose(empty[0], empty[1:]) != residual
@@ -114,12 +123,13 @@ def test_segment_assignment_is_the_composed_grouping():
     torch.manual_seed(1)
     model = ZeroSegStudent(preset("tiny", out_dim=8)).eval()
     pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
-    x = model.patch_embed(model.normalise(pixels)).flatten(2).transpose(1, 2) + model.pos_embed
-    for block in model.encoder:
-        x = block(x)
-    _, (a1, a2) = model.head(model.encoder_norm(x))
+    seen = []  # each grouping block's hard assignment, in order
+    for block in model.grouping:
+        block.register_forward_hook(lambda module, args, out: seen.append(out[1]))
+    assignment = model.segment(pixels).assignment
+    a1, a2 = seen  # (B, N, G1), (B, G1, G2)
     expected = a2.argmax(-1).gather(1, a1.argmax(-1)).view(2, 4, 4)  # patch -> group 1 -> group 2
-    assert torch.equal(model.segment(pixels).assignment, expected)
+    assert torch.equal(assignment, expected)
 
 
 def test_matching_picks_the_min_per_token():
@@ -141,6 +151,7 @@ def test_matching_excludes_the_1x1_crop_and_distill_includes_it():
         segments=torch.full((1, 2, d), 3.0),  # exactly the 1x1 feature: would be 0 if it counted
         z=torch.full((1, d), -2.0),  # exactly the local ones: distill is then only the 1x1's error
         recon=None, target=None, mask=torch.zeros(1, 4),
+        keep=torch.zeros(1, 0, dtype=torch.long), patches=torch.zeros(1, 0, d), soft_assignment=torch.zeros(1, 0, 2),
     )
     _, terms = zeroseg_losses(out, features, local, LossConfig(mae=0, target_norm="none"))
     assert terms["match"] == pytest.approx(5.0)  # |3 - (-2)| to the nearest local crop
@@ -181,3 +192,47 @@ def test_loss_spec_parsing():
         LossConfig.parse("distill,hungarian")
     with pytest.raises(UserError, match="enables no loss"):
         LossConfig.parse("distill=0")
+
+
+def test_box_membership_marks_the_patches_whose_centre_is_in_the_box():
+    from zeroseg.stores.features import grid_boxes
+
+    member = box_membership(grid_boxes([1, 2]), grid=4)  # (5, 16)
+    assert member[0].sum() == 16  # the 1x1 crop holds every patch
+    top_left = member[1].view(4, 4)
+    assert top_left[:2, :2].all() and top_left.sum() == 4
+    assert torch.equal(member[1:].sum(0), torch.ones(16))  # the 2x2 cells tile the grid
+
+
+def test_region_loss_pools_the_visible_patches_of_each_box():
+    member = box_membership(np.array([[0, 0, 1, 1], [0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], dtype=np.float32), grid=2)
+    patches = torch.tensor([[[1.0], [3.0], [5.0]]])  # (1, V=3, D=1) at patches 0, 1, 3
+    keep = torch.tensor([[0, 1, 3]])
+    targets = torch.tensor([[[3.0], [2.0], [5.0]]])  # whole: mean 3; top-left: patch 0 = 1; bottom-right: patch 3 = 5
+    # errors: |3 - 3| = 0, |1 - 2| = 1, |5 - 5| = 0 -> mean 1/3
+    assert region_loss(patches, keep, targets, member).item() == pytest.approx(1 / 3)
+    # patch 0 hidden (the values now sit at patches 1, 2, 3): the top-left box sees nothing and is
+    # left out; whole |3 - 3| = 0, bottom-right |5 - 3| = 2 -> mean 1
+    hidden = torch.tensor([[1, 2, 3]])
+    assert region_loss(patches, hidden, torch.tensor([[[3.0], [99.0], [3.0]]]), member).item() == pytest.approx(1.0)
+
+
+def test_assign_loss_is_lowest_when_the_assignment_follows_the_nearest_token():
+    segments = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (1, K=2, D=2)
+    patches = torch.tensor([[[2.0, 0.1], [0.1, 3.0]]])  # patch 0 near token 0, patch 1 near token 1
+    right = torch.tensor([[[0.99, 0.01], [0.01, 0.99]]])
+    wrong = right.flip(-1)
+    assert assign_loss(right, patches, segments, tau=0.1) < 0.1 < assign_loss(wrong, patches, segments, tau=0.1)
+
+
+def test_recipes_set_the_model_and_losses_from_the_paper_defaults():
+    from zeroseg.trainer.config import TrainConfig, recipe
+
+    paper = recipe("paper", "tiny", steps=5)
+    assert paper.model == preset("tiny") and paper.losses == LossConfig() and paper.steps == 5
+    local = recipe("localised", "tiny")
+    assert local.model.gumbel_noise == 0.0 and local.model.center_logits
+    assert (local.losses.cover, local.losses.region, local.losses.assign) == (1.0, 1.0, 1.0)
+    assert TrainConfig.from_dict(local.to_dict()) == local  # the recipe's name is saved with the run
+    with pytest.raises(UserError, match="unknown recipe"):
+        recipe("hungarian")

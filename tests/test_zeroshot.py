@@ -10,7 +10,9 @@ from PIL import Image
 
 from zeroseg.segment import render
 from zeroseg.segment.metrics import Confusion
-from zeroseg.segment.zeroshot import GridPredictor, StudentPredictor, Vocabulary, calibrate_threshold, classify
+from zeroseg.segment.zeroshot import (
+    GridPredictor, StudentPredictor, TruthSegmentsPredictor, Vocabulary, calibrate_threshold, classify,
+)
 
 # Three orthonormal directions: "red circle", "blue square", and one no class points at.
 E = torch.eye(3)
@@ -119,3 +121,25 @@ def test_grid_baseline_paints_cells(tiny_teacher):
     conf = Confusion(4)
     conf.add(np.zeros((50, 70), np.uint8), raws[0].mask(2.0))  # cosine never reaches 2: all background
     assert conf.miou() == 1.0
+
+
+def test_ceiling_labels_each_true_segment_once_and_keeps_background(tiny_teacher):
+    vocab = Vocabulary.build(["a", "b", "c"], np.random.default_rng(0).normal(size=(3, tiny_teacher.info.embed_dim)))
+    image = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    truth = np.zeros((50, 70), np.uint8)
+    truth[5:20, 10:30] = 1
+    truth[30:45, 40:68] = 2  # reaches the right edge: its crop runs off the image
+    truth[49, :] = 255  # ignored pixels are no segment
+    predictor = TruthSegmentsPredictor(tiny_teacher, vocab)
+    raw = predictor.raw([image], [truth])[0]
+    mask = raw.mask(-1.0)  # every segment above threshold
+    assert set(np.unique(mask[truth == 0])) == {0} and set(np.unique(mask[truth == 255])) == {0}
+    for c in (1, 2):
+        assert len(np.unique(mask[truth == c])) == 1 and mask[truth == c][0] in (1, 2, 3)
+        assert len(np.unique(raw.scores[truth == c])) == 1
+    assert set(np.unique(raw.mask(2.0))) == {0}  # cosine never reaches 2: all background
+    # the crop is a square around the segment: segment 1 spans rows 5..19, cols 10..29, side 20 * 1.2
+    crop = predictor._crop(image, truth == 1, 24)
+    box = (8, 0, 32, 24)  # centre (20, 12.5), side 24 -> x 8..32, y 0.5..24.5 rounded
+    want = np.asarray(Image.fromarray(image).crop(box).resize((24, 24), Image.BICUBIC))
+    assert np.allclose(crop.permute(1, 2, 0).numpy() * 255, want, atol=1e-3)

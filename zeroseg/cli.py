@@ -123,7 +123,8 @@ def train(
     lr: float = typer.Option(1e-3, help="peak learning rate (warm-up then cosine)"),
     grids: str = typer.Option(None, help="crop grids to distil, e.g. 1,2,3 (default: all the store's)"),
     mask_ratio: float = typer.Option(0.6, "--mask-ratio", help="MAE masking ratio in training"),
-    loss: str = typer.Option("distill,match,mae", help="loss terms [=weight]: distill, match, mae"),
+    recipe: str = typer.Option("localised", help="localised (trains on a small budget) | paper (PAPER.md's grouping and losses)"),
+    loss: str = typer.Option(None, help="replace the recipe's loss terms [=weight]: distill, match, mae, cover, region, assign"),
     multiscale: bool = typer.Option(True, "--multiscale/--single-scale", help="distil z to every crop, or the 1x1 only"),
     target_norm: str = typer.Option("l2", "--target-norm", help="l2 | none: teacher features as targets"),
     targets: str = typer.Option("cached", help="cached (read the store) | online (run the teacher)"),
@@ -138,7 +139,7 @@ def train(
 
     result = run_train(
         store, out, preset_name=preset, steps=steps, epochs=epochs, batch=batch, lr=lr, grids=_grids(grids) if grids else None,
-        mask_ratio=mask_ratio, loss=loss, multiscale=multiscale, target_norm=target_norm,
+        mask_ratio=mask_ratio, recipe_name=recipe, loss=loss, multiscale=multiscale, target_norm=target_norm,
         targets=targets, precision=precision, seed=seed, threads=threads, resume=resume, stop_after=stop_after,
     )
     print(f"step {result['step']}: {result.get('checkpoint', 'no new checkpoint')}  loss {result['metrics'].get('loss', '-')}")
@@ -158,6 +159,7 @@ def ablate(
     steps: int = typer.Option(300, help="optimizer steps per trial"),
     seeds: str = typer.Option("0", help="comma-separated seeds; every trial runs once per seed"),
     student: str = typer.Option("small", help="student preset: tiny | small | base"),
+    recipe: str = typer.Option("localised", help="the base every trial changes: localised | paper"),
     batch: int = typer.Option(32, help="images per step"),
     calibrate_on: str = typer.Option(None, help="pick the background threshold on this (train) dataset"),
     bg_threshold: float = typer.Option(None, help="fixed background threshold (else calibrated or the paper's)"),
@@ -176,7 +178,7 @@ def ablate(
         raise UserError(f"--seeds takes comma-separated integers, not {seeds!r}")
     report = run_ablation(
         store, grid or preset, out, eval_dataset, vocab, steps=steps, seeds=seed_list, preset=student,
-        batch=batch, calibrate_on=calibrate_on, threshold=bg_threshold, parallel=trials_parallel,
+        recipe_name=recipe, batch=batch, calibrate_on=calibrate_on, threshold=bg_threshold, parallel=trials_parallel,
         address=address, online_ratio=online_ratio,
     )
     print(report.markdown)
@@ -268,13 +270,13 @@ def segment(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Argument(None, help="student run dir or checkpoint file (not for --method grid)"),
+    checkpoint: Path = typer.Argument(None, help="student run dir or checkpoint file (student only)"),
     dataset: Path = typer.Argument(..., help="a scenes folder (manifest.jsonl) or a VOC-style folder"),
     store: str = typer.Option(..., "--store", help="feature store holding the vocabulary"),
     vocab: str = typer.Option(..., "--vocab", help="cached vocabulary; its names must be dataset classes"),
     bg_threshold: float = typer.Option(None, help="background threshold (default: calibrated, else 0.95)"),
     calibrate_on: Path = typer.Option(None, help="labelled train split to choose the threshold on"),
-    method: str = typer.Option("student", help="student | grid (the teacher alone on a 4x4 grid)"),
+    method: str = typer.Option("student", help="student | grid (the teacher alone on a 4x4 grid) | ceiling (the teacher on the true segments: a bound)"),
     split: str = typer.Option("val", help="ImageSets/Segmentation/<split>.txt of a VOC folder"),
     limit: int = typer.Option(None, help="evaluate the first N images only"),
     out: Path = typer.Option(Path("eval-out"), "--out", help="folder for eval_<method>.json and its confusion PNG"),

@@ -8,6 +8,9 @@ Three methods are compared on the same held-out split:
 - no-match: the same with segment matching off (PAPER.md table 4's ablation);
 - grid:     the teacher alone, each cell of a 4x4 grid labelled by its crop embedding: what a user
             gets from CLIP without a student.
+Beside them a bound, not a method: the true segments, each labelled by the teacher's embedding of
+a crop around it (segment.zeroshot.TruthSegmentsPredictor). A student learns its labels from this
+teacher, so perfect grouping would still score about this.
 Each method's background threshold is chosen on train scenes, never on held-out ones.
 """
 
@@ -32,7 +35,7 @@ from zeroseg.errors import UserError
 from zeroseg.segment import render
 from zeroseg.segment.datasets import load_dataset
 from zeroseg.segment.evaluate import evaluate, load_vocabulary, store_teacher
-from zeroseg.segment.zeroshot import GridPredictor, StudentPredictor, calibrate_threshold
+from zeroseg.segment.zeroshot import GridPredictor, StudentPredictor, TruthSegmentsPredictor, calibrate_threshold
 
 VOCAB = "scenes"
 
@@ -46,6 +49,7 @@ class DemoConfig:
     n_heldout: int = 100
     extract_workers: int | None = None  # None: a local Ray pool, one actor per core
     student_preset: str = "small"
+    recipe: str = "localised"  # trainer.config.RECIPES; the no-match baseline is the same with match off
     steps: int = 300
     batch: int = 32
     lr: float = 1e-3
@@ -112,16 +116,15 @@ def cache_text(store_url: str) -> None:
 def train_student(cfg: DemoConfig, store_url: str, out: Path, match: bool) -> Path:
     """A student run dir keyed by its recipe; a finished run is reused, a cut one resumed."""
     from zeroseg.trainer import checkpoint as ckpt_io
-    from zeroseg.trainer.config import TrainConfig
-    from zeroseg.trainer.losses import LossConfig
-    from zeroseg.trainer.model import preset
+    from zeroseg.trainer.config import recipe
     from zeroseg.trainer.train import train
 
-    config = TrainConfig(
-        model=preset(cfg.student_preset), preset=cfg.student_preset,
-        losses=LossConfig(match=1.0 if match else 0.0), steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed,
+    config = recipe(
+        cfg.recipe, cfg.student_preset, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed,
         threads=1,  # as for the teacher: one thread beats two on a busy 2-core machine
     )
+    if not match:
+        config = dataclasses.replace(config, losses=dataclasses.replace(config.losses, match=0.0))
     name = "student" if match else "no-match"
     run_dir = out / "runs" / f"{name}-{_key(store_url, config.to_dict())}"
     last = ckpt_io.latest_checkpoint(run_dir) if run_dir.is_dir() else None
@@ -197,7 +200,9 @@ def evaluate_all(cfg: DemoConfig, store_url: str, runs: dict[str, Path], folders
     train = load_dataset(folders["train"]).subset(cfg.calibrate_images)
     store, vocabulary = load_vocabulary(store_url, VOCAB, heldout.classes)
     predictors = {name: StudentPredictor(load_checked_student(run, store), vocabulary) for name, run in runs.items()}
-    predictors["grid"] = GridPredictor(store_teacher(store), vocabulary, grid=4)
+    teacher = store_teacher(store)
+    predictors["grid"] = GridPredictor(teacher, vocabulary, grid=4)
+    predictors["ceiling"] = TruthSegmentsPredictor(teacher, vocabulary)
     results = {}
     for name, predictor in predictors.items():
         predictor.name = name
@@ -242,9 +247,10 @@ def results_table(results: dict, teacher_report: dict) -> Table:
     for col in ("method", "mIoU", "pixel acc.", "bg threshold", "train mIoU"):
         table.add_column(col, justify="left" if col == "method" else "right")
     labels = {
-        "student": "student (cache, all losses)",
+        "student": "student (from the cache)",
         "no-match": "student, segment matching off",
         "grid": "teacher alone, 4x4 grid",
+        "ceiling": "bound: teacher on the true segments",
     }
     for name, r in results.items():
         table.add_row(labels[name], f"{r['miou']:.3f}", f"{r['pixel_accuracy']:.3f}", f"{r['bg_threshold']:.3f}", f"{r['train_miou']:.3f}")

@@ -58,6 +58,10 @@ class ToyTeacherConfig:
     n_objects: int = 5000  # single-object images (1 in 13 a bare background)
     min_cover: float = 0.06  # an object is named in a crop's caption if it covers this share of
     min_own: float = 0.5  # the crop, or this share of its own visible area lies inside it
+    # Also one square crop around each scene object (its box enlarged 1.1-1.6x, captioned like any
+    # crop): what a segment of the student shows. Grid crops alone leave the teacher guessing at
+    # objects in scenes (41% right on such crops, against 92% on single-object images).
+    object_crops: bool = True
     steps: int = 500
     batch: int = 256
     lr: float = 3e-3
@@ -106,20 +110,36 @@ def crop_caption(mask_cell: np.ndarray, object_areas: dict[int, int], background
     return " and a ".join(names)
 
 
+def object_boxes(rng: np.random.Generator, scene: scenes.Scene, size: int) -> np.ndarray:
+    """(n, 4) fractional square boxes, one around each object of the scene, its box enlarged by a
+    random 1.1-1.6x and kept inside the image."""
+    out = []
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj["bbox"]
+        side = min(size, max(x1 - x0, y1 - y0) * rng.uniform(1.1, 1.6))
+        cx = min(max((x0 + x1) / 2, side / 2), size - side / 2)
+        cy = min(max((y0 + y1) / 2, side / 2), size - side / 2)
+        out.append((cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+    return np.asarray(out, dtype=np.float32).reshape(-1, 4) / size
+
+
 def build_pairs(cfg: ToyTeacherConfig, input_size: int) -> tuple[torch.Tensor, list[str]]:
     """All training pairs: images (N, S, S, 3) uint8 at the teacher's input size, caption bodies."""
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7]))
     boxes = grid_boxes(cfg.grids)
-    cells = box_pixels(boxes, cfg.view_size)
     images, captions = [], []
     for _ in range(cfg.n_scenes):
         scene = scenes.render_scene(rng, cfg.scene_size)
         view = training_view(Image.fromarray(scene.image), cfg.view_size)
         mask = np.asarray(Image.fromarray(scene.mask).resize((cfg.view_size,) * 2, Image.NEAREST))
         areas = {c: max(int((mask == c).sum()), 1) for c in np.unique(mask).tolist()}
-        crops = cut_crops(torch.from_numpy(view.copy())[None], boxes, input_size)  # (C, 3, S, S) in [0, 1]
+        scene_boxes = np.concatenate([boxes, object_boxes(rng, scene, cfg.scene_size)]) if cfg.object_crops else boxes
+        crops = cut_crops(torch.from_numpy(view.copy())[None], scene_boxes, input_size)  # (C, 3, S, S) in [0, 1]
         images.append(crops.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1))
-        captions += [crop_caption(mask[y0:y1, x0:x1], areas, scene.background, cfg) for x0, y0, x1, y1 in cells]
+        captions += [
+            crop_caption(mask[y0:y1, x0:x1], areas, scene.background, cfg)
+            for x0, y0, x1, y1 in box_pixels(scene_boxes, cfg.view_size)
+        ]
     n_classes = len(scenes.CLASSES)
     for i in range(cfg.n_objects):
         class_id = i % n_classes  # class 0: a bare background, captioned with its kind
@@ -154,7 +174,8 @@ def _multi_positive_loss(img: torch.Tensor, txt: torch.Tensor, caption_ids: torc
 
 
 def train_toy_teacher(
-    cfg: ToyTeacherConfig, out: Path, progress: bool = True, threads: int = 0, eval_every: int = 0
+    cfg: ToyTeacherConfig, out: Path, progress: bool = True, threads: int = 0, eval_every: int = 0,
+    device: str = "cpu",
 ) -> dict:
     """Train from scratch and write the safetensors checkpoint to `out` (atomically) with a JSON
     report beside it; returns the report (train time, zero-shot accuracy). threads: torch's
@@ -171,15 +192,15 @@ def train_toy_teacher(
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model = open_clip.create_model(cfg.arch)
+    model = open_clip.create_model(cfg.arch).to(device)
     # The 49408-row token table would cost AdamW more than the whole model while only ~30 tokens
     # ever occur; fixed random token vectors are as good an input for the text transformer.
     model.token_embedding.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(cfg.arch)
     pp = model.visual.preprocess_cfg
     size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
-    mean = torch.tensor(pp["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(pp["std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(pp["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pp["std"], device=device).view(1, 3, 1, 1)
 
     images, captions = build_pairs(cfg, size)
     data_time = time.perf_counter() - t0
@@ -201,13 +222,13 @@ def train_toy_teacher(
         task = bar.add_task("toy teacher", total=cfg.steps)
         for step in range(cfg.steps):
             idx = torch.randint(len(images), (cfg.batch,), generator=gen)
-            x = (images[idx].permute(0, 3, 1, 2).float().div(255) - mean) / std  # (B, 3, S, S)
+            x = (images[idx].to(device).permute(0, 3, 1, 2).float().div(255) - mean) / std  # (B, 3, S, S)
             uniq, ids = torch.unique(caption_index[idx], return_inverse=True)  # U captions
             templates = torch.randint(len(TEMPLATES), (len(uniq),), generator=gen).tolist()
             prompts = [TEMPLATES[t].format(vocab[c]) for t, c in zip(templates, uniq.tolist())]
             img = F.normalize(model.encode_image(x), dim=-1)
-            txt = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
-            loss = _multi_positive_loss(img, txt, ids, model.logit_scale.exp().clamp(max=100))
+            txt = F.normalize(model.encode_text(tokenizer(prompts).to(device)), dim=-1)
+            loss = _multi_positive_loss(img, txt, ids.to(device), model.logit_scale.exp().clamp(max=100))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -222,7 +243,7 @@ def train_toy_teacher(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     teacher = load_teacher(cfg.arch, str(tmp))  # the checkpoint must load like any other
     accuracy = zero_shot_accuracy(teacher, cfg)
     report = {
@@ -246,9 +267,25 @@ def zero_shot_accuracy(teacher, cfg: ToyTeacherConfig) -> float:
     """Top-1 accuracy over the 12 object classes on held-out single-object images."""
     images, labels = heldout_objects(cfg, teacher.info.input_size)
     text = torch.from_numpy(embed_classes(teacher.encode_text, OBJECT_CLASSES))  # (K, D)
-    img = F.normalize(teacher.encode_images(images), dim=-1)
+    img = F.normalize(teacher.encode_images(images), dim=-1).cpu()
     pred = (img @ text.T).argmax(1).numpy()
     return float((pred == labels).mean())
+
+
+def scene_object_accuracy(teacher, cfg: ToyTeacherConfig, n_scenes: int = 100) -> float:
+    """Top-1 accuracy over the object classes on the objects of held-out scenes, each cut out of
+    its scene's view by a square box around it (what a good segment shows the teacher)."""
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1_000_004]))
+    text = torch.from_numpy(embed_classes(teacher.encode_text, OBJECT_CLASSES))  # (K, D)
+    right = total = 0
+    for _ in range(n_scenes):
+        scene = scenes.render_scene(rng, cfg.scene_size)
+        view = training_view(Image.fromarray(scene.image), cfg.view_size)
+        crops = cut_crops(torch.from_numpy(view.copy())[None], object_boxes(rng, scene, cfg.scene_size), teacher.info.input_size)
+        pred = (F.normalize(teacher.encode_images(crops), dim=-1).cpu() @ text.T).argmax(1)
+        right += sum(int(p) + 1 == o["class_id"] for p, o in zip(pred, scene.objects))
+        total += len(scene.objects)
+    return right / total
 
 
 def _accuracy_now(model: torch.nn.Module, cfg: ToyTeacherConfig) -> float:
@@ -259,7 +296,7 @@ def _accuracy_now(model: torch.nn.Module, cfg: ToyTeacherConfig) -> float:
     pp = model.visual.preprocess_cfg
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
     info = TeacherInfo(cfg.arch, "training", "", int(size), tuple(pp["mean"]), tuple(pp["std"]), int(model.visual.output_dim))
-    return zero_shot_accuracy(Teacher(model.eval(), info, torch.device("cpu")), cfg)
+    return zero_shot_accuracy(Teacher(model.eval(), info, next(model.parameters()).device), cfg)
 
 
 def ensure_toy_teacher(cfg: ToyTeacherConfig, progress: bool = True) -> tuple[Path, dict]:

@@ -22,6 +22,7 @@ from zeroseg.segment.zeroshot import (
     PAPER_THRESHOLDS,
     GridPredictor,
     StudentPredictor,
+    TruthSegmentsPredictor,
     Vocabulary,
     calibrate_threshold,
     predict_dataset,
@@ -131,7 +132,9 @@ def make_predictor(method: str, checkpoint: str | Path | None, store: FeatureSto
         return StudentPredictor(load_checked_student(checkpoint, store), vocabulary)
     if method == "grid":
         return GridPredictor(store_teacher(store), vocabulary)
-    raise UserError(f"unknown method {method!r}: student | grid")
+    if method == "ceiling":
+        return TruthSegmentsPredictor(store_teacher(store), vocabulary)
+    raise UserError(f"unknown method {method!r}: student | grid | ceiling")
 
 
 def run_eval(

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zeroseg.errors import UserError
-from zeroseg.segment.metrics import Confusion
+from zeroseg.segment.metrics import IGNORE, Confusion
 
 PAPER_THRESHOLDS = {"voc": 0.95, "context": 0.05, "coco": 0.35}
 BACKGROUND = 0
@@ -140,6 +140,45 @@ class GridPredictor:
         return out
 
 
+class TruthSegmentsPredictor:
+    """The ceiling of any student of this teacher: the true segments, each labelled by the
+    teacher's embedding of a square crop around it. Every pixel of a class in the truth is one
+    segment (instances of a class merge); background pixels stay background. It reads the truth,
+    so it is a bound to compare with, never a method."""
+
+    name = "ceiling"
+    uses_truth = True
+    margin = 1.2  # the crop's side over the segment's longer box side
+
+    def __init__(self, teacher, vocab: Vocabulary):
+        self.teacher, self.vocab = teacher, vocab
+
+    @torch.inference_mode()
+    def raw(self, images: list[np.ndarray], truths: list[np.ndarray]) -> list[Raw]:
+        s = self.teacher.info.input_size
+        out = []
+        for image, truth in zip(images, truths):
+            ids = [c for c in np.unique(truth).tolist() if c not in (BACKGROUND, IGNORE)]
+            labels = np.zeros(truth.shape, np.uint8)
+            scores = np.full(truth.shape, -1.0, np.float32)
+            if ids:
+                crops = torch.stack([self._crop(image, truth == c, s) for c in ids])  # (n, 3, s, s)
+                lab, sc = classify(self.teacher.encode_images(crops), self.vocab)
+                for c, l, v in zip(ids, lab.tolist(), sc.tolist()):
+                    labels[truth == c], scores[truth == c] = l, v
+            out.append(Raw(labels, scores))
+        return out
+
+    def _crop(self, image: np.ndarray, where: np.ndarray, size: int) -> torch.Tensor:
+        ys, xs = np.nonzero(where)
+        h, w = where.shape
+        side = min(max(np.ptp(ys), np.ptp(xs)) + 1, max(h, w)) * self.margin
+        cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+        box = tuple(round(v) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+        crop = Image.fromarray(image).crop(box).resize((size, size), Image.BICUBIC)  # outside the image: black
+        return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float().div(255)
+
+
 def _paint_float(assignment: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     grid = values[assignment][None, None].float()
     return F.interpolate(grid, size=size, mode="nearest")[0, 0].numpy()
@@ -151,7 +190,8 @@ def predict_dataset(predictor, dataset, batch: int = 16, progress: bool = True) 
 
     for start in track(range(0, len(dataset), batch), description=f"{predictor.name} on {dataset.name}", disable=not progress):
         items = [dataset.load(i) for i in range(start, min(start + batch, len(dataset)))]
-        raws = predictor.raw([im for im, _ in items])
+        images, truths = [im for im, _ in items], [t for _, t in items]
+        raws = predictor.raw(images, truths) if getattr(predictor, "uses_truth", False) else predictor.raw(images)
         for k, ((_, truth), raw) in enumerate(zip(items, raws)):
             yield start + k, truth, raw
 

@@ -280,19 +280,17 @@ def plan_jobs(
 
 def run_ablation(
     store_url: str, spec: str, out: Path, dataset: str, vocab: str, *, steps: int = 300,
-    seeds: list[int] = (0,), preset: str = "small", batch: int = 32,
+    seeds: list[int] = (0,), preset: str = "small", recipe_name: str = "localised", batch: int = 32,
     calibrate_on: str | None = None, threshold: float | None = None, parallel: int | None = None,
     address: str | None = None, online_ratio: float = 191.0, progress: bool = True,
 ) -> AblationReport:
     """Every trial x seed of `spec` over one store: Ray tasks of one CPU each (`parallel` at a
     time; 0 runs them one by one in this process), resumable, then the tables, plot and cost."""
-    from zeroseg.trainer.config import TrainConfig
-    from zeroseg.trainer.model import preset as model_preset
+    from zeroseg.trainer.config import recipe
 
     store = FeatureStore.open(store_url)
     trials = expand(load_spec(spec))
-    base = TrainConfig(model=model_preset(preset), preset=preset, steps=steps, batch=batch,
-                       grids=store.config.grids, threads=1).to_dict()
+    base = recipe(recipe_name, preset, steps=steps, batch=batch, grids=store.config.grids, threads=1).to_dict()
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(trials, list(seeds), base, store, dataset, out)
     trial_fn = functools.partial(train_and_evaluate, store=store_url, dataset=dataset, vocab=vocab,

@@ -16,6 +16,7 @@ from zeroseg.trainer.model import ModelConfig, preset
 class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: preset("small"))
     preset: str = "small"
+    recipe: str = "paper"  # the recipe the model and losses came from (a label: they are below)
     losses: LossConfig = field(default_factory=LossConfig)
     steps: int = 1000  # total optimizer steps (the CLI derives it from --epochs when given)
     batch: int = 32
@@ -72,3 +73,25 @@ class TrainConfig:
             "betas": tuple(d["betas"]),
             "grids": tuple(d["grids"]),
         })
+
+
+# Named recipes: what a run changes from the paper's model and losses (the dataclass defaults).
+# "localised" is what trains on the project's 2-core budget (README, "The student"): the paper's
+# recipe collapses there (every segment token alike, one group taking every patch).
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "paper": {"model": {}, "losses": {}},
+    "localised": {
+        "model": {"gumbel_noise": 0.0, "center_logits": True},
+        "losses": {"cover": 1.0, "region": 1.0, "assign": 1.0},
+    },
+}
+
+
+def recipe(name: str, preset_name: str = "small", **fields: Any) -> TrainConfig:
+    """A TrainConfig from a recipe and a student preset; `fields` set any other TrainConfig field."""
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r} (have: {', '.join(RECIPES)})")
+    r = RECIPES[name]
+    return TrainConfig(
+        model=preset(preset_name, **r["model"]), preset=preset_name, recipe=name, losses=LossConfig(**r["losses"]), **fields,
+    )

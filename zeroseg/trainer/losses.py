@@ -1,4 +1,5 @@
-"""The three ZeroSeg losses (PAPER.md, "Losses"), each switchable and weighted from the config.
+"""The three ZeroSeg losses (PAPER.md, "Losses"), each switchable and weighted from the config,
+and three terms the paper does not have (cover, region, assign: the "localised" recipe's).
 
 L1 is reduced as a mean over the feature dims (torch's l1_loss convention) rather than eq. 1's sum:
 a constant factor 1/D that leaves every min and every gradient direction unchanged, and keeps the
@@ -17,13 +18,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from zeroseg.errors import UserError
 from zeroseg.trainer.model import StudentOutput
 
-TERMS = ("distill", "match", "mae", "cover")
+TERMS = ("distill", "match", "mae", "cover", "region", "assign")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,15 @@ class LossConfig:
     # the one easiest crop of the image, which is what short runs learn; 0 = the paper's losses.
     cover: float = 0.0
     mae: float = 1.0  # MAE reconstruction MSE on the masked patches
+    # Not in the paper: each crop's feature distilled into the mean of the student's patch
+    # embeddings inside the crop's box. 30 localised targets per image teach the patches what
+    # they show, where eq. 1 gives the grouping one gradient through a straight-through sample.
+    region: float = 0.0
+    # Not in the paper: the soft patch-to-segment assignment is pulled (cross entropy) towards
+    # each patch's nearest segment tokens in the teacher's space (softmax of cosines / assign_tau),
+    # so the mask follows what the patches show rather than a per-group bias.
+    assign: float = 0.0
+    assign_tau: float = 0.1
     target_norm: str = "l2"  # "l2" | "none", see the module docstring
 
     def enabled(self) -> list[str]:
@@ -87,6 +98,32 @@ def coverage_loss(segments: torch.Tensor, local_targets: torch.Tensor) -> torch.
     return token_crop_l1(segments, local_targets).min(dim=1).values.mean()
 
 
+def box_membership(boxes: np.ndarray, grid: int) -> torch.Tensor:
+    """(C, 4) fractional boxes -> (C, grid*grid) float, 1 where the patch's centre is in the box."""
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    cy, cx = (c.reshape(-1) for c in torch.meshgrid(centres, centres, indexing="ij"))  # (N,) each
+    b = torch.as_tensor(boxes, dtype=torch.float32)[:, :, None]  # (C, 4, 1)
+    return ((cx >= b[:, 0]) & (cx < b[:, 2]) & (cy >= b[:, 1]) & (cy < b[:, 3])).float()
+
+
+def region_loss(patches: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """patches (B, V, D) at patch indices keep (B, V); targets (B, C, D); member (C, N): each
+    crop's L1 to the mean of its visible patches, over the crops with any patch visible."""
+    visible = member[:, keep].transpose(0, 1)  # (B, C, V)
+    count = visible.sum(-1)  # (B, C)
+    pooled = visible @ patches / count.clamp(min=1)[..., None]  # (B, C, D)
+    seen = (count > 0).float()
+    return ((pooled - targets).abs().mean(-1) * seen).sum() / seen.sum().clamp(min=1)
+
+
+def assign_loss(soft: torch.Tensor, patches: torch.Tensor, segments: torch.Tensor, tau: float) -> torch.Tensor:
+    """soft (B, V, K) assignment; patches (B, V, D), segments (B, K, D): cross entropy from the
+    softmax over K of cos(patch, token) / tau (a fixed target) to the soft assignment."""
+    with torch.no_grad():
+        target = (F.normalize(patches, dim=-1) @ F.normalize(segments, dim=-1).transpose(1, 2) / tau).softmax(-1)
+    return -(target * soft.clamp(min=1e-6).log()).sum(-1).mean()
+
+
 def mae_loss(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """recon, target (B, N, P*P*3), mask (B, N) 1 = hidden: MSE per patch, mean over hidden patches."""
     per_patch = (recon.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
@@ -94,13 +131,15 @@ def mae_loss(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
 
 
 def zeroseg_losses(
-    out: StudentOutput, features: torch.Tensor, local: torch.Tensor, config: LossConfig
+    out: StudentOutput, features: torch.Tensor, local: torch.Tensor, config: LossConfig,
+    member: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted total and each enabled term's value (unweighted) for logging.
 
     features (B, C, D): the teacher's features of the selected crops; local (C,) bool, False at the
     1x1 crop (excluded from segment matching, kept for distillation). With no local crop at all
     (grids 1 only) there is nothing to match and the term is left out, as in the paper's table 3.
+    member (C, N): box_membership of the crops, needed by the region term.
     """
     targets = prepare_targets(features, config.target_norm)
     terms: dict[str, torch.Tensor] = {}
@@ -110,6 +149,10 @@ def zeroseg_losses(
         terms["match"] = matching_loss(out.segments.float(), targets[:, local])
     if config.cover > 0 and local.any():
         terms["cover"] = coverage_loss(out.segments.float(), targets[:, local])
+    if config.region > 0:
+        terms["region"] = region_loss(out.patches, out.keep, targets, member)
+    if config.assign > 0:
+        terms["assign"] = assign_loss(out.soft_assignment, out.patches.float(), out.segments.float(), config.assign_tau)
     if config.mae > 0 and out.recon is not None:
         terms["mae"] = mae_loss(out.recon, out.target, out.mask)
     total = sum(getattr(config, name) * value for name, value in terms.items())

@@ -9,6 +9,8 @@
            [32 tokens ; 8 group tokens] -> head_depths[1] blocks -> grouping block 2 -> (B, 8, W)
            8 tokens -> head_depths[2] blocks                                     -> (B, 8, W)
       -> segment tokens g = LN + Linear          (B, K=8, D)   D = the teacher's dim
+         and the patch-to-segment assignment, hard and soft, the two groupings' composed (B, V, K)
+      -> patch embeddings = LN + Linear over the encoded patches                  (B, V, D)
       -> global z = 1 block over segment tokens, average pool, MLP              (B, D)
       -> MAE decoder over [visible ; mask tokens] (B, N, P*P*3) reconstructions of normalised patches
 
@@ -173,9 +175,10 @@ def hard_gumbel_softmax(logits: torch.Tensor, noise: float, dim: int) -> torch.T
 class GroupingBlock(nn.Module):
     """GroupViT's grouping: G group tokens gather the n input tokens into G new tokens.
 
-    Returns the new tokens (B, G, W) and the hard assignment (B, n, G), one-hot over G. In
-    training the assignment is a straight-through Gumbel-softmax sample (its gradient is the soft
-    one's); at inference it is the argmax.
+    Returns the new tokens (B, G, W), the hard assignment (B, n, G), one-hot over G, and the soft
+    one (the softmax over G of the noiseless logits). In training the hard assignment is a
+    straight-through Gumbel-softmax sample (its gradient is the soft one's); at inference it is the
+    argmax.
     """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, gumbel_noise: float = 1.0, assign_scale: float = 1.0, residual: bool = True, center: bool = False):
@@ -189,7 +192,7 @@ class GroupingBlock(nn.Module):
         self.norm_out = nn.LayerNorm(width)
         self.mlp = Mlp(width, int(width * mlp_ratio))
 
-    def forward(self, tokens: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.norm_tokens(tokens)  # (B, n, W)
         g = self.norm_groups(groups)  # (B, G, W)
         g = g + self.cross(g, x)
@@ -197,6 +200,7 @@ class GroupingBlock(nn.Module):
         logits = self.q(g) @ self.k(x).transpose(1, 2) * (self.assign_scale / math.sqrt(x.shape[-1]))  # (B, G, n)
         if self.center:
             logits = logits - logits.mean(dim=2, keepdim=True)
+        soft = logits.float().softmax(dim=1)  # (B, G, n), before any noise
         if self.training:
             assign = hard_gumbel_softmax(logits.float(), self.gumbel_noise, dim=1)  # one-hot over G, soft gradient
         else:
@@ -205,7 +209,7 @@ class GroupingBlock(nn.Module):
         gathered = assign @ self.v(x) / (assign.sum(dim=2, keepdim=True) + 1.0)  # (B, G, W): mean of members
         out = self.proj(gathered) + g if self.residual else self.proj(gathered)
         out = out + self.mlp(self.norm_out(out))
-        return out, assign.transpose(1, 2)  # (B, G, W), (B, n, G)
+        return out, assign.transpose(1, 2), soft.transpose(1, 2)  # (B, G, W), (B, n, G), (B, n, G)
 
 
 class Segments(NamedTuple):
@@ -219,6 +223,9 @@ class StudentOutput(NamedTuple):
     recon: torch.Tensor | None  # (B, N, P*P*3) decoder's reconstruction, None when nothing is masked
     target: torch.Tensor | None  # (B, N, P*P*3) per-patch normalised pixels
     mask: torch.Tensor  # (B, N) 1.0 where the patch was hidden from the encoder
+    keep: torch.Tensor  # (B, V) indices of the visible patches
+    patches: torch.Tensor  # (B, V, D) the visible patches' embeddings in the teacher's space
+    soft_assignment: torch.Tensor  # (B, V, K) soft patch-to-segment assignment, both groupings composed
 
 
 # ---- the student -------------------------------------------------------------------------------
@@ -252,6 +259,8 @@ class ZeroSegStudent(nn.Module):
         self.grouping = nn.ModuleList(GroupingBlock(w, c.heads, c.mlp_ratio, c.gumbel_noise, c.assign_scale, c.group_residual, c.center_logits) for _ in c.group_tokens)
         self.segment_norm = nn.LayerNorm(w)
         self.segment_proj = nn.Linear(w, c.out_dim)
+        # each encoded patch in the teacher's space, for the region and assignment losses
+        self.patch_proj = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, c.out_dim))
 
         # global vector z
         self.global_block = Block(w, c.heads, c.mlp_ratio)
@@ -295,20 +304,20 @@ class ZeroSegStudent(nn.Module):
         mask.scatter_(1, keep, 0.0)
         return keep, mask
 
-    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Encoded tokens (B, n, W) -> segment tokens (B, K, W) and each grouping's hard assignment
-        [(B, n, G1), (B, G1, G2)]."""
-        assignments = []
+    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoded tokens (B, n, W) -> segment tokens (B, K, W) and the patch-to-segment
+        assignments, hard (one-hot) and soft, (B, n, K) each: the groupings' composed."""
+        hard = soft = None
         for stage, grouping, groups in zip(self.stages, self.grouping, self.group_tokens):
             n = x.shape[1]
             y = torch.cat([x, groups.expand(x.shape[0], -1, -1)], dim=1)  # (B, n + G, W)
             for block in stage:
                 y = block(y)
-            x, assign = grouping(y[:, :n], y[:, n:])  # (B, G, W), (B, n, G)
-            assignments.append(assign)
+            x, h, s = grouping(y[:, :n], y[:, n:])  # (B, G, W), (B, n, G) twice
+            hard, soft = (h, s) if hard is None else (hard @ h, soft @ s)  # a one-hot @ one-hot stays one-hot
         for block in self.stages[-1]:  # the blocks after the last grouping
             x = block(x)
-        return x, assignments
+        return x, hard, soft
 
     def decode(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Visible encoded tokens (B, V, W) at indices keep (B, V) -> reconstructions (B, N, P*P*3)."""
@@ -334,17 +343,18 @@ class ZeroSegStudent(nn.Module):
             x = block(x)
         x = self.encoder_norm(x)
 
-        seg, _ = self.head(x)  # (B, K, W)
+        seg, _, soft = self.head(x)  # (B, K, W), (B, V, K)
         segments = self.segment_proj(self.segment_norm(seg))  # (B, K, D)
+        patches = self.patch_proj(x)  # (B, V, D)
         z = self.global_mlp(self.global_block(seg).mean(dim=1))  # (B, D)
 
         recon = target = None
         if reconstruct and mask.sum() > 0:
             recon = self.decode(x, keep)  # (B, N, P*P*3)
-            patches = self.patchify(img)  # (B, N, P*P*3)
-            mu, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
-            target = (patches - mu) / (var + 1e-6).sqrt()
-        return StudentOutput(segments.float(), z.float(), recon, target, mask)
+            pixel_patches = self.patchify(img)  # (B, N, P*P*3)
+            mu, var = pixel_patches.mean(dim=-1, keepdim=True), pixel_patches.var(dim=-1, keepdim=True)
+            target = (pixel_patches - mu) / (var + 1e-6).sqrt()
+        return StudentOutput(segments.float(), z.float(), recon, target, mask, keep, patches.float(), soft)
 
     @torch.no_grad()
     def segment(self, pixels: torch.Tensor) -> Segments:
@@ -356,13 +366,10 @@ class ZeroSegStudent(nn.Module):
             x = self.patch_embed(img).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, W)
             for block in self.encoder:
                 x = block(x)
-            seg, assignments = self.head(self.encoder_norm(x))  # (B, K, W), [(B, N, G1), (B, G1, G2)]
+            seg, hard, _ = self.head(self.encoder_norm(x))  # (B, K, W), (B, N, K)
             tokens = self.segment_proj(self.segment_norm(seg)).float()  # (B, K, D)
-            composed = assignments[0]
-            for a in assignments[1:]:
-                composed = composed @ a  # (B, N, G_last), still one-hot
             g = self.config.grid
-            assignment = composed.argmax(dim=-1).view(-1, g, g)  # (B, h, w)
+            assignment = hard.argmax(dim=-1).view(-1, g, g)  # (B, h, w)
         finally:
             self.train(was_training)
         return Segments(tokens, assignment)

@@ -26,7 +26,7 @@ from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer import checkpoint as ckpt_io
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.loader import Batches, Columns, MemorySource, Plan, StoreSource, select_columns
-from zeroseg.trainer.losses import TERMS, zeroseg_losses
+from zeroseg.trainer.losses import TERMS, box_membership, zeroseg_losses
 from zeroseg.trainer.model import ZeroSegStudent
 
 METRICS = ["step", "epoch", "lr", "loss", *TERMS, "steps_per_s"]
@@ -178,6 +178,7 @@ def train(
         ckpt_io.load_optimizer(optimizer, ckpt, state)
     teacher = OnlineTeacher(store, columns, config.device) if config.targets == "online" else None
     local = torch.from_numpy(columns.local).to(device)
+    member = box_membership(columns.boxes, config.model.grid).to(device)
     last_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
 
     source = StoreSource(store, columns, features=teacher is None, workers=config.workers)
@@ -213,7 +214,7 @@ def train(
             torch.manual_seed(ckpt_io.step_seed(config.seed, step))  # masking and Gumbel noise
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
                 out = model(pixels, config.mask_ratio, reconstruct=config.losses.mae > 0)
-            loss, terms = zeroseg_losses(out, features, local, config.losses)
+            loss, terms = zeroseg_losses(out, features, local, config.losses, member)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
@@ -243,13 +244,15 @@ def train(
 def run_train(
     store_url: str, out: str | Path, *, preset_name: str = "small", steps: int | None = None,
     epochs: float | None = None, batch: int = 32, lr: float = 1e-3, grids: tuple[int, ...] | None = None,
-    mask_ratio: float = 0.6, loss: str = "distill,match,mae", multiscale: bool = True,
+    mask_ratio: float = 0.6, recipe_name: str = "localised", loss: str | None = None, multiscale: bool = True,
     target_norm: str = "l2", targets: str = "cached", precision: str = "fp32", seed: int = 0,
     threads: int = 0, resume: bool = False, stop_after: int | None = None, progress: bool = True,
 ) -> dict[str, Any]:
-    """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own)."""
+    """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own).
+    `loss` ("distill,match=0.5") replaces the recipe's loss terms."""
+    from zeroseg.trainer.config import recipe
     from zeroseg.trainer.losses import LossConfig
-    from zeroseg.trainer.model import PRESETS, preset
+    from zeroseg.trainer.model import PRESETS
 
     if resume:
         return train(store_url, out, resume=True, stop_after=stop_after, progress=progress)
@@ -260,9 +263,13 @@ def run_train(
     store = FeatureStore.open(store_url)
     if epochs is not None:
         steps = steps_for_epochs(epochs, int((store.status() == 1).sum()), batch)
-    config = TrainConfig(
-        model=preset(preset_name), preset=preset_name, losses=LossConfig.parse(loss, target_norm, multiscale),
-        steps=steps or 1000, batch=batch, lr=lr, mask_ratio=mask_ratio, grids=grids or store.config.grids,
-        targets=targets, precision=precision, seed=seed, threads=threads,
+    config = recipe(
+        recipe_name, preset_name, steps=steps or 1000, batch=batch, lr=lr, mask_ratio=mask_ratio,
+        grids=grids or store.config.grids, targets=targets, precision=precision, seed=seed, threads=threads,
     )
+    losses = (
+        LossConfig.parse(loss, target_norm, multiscale) if loss
+        else dataclasses.replace(config.losses, target_norm=target_norm, multiscale=multiscale)
+    )
+    config = dataclasses.replace(config, losses=losses)
     return train(store_url, out, config, stop_after=stop_after, progress=progress)
