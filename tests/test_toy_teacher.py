@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 from zeroseg.demo.scenes import CLASSES
-from zeroseg.demo.toy_teacher import PRESETS, ToyTeacherConfig, crop_caption, ensure_toy_teacher, export_toy_teacher
+from zeroseg.demo.scenes import render_scene
+from zeroseg.demo.toy_teacher import (
+    PRESETS, ToyTeacherConfig, build_pairs, crop_caption, ensure_toy_teacher, export_toy_teacher, object_boxes,
+)
 from zeroseg.errors import UserError
 from zeroseg.pipeline.teacher import load_teacher
 
@@ -19,6 +22,30 @@ def test_crop_caption_names_what_the_crop_shows():
     assert crop_caption(np.zeros((10, 10), np.uint8), {}, "sand", cfg) == "sand"
 
 
+def test_object_boxes_are_squares_around_each_object_inside_the_image():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scene = render_scene(rng, 96)
+        boxes = object_boxes(rng, scene, 96) * 96  # (n, 4) pixels
+        assert len(boxes) == len(scene.objects)
+        for (x0, y0, x1, y1), obj in zip(boxes, scene.objects):
+            bx0, by0, bx1, by1 = obj["bbox"]
+            assert x1 - x0 == pytest.approx(y1 - y0)  # square
+            assert x0 >= -1e-4 and y0 >= -1e-4 and x1 <= 96 + 1e-4 and y1 <= 96 + 1e-4  # inside the image
+            if x1 - x0 < 96 - 1e-4:  # not clipped to the whole image: it holds the object's box
+                assert x0 <= bx0 + 1e-4 and y0 <= by0 + 1e-4 and x1 >= bx1 - 1e-4 and y1 >= by1 - 1e-4
+
+
+def test_object_crops_add_one_captioned_crop_per_scene_object():
+    cfg = ToyTeacherConfig(scene_size=64, view_size=32, n_scenes=1, n_objects=0)
+    images, captions = build_pairs(cfg, 32)
+    with_objects, captions2 = build_pairs(ToyTeacherConfig(**{**cfg.__dict__, "object_crops": True}), 32)
+    assert len(images) == 30 and captions2[:30] == captions  # the same scene's grid crops first
+    assert 30 < len(with_objects) <= 34 and len(captions2) == len(with_objects)  # 1..4 objects
+    grounds = {"grass", "sand", "water", "stone", "wood"}
+    assert not set(captions2[30:]) & grounds  # each object crop names what it was cut around
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROSEG_CACHE", str(tmp_path / "cache"))
@@ -30,6 +57,7 @@ def test_tiny_teacher_trains_caches_and_loads_through_open_clip(cache, tmp_path)
     path, report = ensure_toy_teacher(cfg, progress=False)
     assert path.parent == cache / "teachers" and cfg.key() in path.name and path.suffix == ".safetensors"
     assert 0.0 <= report["zero_shot_accuracy"] <= 1.0 and report["heldout_images"] == 2 * 12
+    assert 0.0 <= report["scene_object_accuracy"] <= 1.0
     teacher = load_teacher(cfg.arch, str(path))  # open_clip.create_model(pretrained=FILE)
     assert teacher.info.input_size == 32 and teacher.info.embed_dim == 64
     # the trained weights are not the random init

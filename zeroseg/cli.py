@@ -304,7 +304,8 @@ def teacher_train(
 
     path, report = export_toy_teacher(preset, out)
     print(f"{path}: zero-shot accuracy {report['zero_shot_accuracy']:.3f} on {report['heldout_images']} "
-          f"held-out objects, trained in {report['train_seconds']:.0f} s")
+          f"held-out single objects, {report['scene_object_accuracy']:.3f} on objects cut from held-out scenes, "
+          f"trained in {report['train_seconds']:.0f} s")
 
 
 @app.command()

@@ -59,9 +59,9 @@ class ToyTeacherConfig:
     min_cover: float = 0.06  # an object is named in a crop's caption if it covers this share of
     min_own: float = 0.5  # the crop, or this share of its own visible area lies inside it
     # Also one square crop around each scene object (its box enlarged 1.1-1.6x, captioned like any
-    # crop): what a segment of the student shows. Grid crops alone leave the teacher guessing at
-    # objects in scenes (41% right on such crops, against 92% on single-object images).
-    object_crops: bool = True
+    # crop): what a student's segment shows. Measured (H200, one seed each), scene-object accuracy
+    # without / with: 0.54 / 0.46 at 500 steps, 0.70 / 0.75 at 2000; steps matter far more (README).
+    object_crops: bool = False
     steps: int = 500
     batch: int = 256
     lr: float = 3e-3
@@ -254,6 +254,7 @@ def train_toy_teacher(
         "n_captions": len(vocab),
         "final_loss": round(loss.item(), 4),
         "zero_shot_accuracy": round(accuracy, 4),
+        "scene_object_accuracy": round(scene_object_accuracy(teacher, cfg), 4),
         "heldout_images": cfg.heldout_per_class * len(OBJECT_CLASSES),
         "torch_threads": torch.get_num_threads(),
         "curve": curve,
@@ -272,13 +273,14 @@ def zero_shot_accuracy(teacher, cfg: ToyTeacherConfig) -> float:
     return float((pred == labels).mean())
 
 
-def scene_object_accuracy(teacher, cfg: ToyTeacherConfig, n_scenes: int = 100) -> float:
-    """Top-1 accuracy over the object classes on the objects of held-out scenes, each cut out of
-    its scene's view by a square box around it (what a good segment shows the teacher)."""
+def scene_object_accuracy(teacher, cfg: ToyTeacherConfig) -> float:
+    """Top-1 accuracy over the object classes on the objects of 4 * heldout_per_class held-out
+    scenes, each cut out of its scene's view by a square box around it (what a good segment shows
+    the teacher)."""
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1_000_004]))
     text = torch.from_numpy(embed_classes(teacher.encode_text, OBJECT_CLASSES))  # (K, D)
     right = total = 0
-    for _ in range(n_scenes):
+    for _ in range(4 * cfg.heldout_per_class):
         scene = scenes.render_scene(rng, cfg.scene_size)
         view = training_view(Image.fromarray(scene.image), cfg.view_size)
         crops = cut_crops(torch.from_numpy(view.copy())[None], object_boxes(rng, scene, cfg.scene_size), teacher.info.input_size)
