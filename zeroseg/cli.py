@@ -270,8 +270,8 @@ def segment(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Argument(None, help="student run dir or checkpoint file (student only)"),
-    dataset: Path = typer.Argument(..., help="a scenes folder (manifest.jsonl) or a VOC-style folder"),
+    checkpoint: Path = typer.Argument(None, help="student run dir or checkpoint file (left out for grid and ceiling)"),
+    dataset: Path = typer.Argument(None, help="a scenes folder (manifest.jsonl) or a VOC-style folder"),
     store: str = typer.Option(..., "--store", help="feature store holding the vocabulary"),
     vocab: str = typer.Option(..., "--vocab", help="cached vocabulary; its names must be dataset classes"),
     bg_threshold: float = typer.Option(None, help="background threshold (default: calibrated, else 0.95)"),
@@ -286,6 +286,10 @@ def eval_(
 
     from zeroseg.segment.evaluate import run_eval
 
+    if dataset is None and method != "student":  # `zeroseg eval DATASET --method grid`
+        checkpoint, dataset = None, checkpoint
+    if dataset is None:
+        raise UserError("give the dataset (and, for --method student, the checkpoint before it)")
     report = run_eval(checkpoint, dataset, store, vocab, out, bg_threshold, calibrate_on, method, split, limit)
     print(json.dumps(report, indent=2))
 
