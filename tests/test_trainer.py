@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,16 @@ def test_cli_train_and_one_line_errors(store_url, tmp_path, monkeypatch, capsys)
         # one message, no traceback (rich wraps a long line at the console width, hence the join)
         assert code == 2 and message in " ".join(stderr.split()) and "Traceback" not in stderr
         assert stderr.startswith("error:") and stderr.count("error:") == 1
+
+
+def test_a_checkpoint_of_another_model_version_is_refused_in_one_line(store_url, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from zeroseg.trainer.checkpoint import MODEL_FILE
+
+    ckpt = Path(train(store_url, tmp_path / "run", tiny_config(steps=2, batch=4), progress=False)["checkpoint"])
+    weights = load_file(ckpt / MODEL_FILE)
+    del weights["patch_proj.1.weight"]  # as written by a student without patch embeddings
+    save_file(weights, ckpt / MODEL_FILE)
+    with pytest.raises(UserError, match="does not fit this zeroseg's student .1 weights missing"):
+        load_student(ckpt)

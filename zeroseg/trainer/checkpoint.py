@@ -120,7 +120,13 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_weights(model: ZeroSegStudent, ckpt: Path) -> None:
-    model.load_state_dict(load_file(ckpt / MODEL_FILE))
+    weights = load_file(ckpt / MODEL_FILE)
+    missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
+    if missing or unexpected:  # a checkpoint of another version of the model
+        names = ", ".join(sorted(missing | unexpected)[:3])
+        raise UserError(f"{ckpt} does not fit this zeroseg's student ({len(missing)} weights missing, "
+                        f"{len(unexpected)} unknown: {names}...); retrain it")
+    model.load_state_dict(weights)
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path, state: dict[str, Any]) -> None:
