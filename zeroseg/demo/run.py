@@ -19,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +115,7 @@ def cache_text(store_url: str) -> None:
         cache_vocabulary(store_url, VOCAB, list(scenes.CLASSES[1:]))
 
 
-def train_student(cfg: DemoConfig, store_url: str, out: Path, match: bool) -> Path:
+def train_student(cfg: DemoConfig, store_url: str, out: Path, match: bool, progress: bool = True) -> Path:
     """A student run dir keyed by its recipe; a finished run is reused, a cut one resumed."""
     from zeroseg.trainer import checkpoint as ckpt_io
     from zeroseg.trainer.config import recipe
@@ -129,10 +131,20 @@ def train_student(cfg: DemoConfig, store_url: str, out: Path, match: bool) -> Pa
     run_dir = out / "runs" / f"{name}-{_key(store_url, config.to_dict())}"
     last = ckpt_io.latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if last is None:
-        train(store_url, run_dir, config)
+        train(store_url, run_dir, config, progress=progress)
     elif ckpt_io.read_state(last)["step"] < cfg.steps:
-        train(store_url, run_dir, resume=True)
+        train(store_url, run_dir, resume=True, progress=progress)
     return run_dir
+
+
+def train_students(cfg: DemoConfig, store_url: str, out: Path) -> dict[str, Path]:
+    """The student here and the no-match baseline in a second process, at once: each trains on one
+    torch thread, so on two cores the pair takes the time of one. A process, not a thread: a run
+    reseeds torch's global RNG every step, which two threads would share."""
+    spawn = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        baseline = pool.submit(train_student, cfg, store_url, out, False, False)
+        return {"student": train_student(cfg, store_url, out, True), "no-match": baseline.result()}
 
 
 # ---- the whole loop --------------------------------------------------------------------------
@@ -164,10 +176,7 @@ def run_demo(out: Path, preset: str = "default", console: Console | None = None)
     )
     store_url = stage("extract", extract, cfg, teacher_ckpt, folders["train"], out)
     stage("text", cache_text, store_url)
-    runs = {
-        "student": stage("train student", train_student, cfg, store_url, out, True),
-        "no-match": stage("train no-match", train_student, cfg, store_url, out, False),
-    }
+    runs = stage("train students", train_students, cfg, store_url, out)
     results = stage("evaluate", evaluate_all, cfg, store_url, runs, folders, out, console)
     overlays = stage("overlays", write_overlays, cfg, store_url, runs["student"], folders["heldout"], results, out)
 
