@@ -121,6 +121,25 @@ def test_grids_subset_indexes_only_those_crops(tmp_path):
         build_index(str(tmp_path / "s"), tmp_path / "ix2", BuildConfig(grids=(3,)))
 
 
+def test_ivf_build_reads_each_chunk_once(tmp_path, monkeypatch):
+    # The IVF training sample is whole chunks; the add pass must reuse them, not read them (or, for
+    # segments, run the student on them) a second time.
+    from zeroseg.segment.neighbours import CropVectors
+
+    make_store(tmp_path / "s", n=1600)  # 8000 crop vectors: trained on 40 * 128 of them
+    reads = []
+    chunk = CropVectors.chunk
+    monkeypatch.setattr(CropVectors, "chunk", lambda self, i: reads.append(i) or chunk(self, i))
+    meta = build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind="ivf-pq"))
+    assert meta.kind == "ivf-pq" and meta.count == 1600 * 5
+    assert sorted(reads) == list(range(200))  # every chunk once
+    assert reads[:3] != [0, 1, 2]  # the sample's chunks first, then the rest in order
+    index = NeighbourIndex.open(tmp_path / "ix")
+    vector = FeatureStore.open(str(tmp_path / "s")).features[1234, 3]  # a vector of a sampled or unsampled chunk alike
+    _, ids = index.search(np.asarray(vector, np.float32)[None], 1)
+    assert tuple(int(v[0]) for v in decode_ids(ids[0], 5)) == (1234, 3)
+
+
 @pytest.mark.parametrize("kind", ["hnsw", "ivf-pq"])
 def test_approximate_recall_against_exact(kind):
     n, dim, k = 10_000, 32, 10

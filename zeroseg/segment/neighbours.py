@@ -138,17 +138,17 @@ class SegmentVectors:
         return encode_ids(sl.start + ok[image], token, self.stride), tokens[image, token]
 
 
-def _training_sample(vectors, n: int, seed: int) -> np.ndarray:
-    """About n vectors from randomly chosen whole chunks (reads only what it keeps)."""
+def _training_sample(vectors, n: int, seed: int) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """About n vectors from randomly chosen whole chunks (reads only what it keeps), and those
+    chunks' (ids, vectors), so that the add pass does not read them (or run the student) again."""
     order = np.random.default_rng(seed).permutation(vectors.store.n_chunks)
-    parts, have = [], 0
-    for i in order:
-        _, x = vectors.chunk(int(i))
-        parts.append(x)
-        have += len(x)
+    chunks, have = {}, 0
+    for i in order.tolist():
+        chunks[i] = vectors.chunk(i)
+        have += len(chunks[i][1])
         if have >= n:
             break
-    return np.concatenate(parts)[:n]
+    return np.concatenate([x for _, x in chunks.values()])[:n], chunks
 
 
 def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMeta:
@@ -178,9 +178,11 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
     )
     index = NeighbourIndex.new(spec, meta)
     console = Console(stderr=True)
+    sampled = {}
     if index.needs_training:
         with console.status(f"training {spec.factory} on {spec.train_size} {vectors.source} vectors"):
-            index.train(_training_sample(vectors, spec.train_size, config.seed))
+            sample, sampled = _training_sample(vectors, spec.train_size, config.seed)
+            index.train(sample)
 
     pending_ids, pending_x, pending_n = [], [], 0
 
@@ -194,7 +196,7 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"indexing {vectors.source} ({spec.kind})", total=store.n_chunks)
         for i in range(store.n_chunks):
-            ids, x = vectors.chunk(i)
+            ids, x = sampled.pop(i) if i in sampled else vectors.chunk(i)
             pending_ids.append(ids)
             pending_x.append(x)
             pending_n += len(ids)
