@@ -16,6 +16,15 @@ def test_random_teacher_is_deterministic_and_identified(tiny_teacher):
     assert tiny_teacher.info.pretrained == "random:0"
 
 
+def test_a_random_init_is_not_warned_about_but_other_warnings_still_are(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        load_teacher("zeroseg-tiny", "random", seed=2)
+        logging.warning("No pretrained weights loaded: a later warning of the same text still shows")
+    assert [r.getMessage()[:28] for r in caplog.records] == ["No pretrained weights loaded"]
+
+
 def test_teacher_loads_a_local_checkpoint(tmp_path, tiny_teacher):
     path = tmp_path / "w.pt"
     torch.save(tiny_teacher.model.state_dict(), path)

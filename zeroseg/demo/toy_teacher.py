@@ -186,13 +186,13 @@ def train_toy_teacher(
     from rich.progress import Progress
     from safetensors.torch import save_file
 
-    from zeroseg.pipeline.teacher import load_teacher  # registers the project's configs
+    from zeroseg.pipeline.teacher import create_model, load_teacher  # registers the project's configs
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model = open_clip.create_model(cfg.arch).to(device)
+    model = create_model(cfg.arch).to(device)
     # The 49408-row token table would cost AdamW more than the whole model while only ~30 tokens
     # ever occur; fixed random token vectors are as good an input for the text transformer.
     model.token_embedding.requires_grad_(False)

@@ -9,6 +9,7 @@ they load like any built-in architecture.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,25 @@ MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)
 
 RANDOM = "random"
+
+
+class _NoWeightsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+def create_model(arch: str, weights: str | None = None, device: str = "cpu") -> torch.nn.Module:
+    """open_clip.create_model. Built without weights (a seeded init, or the toy teacher before it
+    is trained) is what was asked for here, so open_clip's root-logger warning that no weights
+    were loaded is held back for that call."""
+    if weights is not None:
+        return open_clip.create_model(arch, pretrained=weights, device=device, weights_only=True)
+    quiet = _NoWeightsWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        return open_clip.create_model(arch, device=device)
+    finally:
+        logging.getLogger().removeFilter(quiet)
 
 
 class TeacherError(UserError):
@@ -82,7 +102,7 @@ def load_teacher(arch: str, pretrained: str = RANDOM, seed: int = 0, device: str
     else:
         weights = pretrained
     try:
-        model = open_clip.create_model(arch, pretrained=weights, device=device, weights_only=True)
+        model = create_model(arch, weights, device)
     except RuntimeError as e:  # open_clip raises RuntimeError for an unknown tag or a failed download
         raise TeacherError(f"cannot load {arch} weights {pretrained!r}: {str(e).splitlines()[0]}")
     model.eval().requires_grad_(False)
