@@ -27,8 +27,7 @@ import torch
 
 from zeroseg.pipeline.teacher import load_teacher
 from zeroseg.stores.features import FeatureStore
-from zeroseg.trainer.config import TrainConfig
-from zeroseg.trainer.model import preset
+from zeroseg.trainer.config import RECIPES, recipe
 from zeroseg.trainer.synthetic import synthetic_store
 from zeroseg.trainer.train import train
 
@@ -56,6 +55,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--view", type=int, default=224, help="store view size (the crops' source)")
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--recipe", default="localised", choices=list(RECIPES), help="as `zeroseg train --recipe`")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--online-steps", type=int, default=6, help="online steps are slow: fewer of them")
@@ -79,8 +79,8 @@ def main() -> None:
     store = FeatureStore.open(url)
     del teacher
 
-    base = TrainConfig(
-        model=preset(args.preset), preset=args.preset, steps=args.steps, batch=args.batch,
+    base = recipe(
+        args.recipe, args.preset, steps=args.steps, batch=args.batch,
         log_every=5, checkpoint_every=10**9, device=args.device, threads=args.threads,
     )
 
