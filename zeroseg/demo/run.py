@@ -123,7 +123,7 @@ def train_student(cfg: DemoConfig, store_url: str, out: Path, match: bool, progr
 
     config = recipe(
         cfg.recipe, cfg.student_preset, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed,
-        threads=1,  # as for the teacher: one thread beats two on a busy 2-core machine
+        threads=1,  # a core each: the two students train side by side (train_students)
     )
     if not match:
         config = dataclasses.replace(config, losses=dataclasses.replace(config.losses, match=0.0))
@@ -141,7 +141,7 @@ def train_students(cfg: DemoConfig, store_url: str, out: Path) -> dict[str, Path
     """The student here and the no-match baseline in a second process, at once: each trains on one
     torch thread, so on two cores the pair takes the time of one. A process, not a thread: a run
     reseeds torch's global RNG every step, which two threads would share."""
-    spawn = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads
+    spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch and Ray have started threads
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
         baseline = pool.submit(train_student, cfg, store_url, out, False, False)
         return {"student": train_student(cfg, store_url, out, True), "no-match": baseline.result()}
