@@ -15,6 +15,7 @@ import torch
 
 from zeroseg.stores.features import grid_boxes
 from zeroseg.trainer.config import recipe
+from zeroseg.trainer.loader import select_columns
 from zeroseg.trainer.losses import box_membership, zeroseg_losses
 from zeroseg.trainer.model import ZeroSegStudent
 
@@ -26,9 +27,10 @@ size = model.config.image_size
 optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
 pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
 features = torch.randn(batch, 30, 128)
-boxes = grid_boxes((1, 2, 3, 4))  # (30, 4), the 1x1 crop first
-local = torch.from_numpy(boxes[:, 2] - boxes[:, 0] < 1)
-member = box_membership(boxes, model.config.grid)
+grids = (1, 2, 3, 4)
+columns = select_columns(grid_boxes(grids), grids, grids)  # all 30 crops, as train picks them
+local = torch.from_numpy(columns.local)
+member = box_membership(columns.boxes, model.config.grid)
 rates: dict[str, list[float]] = {}
 for precision in ("fp32", "bf16", "fp32", "bf16"):
     for i in range(7):
