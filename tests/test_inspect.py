@@ -35,7 +35,8 @@ def test_info_counts_and_bytes(store_url, capsys):
 
 
 def test_verify_a_sound_store(store_url, capsys):
-    report, problems = verify_store(store_url)
+    report, problems, damage = verify_store(store_url)
+    assert damage == []
     assert problems == []
     assert set(report["norms"]) == {"1x1", "2x2"} and report["norms"]["1x1"]["min"] > 0
     result = zeroseg(capsys, "store", "verify", store_url)
@@ -56,7 +57,7 @@ def test_verify_finds_each_problem(store_url, capsys):
     status = s.status()
     status[-1] = 0  # pending
     s.group["images/status"][:] = status
-    _, problems = verify_store(store_url)
+    _, problems, _ = verify_store(store_url)
     text = "\n".join(problems)
     for words in ["1 images still pending", "1 ok images with NaN or inf", "1 ok images with an all-zero crop",
                   "1 failed images with non-zero features", "1 failed images without a reason"]:

@@ -3,7 +3,7 @@ import pytest
 
 import zarr
 
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig, StoreError, StoreNotFoundError, TeacherInfo, grid_boxes
+from zeroseg.stores.features import CREATING_MARKER, FeatureStore, Status, StoreConfig, StoreError, StoreNotFoundError, TeacherInfo, grid_boxes
 
 TEACHER = TeacherInfo("zeroseg-tiny", "random:0", "ab" * 32, 64, (0.5,) * 3, (0.25,) * 3, 16)
 
@@ -89,8 +89,14 @@ def test_schema_version_refused(tmp_path):
     url = str(tmp_path / "s")
     store = FeatureStore.create(url, make_config(), ["a"])
     store.group.attrs["schema_version"] = 99
-    with pytest.raises(StoreError, match="schema version 99, this zeroseg reads version 1"):
+    with pytest.raises(StoreError, match="schema version 99, this zeroseg reads versions 1, 2"):
         FeatureStore.open(url)
+
+
+def test_a_version_1_store_still_opens(tmp_path):
+    url = str(tmp_path / "s")
+    FeatureStore.create(url, make_config(), ["a"]).group.attrs["schema_version"] = 1
+    assert FeatureStore.open(url).n_images == 1 and FeatureStore.open(url).pending_chunks() == [0]
 
 
 def test_text_vocabulary_round_trip_and_teacher_check(tmp_path):
@@ -110,7 +116,19 @@ def test_text_vocabulary_round_trip_and_teacher_check(tmp_path):
 def test_an_interrupted_create_is_created_again(tmp_path):
     url = str(tmp_path / "s")
     zarr.open_group(url, mode="w-", zarr_format=3)  # a create killed before its attributes
+    (tmp_path / "s" / CREATING_MARKER).write_text("{}")  # ... which it had begun with its marker
     with pytest.raises(StoreNotFoundError, match="unfinished store"):
         FeatureStore.open(url)
     store = FeatureStore.create(url, make_config(), ["a", "b"])
     assert FeatureStore.open(url).n_images == 2 and store.pending_chunks() == [0]
+    assert not (tmp_path / "s" / CREATING_MARKER).exists()
+
+
+def test_a_group_without_the_marker_is_not_ours(tmp_path):
+    url = str(tmp_path / "s")
+    zarr.open_group(url, mode="w-", zarr_format=3)
+    with pytest.raises(StoreError, match="without zeroseg's attributes"):
+        FeatureStore.open(url)
+    with pytest.raises(StoreError, match="not empty and not a zeroseg store"):
+        FeatureStore.create(url, make_config(), ["a"])
+    assert (tmp_path / "s" / "zarr.json").exists()

@@ -96,14 +96,26 @@ def store_info(
 
 
 @store_app.command("verify")
-def store_verify(store: str = typer.Argument(..., help="the feature store")) -> None:
-    """Check features against status out of core (NaN/inf, zero rows, norms); exit 1 on problems."""
-    from zeroseg.stores.inspect import format_norms, verify_store
+def store_verify(
+    store: str = typer.Argument(..., help="the feature store"),
+    repair: bool = typer.Option(False, "--repair", help="mark chunks with damaged data pending, for `extract` to redo"),
+) -> None:
+    """Read every chunk (damaged ones are named) and check features against status; exit 1 on problems."""
+    from zeroseg.stores.inspect import format_norms, repair_store, verify_store
 
-    report, problems = verify_store(store)
+    report, problems, damage = verify_store(store)
     print(format_norms(report))
     for problem in problems:
         print(f"problem: {problem}")
+    if damage and repair:
+        redo, cannot = repair_store(store, damage)
+        if redo:
+            print(f"repair: marked {len(redo)} chunks pending ({', '.join(map(str, redo))}): "
+                  "re-run the same `zeroseg extract IMAGES STORE` to redo exactly them")
+        for line in cannot:
+            print(f"cannot repair: {line}")
+    elif damage:
+        print(f"{len(damage)} damaged chunks: `zeroseg store verify --repair {store}` marks them pending for extract to redo")
     if problems:
         raise typer.Exit(1)
     print(f"{store}: ok ({report['ok']} of {report['images']} images ok, no problems)")

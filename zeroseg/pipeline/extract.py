@@ -9,13 +9,16 @@ The job is clip-retrieval's reader -> mapper -> writer -> distributor, each a sm
 
 Resume: a chunk is written features first, status last, so a killed job leaves whole chunks
 pending and a re-run of the same command does only those. Features of a chunk depend only on the
-chunk's images (batches never span chunks), so a resumed store is bit-identical to an
-uninterrupted one.
+chunk's images (batches never span chunks) and on what the store records as `Compute` (device,
+precision, torch threads per worker, batch: the thread count changes a GEMM's summation order,
+hence the last bits), so a resume runs with the recorded values or is refused: a resumed store is
+bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import socket
@@ -35,10 +38,20 @@ from zeroseg.pipeline.crops import cut_crops
 from zeroseg.pipeline.decode import Decoded, decode_image
 from zeroseg.pipeline.sources import list_images
 from zeroseg.pipeline.teacher import Teacher, load_teacher
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig, StoreNotFoundError
+from zeroseg.stores.features import (
+    FeatureStore,
+    Status,
+    StoreConfig,
+    StoreNotFoundError,
+    StoreWriteError,
+    check_location,
+    make_store_folder,
+)
 from zeroseg.stores.lock import LockedError, StoreLock, lock_holder
 
 DEFAULT_CHUNK_IMAGES = 64
+DEFAULT_BATCH = 256
+PRECISION = "fp32"  # the teacher's only precision today
 # Each actor's calls queue in order; a second call in flight means the actor never waits on the
 # driver between chunks.
 IN_FLIGHT_PER_WORKER = 2
@@ -85,6 +98,30 @@ class Summary:
     @property
     def images_per_s(self) -> float:
         return self.done_this_run / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Compute:
+    """What changes a feature's last bits, recorded in the store's `extract` attributes; a resume
+    runs with the same values or is refused."""
+
+    device: str  # cpu | cuda (resolved)
+    precision: str
+    threads_per_worker: int  # torch threads of each worker (Ray actor, or this process)
+    batch: int  # crops per teacher forward
+
+    KEYS = ("device", "precision", "threads_per_worker", "batch")
+
+    @classmethod
+    def recorded(cls, options: dict) -> Compute | None:
+        """The store's record; None for a store that predates it (schema version 1)."""
+        if not all(k in options for k in cls.KEYS):
+            return None
+        return cls(**{k: options[k] for k in cls.KEYS})
+
+    def describe(self) -> str:
+        t = self.threads_per_worker
+        return f"{t} torch thread{'s' if t != 1 else ''} per worker on {self.device}, {self.precision}, batch {self.batch}"
 
 
 # ---- mapper: one chunk of paths -> arrays --------------------------------------------------
@@ -201,38 +238,65 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def open_or_create(url: str, images: str, config: ExtractConfig, teacher_info, notify) -> tuple[FeatureStore, int]:
-    """The store for this job and the batch to use. A new store is created for the listing of
-    IMAGES; an existing one must have been made the same way (teacher, grids, view size) and from
-    the same paths, or this ends in a one-line error and the store is not touched."""
-    paths = list_images(images)
-    asked = dict(chunk_images=config.chunk_images, pixels=config.pixels)
-    want = StoreConfig(
+def _store_config(config: ExtractConfig, teacher_info) -> StoreConfig:
+    return StoreConfig(
         teacher=teacher_info, grids=tuple(config.grids), view_size=config.view_size,
         chunk_images=config.chunk_images or DEFAULT_CHUNK_IMAGES, pixels=bool(config.pixels),
     )
+
+
+def open_existing(url: str, images: str, paths: list[str], config: ExtractConfig, teacher_info) -> FeatureStore | None:
+    """The job's store if there is one (None: create it). An existing one must have been made the
+    same way (teacher, grids, view size, chunking, pixels) and from the same paths, or this ends in
+    a one-line error and the store is not touched."""
     try:
-        store = FeatureStore.open(url, mode="r", expect=want)
+        store = FeatureStore.open(url, mode="r", expect=_store_config(config, teacher_info))
     except StoreNotFoundError:
-        batch = config.batch or 256
-        options = {**dataclasses.asdict(config), "grids": list(config.grids), "batch": batch,
-                   "chunk_images": want.chunk_images, "pixels": want.pixels, "source": images}
-        for runtime_only in ("workers", "address", "device"):  # how it ran, not what it made
-            options.pop(runtime_only)
-        return FeatureStore.create(url, want, paths, extract=options), batch
+        return None
     have = store.config
-    for name, value in asked.items():
+    for name, value in dict(chunk_images=config.chunk_images, pixels=config.pixels).items():
         if value is not None and value != getattr(have, name):
             raise UserError(f"{url} was made with {name} {getattr(have, name)}, asked {value}")
     stored = [str(p) for p in store.paths()]
     if stored != paths:
         raise UserError(f"{url} holds {len(stored)} images from its first listing; {images} now lists "
                         f"{len(paths)} ({_first_difference(stored, paths)}): give the same IMAGES or a new STORE")
-    made_with = store.extract_options.get("batch")
-    if config.batch and made_with and config.batch != made_with:
-        notify(f"note: {url} was started with batch {made_with}; continuing with {config.batch} "
-               "(features may differ in the last bits from an uninterrupted run)")
-    return store, config.batch or made_with or 256
+    return store
+
+
+def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None, cluster: tuple[int, int] | None,
+                 notify) -> tuple[Compute, int]:
+    """(how this run computes, how many workers): a new store's from the options and the machine,
+    a resumed store's from its record. `cluster` is the Ray cluster's (CPUs, GPUs); None runs in
+    this process. Threads per worker are never derived from the number of pending chunks."""
+    batch = config.batch or (recorded.batch if recorded else DEFAULT_BATCH)
+    if cluster is None:  # in this process: the record's thread count, else this process's
+        device = resolve_device(config.device)
+        threads = recorded.threads_per_worker if recorded else torch.get_num_threads()
+        workers, hint = 1, "re-run without --workers"
+    else:
+        cpus, gpus = cluster
+        device = "cuda" if gpus else "cpu"
+        if config.workers or not recorded:
+            workers = config.workers or gpus or cpus
+            threads = max(1, cpus // workers)
+        else:  # a plain resume: as many workers as give the recorded threads each
+            threads = recorded.threads_per_worker
+            workers = gpus or max(1, cpus // threads)
+        hint = (f"re-run with --workers {gpus or max(1, cpus // recorded.threads_per_worker)}"
+                if recorded else "")
+    run = Compute(device, PRECISION, threads, batch)
+    if recorded is None:
+        return run, workers
+    differs = [f"{name} {getattr(run, name)}" for name in Compute.KEYS if getattr(run, name) != getattr(recorded, name)]
+    if differs:
+        fixes = {"device": f"--device {recorded.device}", "batch": f"--batch {recorded.batch} (or no --batch)",
+                 "threads_per_worker": hint, "precision": f"precision {recorded.precision}"}
+        how = "; ".join(fixes[name.split()[0]] for name in differs if fixes[name.split()[0]])
+        raise UserError(f"{url} was made with {recorded.describe()}; this run would use "
+                        f"{', '.join(d.replace('threads_per_worker', 'threads per worker') for d in differs)}, "
+                        f"which changes the features' last bits: {how + ' or ' if how else ''}use a new STORE")
+    return run, workers
 
 
 def _first_difference(a: list[str], b: list[str]) -> str:
@@ -250,18 +314,43 @@ def run_extract(
     progress: Callable[[ChunkResult], None] | None = None,
     started: Callable[[FeatureStore, int], None] | None = None,
 ) -> Summary:
-    """The whole job: list, open or create the store, lock it, do the pending chunks, summarise.
+    """The whole job: list, lock, open or create the store, do the pending chunks, summarise.
     `started(store, n_pending_images)` and `progress(result)` let a caller draw a progress bar."""
     if url.startswith("memory://") and config.workers != 0:
         raise UserError("a memory:// store lives inside one process: use --workers 0 with it")
     # In this process the driver's teacher does the work; for Ray it only names the teacher.
     device = resolve_device(config.device) if config.workers == 0 else "cpu"
     teacher = load_teacher(config.teacher, config.pretrained, seed=config.seed, device=device)
-    store, batch = open_or_create(url, images, config, teacher.info, notify)
+    paths = list_images(images)
+    # The order that never writes into what is not ours: look at STORE first (a foreign folder
+    # is refused before even our lock file goes in), make the folder if there is none, take the
+    # lock inside it, then open or create the store under the lock (check_location again there:
+    # the lock file is the one entry it allows beside a new store).
+    if check_location(url) == "new":
+        make_store_folder(url)
     t0 = time.perf_counter()
     done, lost = 0, {}
-    with StoreLock(url, notify=notify) as lock:
-        store = FeatureStore.open(url, mode="r+")  # re-read under the lock: a job may just have ended
+    threads_before = torch.get_num_threads()
+    with StoreLock(url, notify=notify) as lock, contextlib.ExitStack() as stack:
+        store = open_existing(url, images, paths, config, teacher.info)
+        pending = store.pending_chunks() if store else None
+        if pending == []:
+            return summarize(store)
+        cluster = stack.enter_context(_ray_cluster(config)) if config.workers != 0 else None
+        recorded = Compute.recorded(store.extract_options) if store else None
+        if store and recorded is None:
+            notify(f"note: {url} does not record its threads, device and precision (schema version 1): "
+                   "the resumed chunks may differ in the last bits")
+        compute, n_workers = plan_compute(url, config, recorded, cluster, notify)
+        if store is None:
+            options = {**dataclasses.asdict(config), "grids": list(config.grids),
+                       "chunk_images": config.chunk_images or DEFAULT_CHUNK_IMAGES, "pixels": bool(config.pixels),
+                       "source": images}
+            for runtime_only in ("workers", "address"):  # how it ran, not what it made
+                options.pop(runtime_only)
+            options.update(dataclasses.asdict(compute))
+            FeatureStore.create(url, _store_config(config, teacher.info), paths, extract=options)
+        store = FeatureStore.open(url, mode="r+")
         pending = store.pending_chunks()
         todo = sum(_len(store.chunk_slice(c)) for c in pending)
         if started:
@@ -273,27 +362,25 @@ def run_extract(
             if progress:
                 progress(result)
 
-        if pending and config.workers == 0:
-            worker = ChunkWorker(url, config, batch, teacher=teacher)  # the driver's teacher serves
-            for chunk in pending:
-                finished(worker.process(chunk))
-        elif pending:
-            del teacher  # the actors build their own
-            lost = _run_ray_pool(url, config, batch, pending, teacher_sha=store.config.teacher.sha256,
-                                 lock_token=lock.token, finished=finished, notify=notify)
+        try:
+            if cluster is None:
+                worker = ChunkWorker(url, config, compute.batch, compute.threads_per_worker, teacher=teacher)
+                for chunk in pending:
+                    finished(worker.process(chunk))
+            else:
+                del teacher  # the actors build their own
+                lost = _run_ray_pool(url, config, compute, min(n_workers, len(pending)), cluster, pending,
+                                     teacher_sha=store.config.teacher.sha256, lock_token=lock.token,
+                                     finished=finished, notify=notify)
+        finally:
+            torch.set_num_threads(threads_before)  # the in-process worker set the store's count
     return summarize(FeatureStore.open(url), done, time.perf_counter() - t0, lost)
 
 
-def _len(sl: slice) -> int:
-    return sl.stop - sl.start
-
-
-def _run_ray_pool(url, config, batch, pending, teacher_sha, lock_token, finished, notify) -> dict[int, str]:
-    """Keep every actor busy with IN_FLIGHT_PER_WORKER chunks until none are left. An actor that
-    dies is restarted by Ray and its calls retried (max_restarts / max_task_retries); a chunk whose
-    retries run out stays pending for the next run. Returns those chunks with the reason."""
+@contextlib.contextmanager
+def _ray_cluster(config: ExtractConfig):
+    """Join or start Ray for the job; yields the cluster's (CPUs, GPUs usable by this job)."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
 
     own_cluster = not ray.is_initialized()
     if own_cluster:
@@ -305,15 +392,36 @@ def _run_ray_pool(url, config, batch, pending, teacher_sha, lock_token, finished
         gpus = int(ray.cluster_resources().get("GPU", 0)) if config.device != "cpu" else 0
         if config.device == "cuda" and not gpus:
             raise UserError("--device cuda: the Ray cluster has no GPU")
-        n_workers = min(config.workers or gpus or cpus, len(pending))
-        share = cpus / n_workers  # CPUs per actor; Ray wants whole numbers above 1
-        threads = max(1, int(share))
-        notify(f"{n_workers} Ray workers x {threads} torch threads ({cpus} CPUs, {gpus} GPUs in the cluster)")
-        actor_class = ray.remote(num_cpus=threads if share >= 1 else share, num_gpus=gpus / n_workers,
-                                 max_restarts=2, max_task_retries=2)(ChunkWorker)
-        # Actors can outlive a SIGKILLed driver for a moment: with the job's lock token, each
-        # checks before writing a chunk that no new job has taken the store over.
-        actors = [actor_class.remote(url, config, batch, threads, lock_token=lock_token) for _ in range(n_workers)]
+        yield cpus, gpus
+    finally:
+        if own_cluster:
+            ray.shutdown()
+
+
+def _len(sl: slice) -> int:
+    return sl.stop - sl.start
+
+
+def _run_ray_pool(url, config, compute: Compute, n_workers: int, cluster, pending, teacher_sha, lock_token,
+                  finished, notify) -> dict[int, str]:
+    """Keep every actor busy with IN_FLIGHT_PER_WORKER chunks until none are left. An actor that
+    dies is restarted by Ray and its calls retried (max_restarts / max_task_retries); a chunk whose
+    retries run out stays pending for the next run. Returns those chunks with the reason. A failed
+    write (disk full) stops the job at once: every later write would fail the same way."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    cpus, gpus = cluster
+    threads = compute.threads_per_worker
+    share = cpus / n_workers  # CPUs per actor; Ray wants whole numbers above 1
+    notify(f"{n_workers} Ray workers x {threads} torch threads ({cpus} CPUs, {gpus} GPUs in the cluster)")
+    actor_class = ray.remote(num_cpus=share if share < 1 else min(threads, int(share)), num_gpus=gpus / n_workers,
+                             max_restarts=2, max_task_retries=2)(ChunkWorker)
+    # Actors can outlive a SIGKILLed driver for a moment: with the job's lock token, each
+    # checks before writing a chunk that no new job has taken the store over.
+    actors = [actor_class.remote(url, config, compute.batch, threads, lock_token=lock_token)
+              for _ in range(n_workers)]
+    try:
         infos = ray.get([a.describe.remote() for a in actors])
         for info in infos:
             if info["sha256"] != teacher_sha:
@@ -340,15 +448,17 @@ def _run_ray_pool(url, config, batch, pending, teacher_sha, lock_token, finished
                 submit(actor)
             except RayActorError as e:  # the actor is gone for good: its chunks stay pending
                 lost[chunk] = f"worker died: {str(e).strip().splitlines()[0]}"
-            except RayTaskError as e:  # a bug, not bad data (bad data is a failed row): report it
-                lost[chunk] = f"worker error: {str(e).strip().splitlines()[-1]}"
+            except RayTaskError as e:
+                if isinstance(e.cause, StoreWriteError):  # disk full: the next writes would fail too
+                    raise StoreWriteError(str(e.cause)) from None
+                lost[chunk] = f"worker error: {str(e).strip().splitlines()[-1]}"  # a bug, not bad data
                 submit(actor)
         for chunk in queue:
             lost[chunk] = "no live worker left"
         return lost
     finally:
-        if own_cluster:
-            ray.shutdown()
+        for actor in actors:  # none writes after the job ends (nor could: the lock goes with it)
+            ray.kill(actor)
 
 
 def summarize(store: FeatureStore, done: int = 0, seconds: float = 0.0, lost: dict | None = None) -> Summary:

@@ -69,7 +69,7 @@ class CropVectors:
     def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Chunk i -> ids (n,) int64, vectors (n, D) float16."""
         sl = self.store.chunk_slice(i)
-        ok = np.flatnonzero(self.store.group["images/status"][sl] == Status.OK)
+        ok = np.flatnonzero(self.store.array("images/status")[sl] == Status.OK)
         feats = self.store.features[sl][ok][:, self.crops]  # (n_ok, c, D)
         image, crop = np.meshgrid(sl.start + ok, self.crops, indexing="ij")
         return encode_ids(image.ravel(), crop.ravel(), self.stride), feats.reshape(-1, feats.shape[-1])
@@ -124,7 +124,7 @@ class SegmentVectors:
     def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Chunk i -> ids (n,) int64, vectors (n, D) float32 of its non-empty segments."""
         sl = self.store.chunk_slice(i)
-        ok = np.flatnonzero(self.store.group["images/status"][sl] == Status.OK)
+        ok = np.flatnonzero(self.store.array("images/status")[sl] == Status.OK)
         if len(ok) == 0:
             return np.zeros(0, np.int64), np.zeros((0, self.store.dim), np.float32)
         if self.store.has_pixels:
@@ -274,7 +274,7 @@ def _student_for(index: NeighbourIndex, store: FeatureStore, checkpoint: str | N
 def _check_image(store: FeatureStore, image: int) -> None:
     if not 0 <= image < store.n_images:
         raise UserError(f"image {image} out of range: the store has {store.n_images} images")
-    status = Status(int(store.group["images/status"][image]))
+    status = Status(int(store.array("images/status")[image]))
     if status != Status.OK:
         raise UserError(f"image {image} has status {status.name.lower()}: it is not in the index")
 
@@ -329,7 +329,7 @@ def query_index(
     scores, ids = index.search(vector[None], k + (self_id is not None))
     found = [(float(sc), int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0 and i != self_id][:k]
     if self_id is not None:
-        query["path"] = str(store.group["images/path"][image])
+        query["path"] = str(store.array("images/path")[image])
         found.insert(0, (1.0, self_id))
     images, subs = decode_ids(np.array([i for _, i in found], dtype=np.int64), meta.stride)
     paths, boxes = store.paths(), store.boxes
@@ -386,7 +386,7 @@ def image_view(store: FeatureStore, image: int, size: int) -> np.ndarray:
 
     if store.has_pixels and store.config.view_size == size:
         return store.pixels[image]
-    path = str(store.group["images/path"][image])
+    path = str(store.array("images/path")[image])
     try:
         with Image.open(path) as im:
             return training_view(im, size)

@@ -1,9 +1,11 @@
 """The Zarr feature store: the one module that knows its schema (DESIGN.md, "Store schema").
 
-Layout of a version-1 store (a Zarr v3 group):
+Layout of a version-2 store (a Zarr v3 group):
 
     attrs                 schema_version, teacher{...}, grids, view_size, dtype, chunk_images,
-                          pixels, zeroseg_version, extract{...} (the job's own options)
+                          pixels, zeroseg_version, extract{...} (the job's own options, and what
+                          changes a feature's last bits: device, precision, threads_per_worker,
+                          batch; a resume must match them)
     crops/features        (N, C, D) float16, one chunk = chunk_images whole images, Blosc zstd
     crops/boxes           (C, 4) float32, fractional x0, y0, x1, y1 in the training view
     images/path           (N,) str
@@ -17,6 +19,15 @@ Layout of a version-1 store (a Zarr v3 group):
 Every per-image array is chunked along N by the same chunk_images, so a chunk index names the same
 images in all of them and a writer of chunk i touches no byte of chunk j. A chunk is written
 features first, status last: a chunk whose status is not pending is complete.
+
+Version 2 (this zeroseg writes it) adds a crc32c checksum after the compressor of every array, so
+that reading a damaged chunk fails instead of returning wrong numbers; reads go through
+`StoreArray`, which names the damaged chunk in one line. Version 1 stores (no checksums, no
+record of threads/device/precision) are still opened, read and resumed.
+
+zeroseg creates a store only where nothing is, or in an empty folder; `STORE/zeroseg.creating`
+is written first and removed last, so a folder holding it is an interrupted create of ours, redone
+by the next `create`. Anything else at STORE is refused and left untouched.
 """
 
 from __future__ import annotations
@@ -27,15 +38,24 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import fsspec
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 import zeroseg
 from zeroseg.errors import UserError
+from zeroseg.stores.lock import LOCK_NAME
 
-SCHEMA_VERSION = 1
-COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# Checksummed after compression: a flipped byte or a truncated chunk file fails the read.
+CHECKED = [Crc32cCodec()]
+COMPRESSED = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
+CREATING_MARKER = "zeroseg.creating"  # written first and removed last by FeatureStore.create
+# Everything `create` puts in a store folder (with the lock, which the job holds meanwhile).
+OUR_ENTRIES = {"zarr.json", "crops", "images", "text", CREATING_MARKER}
+PER_IMAGE_ARRAYS = ("crops/features", "images/pixels", "images/size", "images/error", "images/status", "images/path")
 
 
 class Status(enum.IntEnum):
@@ -50,6 +70,14 @@ class StoreError(UserError):
 
 class StoreNotFoundError(StoreError):
     """No store at that URL (so one may be created there)."""
+
+
+class DamagedChunkError(StoreError):
+    """A chunk of the store cannot be read back (checksum mismatch, truncated, undecodable)."""
+
+
+class StoreWriteError(StoreError):
+    """Writing a chunk failed (disk full, permissions, a vanished mount): the chunk stays pending."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +158,46 @@ def _mismatches(want: StoreConfig, have: StoreConfig) -> list[str]:
     return [f"{name}: asked {a}, store has {b}" for name, a, b in pairs if a != b]
 
 
+def _fs_root(url: str):
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def check_location(url: str) -> str:
+    """What is at `url`, for a job that may create a store there: "new" (nothing, or a folder
+    holding nothing but our lock), "unfinished" (our interrupted create: its marker), "store"
+    (a zeroseg store). Anything else is refused in one line, and nothing is written."""
+    fs, root = _fs_root(url)
+    if not fs.exists(root):
+        return "new"
+    if not fs.isdir(root):
+        raise StoreError(f"{url} is a file, not a store: give a new or empty folder for the store")
+    names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)} - {LOCK_NAME}
+    if not names:
+        return "new"
+    if CREATING_MARKER in names:
+        foreign = sorted(names - OUR_ENTRIES)
+        if foreign:
+            raise StoreError(f"{url} holds an interrupted zeroseg store and also {', '.join(foreign)}: "
+                             "not touching it; move those away or give a new STORE")
+        return "unfinished"
+    if "zarr.json" in names:
+        try:
+            if "schema_version" in zarr.open_group(_zarr_store(url, read_only=True), mode="r").attrs:
+                return "store"
+        except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError):
+            pass
+    shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+    raise StoreError(f"{url} is not empty and not a zeroseg store (holds {shown}): "
+                     "zeroseg will not write there; give a new or empty folder")
+
+
+def make_store_folder(url: str) -> None:
+    """Make the (checked, new) store's folder, so that the job's lock can be taken inside it."""
+    fs, root = _fs_root(url)
+    fs.makedirs(root, exist_ok=True)
+
+
 def _zarr_store(url: str, read_only: bool):
     """A plain path or file:// URL is a LocalStore (creates folders as it writes); anything else
     goes through fsspec (memory://, s3://, gs://, ...)."""
@@ -137,6 +205,69 @@ def _zarr_store(url: str, read_only: bool):
         path = url[len("file://"):] if url.startswith("file://") else url
         return zarr.storage.LocalStore(path, read_only=read_only)
     return zarr.storage.FsspecStore.from_url(url, read_only=read_only)
+
+
+def _rows(key, n: int) -> range:
+    """The rows (first axis) an index key selects: int, slice, index array, or a tuple of them."""
+    first = key[0] if isinstance(key, tuple) else key
+    if isinstance(first, slice):
+        return range(*first.indices(n))
+    picked = np.atleast_1d(np.asarray(first))
+    if picked.dtype == bool:
+        picked = np.flatnonzero(picked)
+    picked = np.where(picked < 0, picked + n, picked)
+    return range(int(picked.min()), int(picked.max()) + 1) if picked.size else range(0)
+
+
+def _short_cause(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return "checksum mismatch" if "checksum" in text.lower() else f"{type(e).__name__}: {text[:80]}"
+
+
+class StoreArray:
+    """One per-image array of a store (chunked along images by chunk_images). Reads that fail on a
+    damaged chunk raise DamagedChunkError naming the array, the chunk and its images, and how to
+    repair it: every reader (train, index build, query, extract's resume) gets that one line from
+    here. Anything else (shape, dtype, writes) is the zarr array's."""
+
+    def __init__(self, array: zarr.Array, name: str, url: str):
+        self.array, self.name, self.url = array, name, url
+
+    def __getattr__(self, attr):
+        return getattr(self.array, attr)
+
+    def __setitem__(self, key, value) -> None:
+        self.array[key] = value
+
+    def __getitem__(self, key):
+        try:
+            return self.array[key]
+        except Exception as e:
+            # Pin the failure on one chunk by reading each chunk of the selection alone; if none
+            # fails by itself the error is not a damaged chunk (a bad key, a bug): let it be.
+            try:
+                rows = _rows(key, self.array.shape[0])
+            except Exception:
+                raise e
+            b = self.array.chunks[0]
+            for chunk in range(rows.start // b, -(-rows.stop // b)):
+                self.read_chunk(chunk)
+            raise
+
+    def chunk_rows(self, chunk: int) -> slice:
+        b = self.array.chunks[0]
+        return slice(chunk * b, min((chunk + 1) * b, self.array.shape[0]))
+
+    def read_chunk(self, chunk: int) -> np.ndarray:
+        """Chunk `chunk` of this array, or DamagedChunkError naming it."""
+        sl = self.chunk_rows(chunk)
+        try:
+            return self.array[sl]
+        except Exception as e:
+            raise DamagedChunkError(
+                f"{self.url}: {self.name} chunk {chunk} (images {sl.start}-{sl.stop - 1}) is damaged "
+                f"({_short_cause(e)}): run `zeroseg store verify --repair {self.url}`, then extract again"
+            ) from None
 
 
 class FeatureStore:
@@ -157,40 +288,49 @@ class FeatureStore:
         paths: Sequence[str],
         extract: dict[str, Any] | None = None,
     ) -> FeatureStore:
-        """A new store for `paths`, all pending. Refuses to overwrite an existing store."""
+        """A new store for `paths`, all pending, where nothing is or in an empty folder (see
+        check_location); an interrupted create of ours is redone. Refuses anything else. A job
+        calls this holding the store's lock (the lock file is the one entry allowed beside)."""
         if not paths:
             raise StoreError("no images to store")
+        state = check_location(url)
+        if state == "store":
+            raise StoreError(f"{url} already holds a store; open it instead of creating one")
+        fs, root = _fs_root(url)
+        if state == "unfinished":
+            # Everything here but the lock was written by our interrupted create (check_location
+            # refuses a marker beside anything else): remove what it made, keep the marker.
+            for name in sorted(OUR_ENTRIES - {CREATING_MARKER}):
+                if fs.exists(f"{root}/{name}"):
+                    fs.rm(f"{root}/{name}", recursive=True)
+        else:
+            fs.makedirs(root, exist_ok=True)
+            fs.pipe(f"{root}/{CREATING_MARKER}", json.dumps({"zeroseg_version": zeroseg.__version__}).encode())
         store = _zarr_store(url, read_only=False)
-        try:
-            group = zarr.open_group(store, mode="w-", zarr_format=3)
-        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
-            try:
-                unfinished = "schema_version" not in zarr.open_group(store, mode="r").attrs
-            except (zarr.errors.GroupNotFoundError, FileNotFoundError):
-                unfinished = False
-            if not unfinished:
-                raise StoreError(f"{url} already holds a store; open it instead of creating one")
-            group = zarr.open_group(store, mode="w", zarr_format=3)  # an interrupted create: redo it
+        group = zarr.create_group(store, zarr_format=3)
         n, c, b, s = len(paths), config.n_crops, config.chunk_images, config.view_size
         d = config.teacher.embed_dim
         group.create_array(
             "crops/features", shape=(n, c, d), chunks=(b, c, d), dtype="float16",
-            compressors=COMPRESSOR, fill_value=0,
+            compressors=COMPRESSED, fill_value=0,
         )
-        group.create_array("crops/boxes", data=grid_boxes(config.grids))
-        group.create_array("images/path", shape=(n,), chunks=(b,), dtype=str)
+        group.create_array("crops/boxes", data=grid_boxes(config.grids), compressors=CHECKED)
+        group.create_array("images/path", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
         group["images/path"][:] = np.asarray(paths, dtype=str)
-        group.create_array("images/status", shape=(n,), chunks=(b,), dtype="uint8", fill_value=0)
-        group.create_array("images/error", shape=(n,), chunks=(b,), dtype=str)
-        group.create_array("images/size", shape=(n, 2), chunks=(b, 2), dtype="int32", fill_value=0)
+        group.create_array("images/status", shape=(n,), chunks=(b,), dtype="uint8", fill_value=0,
+                           compressors=CHECKED)
+        group.create_array("images/error", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
+        group.create_array("images/size", shape=(n, 2), chunks=(b, 2), dtype="int32", fill_value=0,
+                           compressors=CHECKED)
         if config.pixels:
             group.create_array(
                 "images/pixels", shape=(n, s, s, 3), chunks=(b, s, s, 3), dtype="uint8",
-                compressors=COMPRESSOR, fill_value=0,
+                compressors=COMPRESSED, fill_value=0,
             )
-        # Attributes last: a group without them is an interrupted create, not a store.
-        # One metadata write (attrs.update would write once per key: a reader could see half).
+        # One metadata write (attrs.update would write once per key: a reader could see half),
+        # then the marker goes: from here on the folder is a store.
         group.update_attributes({**config.to_attrs(), "extract": extract or {}})
+        fs.rm(f"{root}/{CREATING_MARKER}")
         return cls(group, url)
 
     @classmethod
@@ -200,12 +340,16 @@ class FeatureStore:
             group = zarr.open_group(_zarr_store(url, read_only=mode == "r"), mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             raise StoreNotFoundError(f"no feature store at {url}")
-        version = group.attrs.get("schema_version")
-        if version is None and not group.attrs:
+        fs, root = _fs_root(url)
+        if fs.exists(f"{root}/{CREATING_MARKER}"):
             raise StoreNotFoundError(f"{url} holds only an unfinished store (its creation was interrupted)")
-        if version != SCHEMA_VERSION:
+        version = group.attrs.get("schema_version")
+        if version is None:
+            raise StoreError(f"{url} is a Zarr group without zeroseg's attributes, not a feature store")
+        if version not in READABLE_VERSIONS:
             raise StoreError(
-                f"{url}: schema version {version}, this zeroseg reads version {SCHEMA_VERSION}"
+                f"{url}: schema version {version}, this zeroseg reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
         fs = cls(group, url)
         if expect is not None:
@@ -246,29 +390,34 @@ class FeatureStore:
 
     # ---- per-image arrays --------------------------------------------------------------
 
+    def array(self, name: str) -> StoreArray:
+        """A per-image array ("crops/features", "images/status", ...; PER_IMAGE_ARRAYS) whose reads
+        name a damaged chunk in one line."""
+        return StoreArray(self.group[name], name, self.url)
+
     @property
-    def features(self) -> zarr.Array:
-        return self.group["crops/features"]
+    def features(self) -> StoreArray:
+        return self.array("crops/features")
 
     @property
     def boxes(self) -> np.ndarray:
-        return self.group["crops/boxes"][:]
+        return StoreArray(self.group["crops/boxes"], "crops/boxes", self.url)[:]
 
     @property
-    def pixels(self) -> zarr.Array:
-        return self.group["images/pixels"]
+    def pixels(self) -> StoreArray:
+        return self.array("images/pixels")
 
     def paths(self) -> np.ndarray:
-        return self.group["images/path"][:]
+        return self.array("images/path")[:]
 
     def status(self) -> np.ndarray:
-        return self.group["images/status"][:]
+        return self.array("images/status")[:]
 
     def errors(self) -> np.ndarray:
-        return self.group["images/error"][:]
+        return self.array("images/error")[:]
 
     def sizes(self) -> np.ndarray:
-        return self.group["images/size"][:]
+        return self.array("images/size")[:]
 
     def pending_chunks(self) -> list[int]:
         """Chunks not yet complete. A chunk's status is written last and all at once, so one
@@ -292,21 +441,24 @@ class FeatureStore:
             raise ValueError(f"chunk {chunk}: features {features.shape}, want {(n, self.n_crops, self.dim)}")
         if (np.asarray(status) == Status.PENDING).any():
             raise ValueError(f"chunk {chunk}: every image must end ok or failed")
-        self.group["crops/features"][sl] = features.astype(np.float16)
+        writes = [("crops/features", features.astype(np.float16))]
         if self.has_pixels and pixels is not None:
-            self.group["images/pixels"][sl] = pixels
-        self.group["images/size"][sl] = sizes
-        self.group["images/error"][sl] = np.asarray(errors, dtype=str)
-        self.group["images/status"][sl] = np.asarray(status, dtype=np.uint8)
+            writes.append(("images/pixels", pixels))
+        writes += [("images/size", sizes), ("images/error", np.asarray(errors, dtype=str)),
+                   ("images/status", np.asarray(status, dtype=np.uint8))]  # status last: see above
+        for name, data in writes:
+            try:
+                self.group[name][sl] = data
+            except OSError as e:  # disk full, permissions, a vanished mount: stop, name it
+                raise StoreWriteError(
+                    f"{self.url}: writing {name} of chunk {chunk} (images {sl.start}-{sl.stop - 1}) failed: "
+                    f"{e.strerror or e}; the chunk stays pending: free the space and re-run the same command"
+                ) from None
 
     def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
-        sl = self.chunk_slice(chunk)
-        out = {
-            "features": self.group["crops/features"][sl],
-            "status": self.group["images/status"][sl],
-        }
+        out = {"features": self.features.read_chunk(chunk), "status": self.array("images/status").read_chunk(chunk)}
         if self.has_pixels:
-            out["pixels"] = self.group["images/pixels"][sl]
+            out["pixels"] = self.pixels.read_chunk(chunk)
         return out
 
     # ---- text vocabularies -------------------------------------------------------------

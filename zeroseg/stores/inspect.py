@@ -1,20 +1,29 @@
-"""`zeroseg store info|verify`: what a feature store holds, and whether it is sound.
+"""`zeroseg store info|verify [--repair]`: what a feature store holds, and whether it is sound.
 
-Both read the features out of core: Dask over the store's own chunks (whole images each), so a
-store bigger than memory is checked chunk by chunk.
+`verify` reads every chunk of every per-image array, one store chunk (whole images) at a time, so
+a store bigger than memory is checked out of core. A chunk that cannot be read back (a checksum
+mismatch, a truncated file) is named; `--repair` marks such chunks pending, so that re-running
+`extract` redoes exactly them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
-import dask
-import dask.array as da
 import fsspec
 import numpy as np
 
-from zeroseg.stores.features import FeatureStore, Status, grid_boxes
+from zeroseg.stores.features import (
+    PER_IMAGE_ARRAYS,
+    DamagedChunkError,
+    FeatureStore,
+    Status,
+    StoreArray,
+    grid_boxes,
+)
+from zeroseg.stores.lock import StoreLock
 
 
 def _disk_bytes(url: str, sub: str = "") -> int:
@@ -65,23 +74,71 @@ def grid_levels(grids) -> list[tuple[int, slice]]:
     return out
 
 
-def verify_store(url: str) -> tuple[dict[str, Any], list[str]]:
-    """Check every image's features against its status. Returns (feature norms per grid level
-    over ok images, problems); no problems means the store is complete and sound."""
-    store = FeatureStore.open(url)
-    status, errors, sizes, paths = store.status(), store.errors(), store.sizes(), store.paths()
-    f = da.from_zarr(store.features)  # (N, C, D) float16, one Dask chunk per store chunk
-    finite = da.isfinite(f).all(axis=2)  # (N, C)
-    zero_row = (f == 0).all(axis=2)  # (N, C)
-    norms = da.sqrt((f.astype(np.float32) ** 2).sum(axis=2))  # (N, C)
-    levels = grid_levels(store.config.grids)
-    per_level = [(norms[:, sl].min(axis=1), norms[:, sl].mean(axis=1), norms[:, sl].max(axis=1)) for _, sl in levels]
-    nonfinite, any_zero, all_zero, per_level = dask.compute(
-        ~finite.all(axis=1), zero_row.any(axis=1), zero_row.all(axis=1), per_level
-    )
+@dataclass
+class Damage:
+    array: str
+    chunk: int
+    rows: slice  # the images of the chunk
+    message: str  # DamagedChunkError's line
 
-    ok, failed, pending = status == Status.OK, status == Status.FAILED, status == Status.PENDING
-    problems: list[str] = []
+    @property
+    def where(self) -> str:
+        return f"{self.array} chunk {self.chunk} (images {self.rows.start}-{self.rows.stop - 1})"
+
+
+def _read_chunked(arr: StoreArray, fill, damage: list[Damage]) -> np.ndarray:
+    """The whole (small) array, chunk by chunk; a damaged chunk's rows hold `fill` and are noted."""
+    out = np.full(arr.shape, fill, dtype=arr.dtype if arr.dtype.kind in "fiub" else object)
+    for chunk in range(-(-arr.shape[0] // arr.chunks[0])):
+        try:
+            out[arr.chunk_rows(chunk)] = arr.read_chunk(chunk)
+        except DamagedChunkError as e:
+            damage.append(Damage(arr.name, chunk, arr.chunk_rows(chunk), str(e)))
+    return out
+
+
+def verify_store(url: str) -> tuple[dict[str, Any], list[str], list[Damage]]:
+    """Read every chunk of every per-image array and check each image's features against its
+    status. Returns (feature norms per grid level over ok images, problems, damaged chunks); no
+    problems means the store is complete and sound. Rows of a damaged chunk are left out of the
+    other checks (the damage is the problem there)."""
+    store = FeatureStore.open(url)
+    damage: list[Damage] = []
+    status = _read_chunked(store.array("images/status"), 255, damage)
+    errors = _read_chunked(store.array("images/error"), "", damage)
+    sizes = _read_chunked(store.array("images/size"), 0, damage)
+    paths = _read_chunked(store.array("images/path"), "?", damage)
+    if store.has_pixels:
+        for chunk in range(store.n_chunks):  # read to check, not kept
+            try:
+                store.pixels.read_chunk(chunk)
+            except DamagedChunkError as e:
+                damage.append(Damage("images/pixels", chunk, store.chunk_slice(chunk), str(e)))
+    levels = grid_levels(store.config.grids)
+    n = len(status)
+    readable = np.ones(n, bool)
+    nonfinite, any_zero, all_zero = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+    per_level = np.zeros((len(levels), 3, n), np.float32)  # (level, min/mean/max, image)
+    for chunk in range(store.n_chunks):
+        sl = store.chunk_slice(chunk)
+        try:
+            f = store.features.read_chunk(chunk)  # (b, C, D) float16
+        except DamagedChunkError as e:
+            damage.append(Damage("crops/features", chunk, sl, str(e)))
+            readable[sl] = False
+            continue
+        zero_row = (f == 0).all(axis=2)
+        nonfinite[sl], any_zero[sl], all_zero[sl] = ~np.isfinite(f).all(axis=(1, 2)), zero_row.any(1), zero_row.all(1)
+        norms = np.sqrt((f.astype(np.float32) ** 2).sum(axis=2))  # (b, C)
+        for j, (_, crops) in enumerate(levels):
+            per_level[j, :, sl] = norms[:, crops].min(1), norms[:, crops].mean(1), norms[:, crops].max(1)
+    for d in damage:  # rows of a damaged chunk in any array
+        readable[d.rows] = False
+
+    ok = (status == Status.OK) & readable
+    failed = (status == Status.FAILED) & readable
+    pending = (status == Status.PENDING) & readable
+    problems: list[str] = [d.message for d in sorted(damage, key=lambda d: (d.chunk, d.array))]
 
     def check(bad: np.ndarray, what: str) -> None:
         if bad.any():
@@ -96,15 +153,36 @@ def verify_store(url: str) -> tuple[dict[str, Any], list[str]]:
     check(failed & (errors == ""), "failed images without a reason in images/error")
     check(ok & (errors != ""), "ok images with a reason in images/error")
     check(ok & (sizes.min(axis=1) <= 0), "ok images without an original size")
-    if not np.allclose(store.boxes, grid_boxes(store.config.grids)):
-        problems.append(f"crops/boxes do not match grids {store.config.grids}")
+    try:
+        if not np.allclose(store.boxes, grid_boxes(store.config.grids)):
+            problems.append(f"crops/boxes do not match grids {store.config.grids}")
+    except DamagedChunkError as e:
+        damage.append(Damage("crops/boxes", 0, slice(0, 0), str(e)))
+        problems.append(str(e))
 
     norms_report = {}
     for (g, _), (lo, mean, hi) in zip(levels, per_level):
         if ok.any():
             norms_report[f"{g}x{g}"] = {"min": float(lo[ok].min()), "mean": float(mean[ok].mean()),
                                         "max": float(hi[ok].max())}
-    return {"images": len(status), "ok": int(ok.sum()), "norms": norms_report}, problems
+    return {"images": n, "ok": int(ok.sum()), "norms": norms_report}, problems, damage
+
+
+def repair_store(url: str, damage: list[Damage]) -> tuple[list[int], list[str]]:
+    """Mark every chunk with damaged per-image data pending (its status rows rewritten whole), so
+    that re-running `extract` redoes it; rewrite damaged crop boxes from the grids. Returns (the
+    chunks marked pending, what cannot be repaired here). Holds the store's lock meanwhile."""
+    cannot = [f"{d.where} cannot be repaired: it is the store's own list of images; extract into a new STORE"
+              for d in damage if d.array == "images/path"]
+    redo = sorted({d.chunk for d in damage if d.array in PER_IMAGE_ARRAYS and d.array != "images/path"})
+    with StoreLock(url):
+        store = FeatureStore.open(url, mode="r+")
+        for chunk in redo:
+            sl = store.chunk_slice(chunk)
+            store.group["images/status"][sl] = np.full(sl.stop - sl.start, Status.PENDING, np.uint8)
+        if any(d.array == "crops/boxes" for d in damage):
+            store.group["crops/boxes"][:] = grid_boxes(store.config.grids)
+    return redo, cannot
 
 
 def _mb(n: int | None) -> str:
