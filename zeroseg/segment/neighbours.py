@@ -25,6 +25,7 @@ from zeroseg.stores.index import (
     NeighbourIndex,
     KINDS,
     NeighbourIndexError,
+    check_complete,
     decode_ids,
     encode_ids,
     index_spec,
@@ -156,6 +157,7 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
     if config.kind not in KINDS:
         raise UserError(f"unknown index kind {config.kind!r} (one of {', '.join(KINDS)})")
     store = FeatureStore.open(store_url)
+    check_complete(store)
     if config.source == "crops":
         if config.checkpoint:
             raise UserError("--checkpoint is for --source segments; crops come from the store")
@@ -247,7 +249,11 @@ def open_for_query(index_dir: str | Path, store_url: str | None) -> tuple[Neighb
     except StoreError as e:
         hint = "" if store_url else " (the store recorded in the index; pass --store)"
         raise NeighbourIndexError(f"{e}{hint}")
-    index.check_store(store)
+    # A changed store is a warning, not a refusal: the index still answers from its own vectors,
+    # and only the rows now pending (not vouched for by the store) may be out of date.
+    changed = index.check_store(store)
+    if changed:
+        Console(stderr=True).print(changed, markup=False, highlight=False, soft_wrap=True)
     return index, store
 
 

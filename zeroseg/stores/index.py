@@ -133,12 +133,16 @@ def decode_ids(ids: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
 
 def store_fingerprint(store: FeatureStore) -> dict[str, Any]:
     """The store's identity plus a hash of its image paths: tells two stores apart even when
-    they share a teacher and a size, and still matches a store that was moved."""
+    they share a teacher and a size, and still matches a store that was moved. `status_sha256`
+    (a hash of every image's status) tells whether the store changed since: chunks marked
+    pending by `store verify --repair`, or redone. A chunk is only ever rewritten bit-identical
+    (extract refuses a resume that would not be), so status is all that can change."""
     h = hashlib.sha256()
     for p in store.paths():
         h.update(str(p).encode())
         h.update(b"\0")
-    fp = {**store.identity(), "paths_sha256": h.hexdigest()}
+    fp = {**store.identity(), "paths_sha256": h.hexdigest(),
+          "status_sha256": hashlib.sha256(store.status().tobytes()).hexdigest()}
     if "://" not in fp["url"]:  # a local path: absolute, so a query from another folder finds it
         fp["url"] = os.path.abspath(fp["url"])
     return json.loads(json.dumps(fp))  # tuples -> lists: equal to itself after a save and load
@@ -158,6 +162,25 @@ def _store_mismatches(built: dict[str, Any], given: dict[str, Any]) -> list[str]
         ("image paths", built["paths_sha256"][:12], given["paths_sha256"][:12]),
     ]
     return [f"{name} {a} vs {b}" for name, a, b in pairs if a != b]
+
+
+def check_complete(store: FeatureStore) -> None:
+    """Refuse to index a store with pending chunks: the index would miss their images for good."""
+    pending = store.pending_chunks()
+    if pending:
+        raise NeighbourIndexError(
+            f"{store.url} has {len(pending)} pending chunks (e.g. {pending[0]}): finish it with the same "
+            "`zeroseg extract` command first, then build the index"
+        )
+
+
+def store_changed(built: dict[str, Any], given: dict[str, Any]) -> str | None:
+    """A one-line warning when the store's image status changed since the index was built
+    (None when not, or when the index predates the record)."""
+    if "status_sha256" not in built or built["status_sha256"] == given["status_sha256"]:
+        return None
+    return (f"warning: store {given['url']} changed since the index was built (image status differs: "
+            "chunks were marked pending or redone); rebuild it with `zeroseg index build`")
 
 
 @dataclass
@@ -270,8 +293,9 @@ class NeighbourIndex:
 
     # ---- provenance checks ---------------------------------------------------------------
 
-    def check_store(self, store: FeatureStore) -> None:
-        """Refuse a store other than the one the index was built from, naming both sides."""
+    def check_store(self, store: FeatureStore) -> str | None:
+        """Refuse a store other than the one the index was built from, naming both sides; the
+        same store changed since the build gives a warning line (see store_changed)."""
         given = store_fingerprint(store)
         problems = _store_mismatches(self.meta.store, given)
         if problems:
@@ -279,6 +303,7 @@ class NeighbourIndex:
                 f"index was built from store {_store_label(self.meta.store)}, "
                 f"given {_store_label(given)}: " + "; ".join(problems)
             )
+        return store_changed(self.meta.store, given)
 
     def check_checkpoint(self, path: str, sha256: str) -> None:
         built = self.meta.checkpoint
