@@ -297,40 +297,44 @@ class FeatureStore:
         if state == "store":
             raise StoreError(f"{url} already holds a store; open it instead of creating one")
         fs, root = _fs_root(url)
-        if state == "unfinished":
-            # Everything here but the lock was written by our interrupted create (check_location
-            # refuses a marker beside anything else): remove what it made, keep the marker.
-            for name in sorted(OUR_ENTRIES - {CREATING_MARKER}):
-                if fs.exists(f"{root}/{name}"):
-                    fs.rm(f"{root}/{name}", recursive=True)
-        else:
-            fs.makedirs(root, exist_ok=True)
-            fs.pipe(f"{root}/{CREATING_MARKER}", json.dumps({"zeroseg_version": zeroseg.__version__}).encode())
-        store = _zarr_store(url, read_only=False)
-        group = zarr.create_group(store, zarr_format=3)
-        n, c, b, s = len(paths), config.n_crops, config.chunk_images, config.view_size
-        d = config.teacher.embed_dim
-        group.create_array(
-            "crops/features", shape=(n, c, d), chunks=(b, c, d), dtype="float16",
-            compressors=COMPRESSED, fill_value=0,
-        )
-        group.create_array("crops/boxes", data=grid_boxes(config.grids), compressors=CHECKED)
-        group.create_array("images/path", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
-        group["images/path"][:] = np.asarray(paths, dtype=str)
-        group.create_array("images/status", shape=(n,), chunks=(b,), dtype="uint8", fill_value=0,
-                           compressors=CHECKED)
-        group.create_array("images/error", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
-        group.create_array("images/size", shape=(n, 2), chunks=(b, 2), dtype="int32", fill_value=0,
-                           compressors=CHECKED)
-        if config.pixels:
+        try:
+            if state == "unfinished":
+                # Everything here but the lock was written by our interrupted create (check_location
+                # refuses a marker beside anything else): remove what it made, keep the marker.
+                for name in sorted(OUR_ENTRIES - {CREATING_MARKER}):
+                    if fs.exists(f"{root}/{name}"):
+                        fs.rm(f"{root}/{name}", recursive=True)
+            else:
+                fs.makedirs(root, exist_ok=True)
+                fs.pipe(f"{root}/{CREATING_MARKER}", json.dumps({"zeroseg_version": zeroseg.__version__}).encode())
+            store = _zarr_store(url, read_only=False)
+            group = zarr.create_group(store, zarr_format=3)
+            n, c, b, s = len(paths), config.n_crops, config.chunk_images, config.view_size
+            d = config.teacher.embed_dim
             group.create_array(
-                "images/pixels", shape=(n, s, s, 3), chunks=(b, s, s, 3), dtype="uint8",
+                "crops/features", shape=(n, c, d), chunks=(b, c, d), dtype="float16",
                 compressors=COMPRESSED, fill_value=0,
             )
-        # One metadata write (attrs.update would write once per key: a reader could see half),
-        # then the marker goes: from here on the folder is a store.
-        group.update_attributes({**config.to_attrs(), "extract": extract or {}})
-        fs.rm(f"{root}/{CREATING_MARKER}")
+            group.create_array("crops/boxes", data=grid_boxes(config.grids), compressors=CHECKED)
+            group.create_array("images/path", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
+            group["images/path"][:] = np.asarray(paths, dtype=str)
+            group.create_array("images/status", shape=(n,), chunks=(b,), dtype="uint8", fill_value=0,
+                               compressors=CHECKED)
+            group.create_array("images/error", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
+            group.create_array("images/size", shape=(n, 2), chunks=(b, 2), dtype="int32", fill_value=0,
+                               compressors=CHECKED)
+            if config.pixels:
+                group.create_array(
+                    "images/pixels", shape=(n, s, s, 3), chunks=(b, s, s, 3), dtype="uint8",
+                    compressors=COMPRESSED, fill_value=0,
+                )
+            # One metadata write (attrs.update would write once per key: a reader could see half),
+            # then the marker goes: from here on the folder is a store.
+            group.update_attributes({**config.to_attrs(), "extract": extract or {}})
+            fs.rm(f"{root}/{CREATING_MARKER}")
+        except OSError as e:  # disk full, permissions: the marker (if written) makes a re-run redo it
+            raise StoreWriteError(f"{url}: creating the store failed: {e.strerror or e}; "
+                                  "free the space and re-run the same command") from None
         return cls(group, url)
 
     @classmethod
