@@ -28,21 +28,15 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_then_rerun_gives_a_bit_identical_store(tmp_path, workers):
-    write_good(tmp_path / "imgs", 40, size=48)
-    whole, killed = tmp_path / "whole.zarr", tmp_path / "killed.zarr"
-    assert run(extract_command(tmp_path / "imgs", whole, workers)).returncode == 0
-
+def kill_mid_job(cmd: list[str], store: Path) -> None:
+    """Start the extract job and SIGKILL its driver once a first chunk is written."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
-    job = subprocess.Popen(extract_command(tmp_path / "imgs", killed, workers), env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and job.poll() is None:
             try:
-                if (FeatureStore.open(str(killed)).status() != Status.PENDING).any():
+                if (FeatureStore.open(str(store)).status() != Status.PENDING).any():
                     break
             except StoreError:  # not created yet
                 pass
@@ -58,6 +52,16 @@ def test_sigkill_then_rerun_gives_a_bit_identical_store(tmp_path, workers):
         os.killpg(job.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_rerun_gives_a_bit_identical_store(tmp_path, workers):
+    write_good(tmp_path / "imgs", 40, size=48)
+    whole, killed = tmp_path / "whole.zarr", tmp_path / "killed.zarr"
+    assert run(extract_command(tmp_path / "imgs", whole, workers)).returncode == 0
+
+    kill_mid_job(extract_command(tmp_path / "imgs", killed, workers), killed)
     pending = FeatureStore.open(str(killed)).pending_chunks()
     assert 0 < len(pending) < 10, "the kill must land mid-job"
 
@@ -68,4 +72,33 @@ def test_sigkill_then_rerun_gives_a_bit_identical_store(tmp_path, workers):
     # before they notice: they stop writing once the new job holds the lock).
     todo = int(re.search(r"(\d+) to do in", again.stderr).group(1))
     assert todo <= len(pending) * 4 and f"{todo} this run" in again.stderr
+    assert_same_store(str(whole), str(killed))
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_worker_count_is_refused_then_a_plain_resume_is_identical(tmp_path):
+    """Killed with 2 workers (1 torch thread each on 2 CPUs); --workers 1 would run 2 threads and
+    change the last bits: refused, nothing written. Without --workers the job keeps 1 thread each."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 CPUs for 2 workers of 1 thread")
+    write_good(tmp_path / "imgs", 40, size=48)
+    whole, killed = tmp_path / "whole.zarr", tmp_path / "killed.zarr"
+    assert run(extract_command(tmp_path / "imgs", whole, 2)).returncode == 0
+    kill_mid_job(extract_command(tmp_path / "imgs", killed, 2), killed)
+    pending = FeatureStore.open(str(killed)).pending_chunks()
+    assert 0 < len(pending) < 10, "the kill must land mid-job"
+
+    refused = run(extract_command(tmp_path / "imgs", killed, 1))
+    assert refused.returncode == 2, refused.stderr
+    line = " ".join(refused.stderr.split())
+    assert "was made with 1 torch thread per worker on cpu" in line and "2 threads per worker" in line
+    assert "--workers 2" in line and "Traceback" not in line
+    # The refused job wrote nothing (the killed driver's own Ray workers may still finish a
+    # chunk or two meanwhile, with the store's own threads: they stop once a new job holds the lock).
+    assert "to do in" not in refused.stderr
+
+    plain = extract_command(tmp_path / "imgs", killed, 2)
+    plain = plain[: plain.index("--workers")]
+    again = run(plain)
+    assert again.returncode == 0, again.stderr
     assert_same_store(str(whole), str(killed))

@@ -264,8 +264,8 @@ def open_existing(url: str, images: str, paths: list[str], config: ExtractConfig
     return store
 
 
-def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None, cluster: tuple[int, int] | None,
-                 notify) -> tuple[Compute, int]:
+def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None,
+                 cluster: tuple[int, int] | None) -> tuple[Compute, int]:
     """(how this run computes, how many workers): a new store's from the options and the machine,
     a resumed store's from its record. `cluster` is the Ray cluster's (CPUs, GPUs); None runs in
     this process. Threads per worker are never derived from the number of pending chunks."""
@@ -273,7 +273,7 @@ def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None, clus
     if cluster is None:  # in this process: the record's thread count, else this process's
         device = resolve_device(config.device)
         threads = recorded.threads_per_worker if recorded else torch.get_num_threads()
-        workers, hint = 1, "re-run without --workers"
+        workers, hint = 1, ""  # never differs: this process takes the recorded count
     else:
         cpus, gpus = cluster
         device = "cuda" if gpus else "cpu"
@@ -283,19 +283,21 @@ def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None, clus
         else:  # a plain resume: as many workers as give the recorded threads each
             threads = recorded.threads_per_worker
             workers = gpus or max(1, cpus // threads)
-        hint = (f"re-run with --workers {gpus or max(1, cpus // recorded.threads_per_worker)}"
-                if recorded else "")
+        fitting = gpus or max(1, cpus // recorded.threads_per_worker) if recorded else 0
+        hint = f"--workers {fitting}" if recorded and max(1, cpus // fitting) == recorded.threads_per_worker else "no --workers"
     run = Compute(device, PRECISION, threads, batch)
     if recorded is None:
         return run, workers
-    differs = [f"{name} {getattr(run, name)}" for name in Compute.KEYS if getattr(run, name) != getattr(recorded, name)]
+    phrase = {"device": f"device {run.device}", "precision": run.precision,
+              "threads_per_worker": f"{run.threads_per_worker} threads per worker", "batch": f"batch {run.batch}"}
+    fixes = {"device": f"--device {recorded.device}", "batch": f"--batch {recorded.batch} (or no --batch)",
+             "threads_per_worker": hint, "precision": f"precision {recorded.precision}"}
+    differs = [name for name in Compute.KEYS if getattr(run, name) != getattr(recorded, name)]
     if differs:
-        fixes = {"device": f"--device {recorded.device}", "batch": f"--batch {recorded.batch} (or no --batch)",
-                 "threads_per_worker": hint, "precision": f"precision {recorded.precision}"}
-        how = "; ".join(fixes[name.split()[0]] for name in differs if fixes[name.split()[0]])
+        how = " and ".join(fixes[name] for name in differs if fixes[name])
         raise UserError(f"{url} was made with {recorded.describe()}; this run would use "
-                        f"{', '.join(d.replace('threads_per_worker', 'threads per worker') for d in differs)}, "
-                        f"which changes the features' last bits: {how + ' or ' if how else ''}use a new STORE")
+                        f"{', '.join(phrase[name] for name in differs)}, which changes the features' last bits: "
+                        + (f"re-run with {how} or use a new STORE" if how else "use a new STORE"))
     return run, workers
 
 
@@ -341,7 +343,7 @@ def run_extract(
         if store and recorded is None:
             notify(f"note: {url} does not record its threads, device and precision (schema version 1): "
                    "the resumed chunks may differ in the last bits")
-        compute, n_workers = plan_compute(url, config, recorded, cluster, notify)
+        compute, n_workers = plan_compute(url, config, recorded, cluster)
         if store is None:
             options = {**dataclasses.asdict(config), "grids": list(config.grids),
                        "chunk_images": config.chunk_images or DEFAULT_CHUNK_IMAGES, "pixels": bool(config.pixels),
