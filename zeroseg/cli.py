@@ -216,7 +216,7 @@ def query(
     text: str = typer.Option(None, help="query text, embedded by the store's teacher"),
     store: str = typer.Option(None, help="the feature store (default: the one the index records)"),
     checkpoint: str = typer.Option(None, help="the student (default: the one the index records)"),
-    k: int = typer.Option(10, "--k", help="neighbours to return"),
+    k: int = typer.Option(10, "--k", help="neighbours to return; a crop or token query is shown apart, not counted"),
     out: Path = typer.Option(None, "--out", help="contact sheet PNG to write"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
