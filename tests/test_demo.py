@@ -116,3 +116,107 @@ def test_a_student_is_refused_with_another_teachers_vocabulary(demo, tmp_path, t
                                       "--vocab", "scenes", "--out", str(tmp_path)])
     assert isinstance(result.exception, StoreError) and "trained on features of zeroseg-toy" in str(result.exception)
     assert not list(tmp_path.glob("*_mask.png"))
+
+
+def test_the_demo_stores_each_students_calibrated_threshold_in_its_run(demo):
+    """...and `eval` of the demo's student without --bg-threshold uses it (it used 0.95)."""
+    out, summary = demo
+    for name in ("student", "no-match"):
+        stored = json.loads((Path(summary["runs"][name]) / "calibration.json").read_text())
+        assert stored["threshold"] == summary["results"][name]["bg_threshold"]
+        assert stored["vocab"] == "scenes" and stored["train_miou"] == summary["results"][name]["train_miou"]
+        assert Path(stored["dataset"]) == out / "scenes" / "train"
+
+    # a plain `eval` of the demo's student (no threshold given) scores what the demo reported
+    result = CliRunner().invoke(app, ["eval", summary["runs"]["student"], str(out / "scenes" / "heldout"),
+                                      "--store", summary["store"], "--vocab", "scenes", "--out", str(out / "plain-eval")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "plain-eval" / "eval_student.json").read_text())
+    assert report["bg_threshold"] == summary["results"]["student"]["bg_threshold"]
+    assert report["miou"] == summary["results"]["student"]["miou"]
+    assert report["bg_threshold_source"].startswith("calibrated on ")
+
+
+def test_eval_and_segment_use_the_runs_stored_threshold_and_say_so(demo, tmp_path):
+    """`eval --calibrate-on` stores the threshold in the run; a plain `eval` or `segment` of that
+    run uses it and names it; an explicit --bg-threshold wins and says so."""
+    out, summary = demo
+    run = tmp_path / "run"
+    shutil.copytree(summary["runs"]["student"], run)
+    (run / "calibration.json").unlink(missing_ok=True)  # only what this test's eval stores
+    train, heldout = out / "scenes" / "train", out / "scenes" / "heldout"
+    common = ["--store", summary["store"], "--vocab", "scenes"]
+
+    def eval_(*args):
+        result = CliRunner().invoke(app, ["eval", str(run), str(heldout), *common, "--limit", "8",
+                                          "--out", str(tmp_path / "eval"), *args])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / "eval" / "eval_student.json").read_text()), " ".join(result.output.split())
+
+    calibrated, said = eval_("--calibrate-on", str(train))
+    t = calibrated["bg_threshold"]
+    stored = json.loads((run / "calibration.json").read_text())
+    assert stored["threshold"] == t and stored["vocab"] == "scenes" and stored["dataset"] == str(train)
+    where = f"calibrated on {train}, stored in {run / 'calibration.json'}"
+    assert f"bg threshold {t:g} ({where})" in said
+
+    plain, said = eval_()
+    assert plain["bg_threshold"] == t and plain["miou"] == calibrated["miou"]
+    assert plain["bg_threshold_source"] == where and f"bg threshold {t:g} ({where})" in said
+
+    given, said = eval_("--bg-threshold", "0.5")
+    assert given["bg_threshold"] == 0.5 and "bg threshold 0.5 (given by --bg-threshold)" in said
+
+    image = heldout / "images" / "heldout_000000.png"
+
+    def segment(folder, *args):
+        result = CliRunner().invoke(app, ["segment", str(run), str(image), *common, "--out", str(folder), *args])
+        assert result.exit_code == 0, result.output
+        return np.asarray(Image.open(folder / "heldout_000000_mask.png")), " ".join(result.output.split())
+
+    remembered, said = segment(tmp_path / "a")
+    assert f"bg threshold {t:g} ({where})" in said
+    explicit, said = segment(tmp_path / "b", "--bg-threshold", str(t))
+    assert f"bg threshold {t:g} (given by --bg-threshold)" in said
+    np.testing.assert_array_equal(remembered, explicit)
+
+
+def test_a_threshold_stored_for_another_vocabulary_or_weights_is_not_used(demo, tmp_path):
+    """A run calibrated with the store's `scenes` vocabulary, segmenting with another one (or
+    with other weights, or a damaged file): the stored threshold is left out, with the reason
+    printed, and the paper's value is used."""
+    from zeroseg.segment.text import cache_vocabulary
+
+    out, summary = demo
+    run = tmp_path / "run"
+    shutil.copytree(summary["runs"]["student"], run)
+    CliRunner().invoke(app, ["eval", str(run), str(out / "scenes" / "heldout"), "--store", summary["store"],
+                             "--vocab", "scenes", "--calibrate-on", str(out / "scenes" / "train"), "--limit", "4",
+                             "--out", str(tmp_path / "eval")])
+    assert (run / "calibration.json").is_file()
+    store = str(tmp_path / "store.zarr")
+    shutil.copytree(summary["store"], store)
+    cache_vocabulary(store, "two", ["red circle", "blue square"])
+    image = out / "scenes" / "heldout" / "images" / "heldout_000000.png"
+    result = CliRunner().invoke(app, ["segment", str(run), str(image), "--store", store, "--vocab", "two",
+                                      "--out", str(tmp_path / "seg")])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "bg threshold 0.95 (the paper's VOC value;" in said
+    assert f"{run / 'calibration.json'} not used: calibrated with vocabulary scenes, not two" in said
+
+    def segment_said() -> str:
+        result = CliRunner().invoke(app, ["segment", str(run), str(image), "--store", summary["store"],
+                                          "--vocab", "scenes", "--out", str(tmp_path / "seg")])
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    # calibrated for other weights (the run trained on since): not used either
+    stored = json.loads((run / "calibration.json").read_text())
+    assert "stored in" in segment_said()
+    stored["checkpoint"]["sha256"] = "0" * 64
+    (run / "calibration.json").write_text(json.dumps(stored))
+    assert "not used: calibrated for other weights (step 3, 000000000000), these are step 3 (" in segment_said()
+    (run / "calibration.json").write_text('{"threshold": 0.')  # cut short
+    said = segment_said()
+    assert "bg threshold 0.95 (the paper's VOC value;" in said and "not used: unreadable" in said

@@ -101,14 +101,36 @@ def test_exact_search_finds_planted_neighbour(tmp_path):
     assert (meta.kind, meta.stride, meta.count) == ("flat", 5, 19 * 5)  # the failed image is left out
 
     result = query_index(tmp_path / "ix", image=2, crop=1, k=4)
-    assert result.neighbours[0].rank == 0 and (result.neighbours[0].image, result.neighbours[0].sub) == (2, 1)
-    best = result.neighbours[1]
+    assert result.itself.rank == 0 and (result.itself.image, result.itself.sub) == (2, 1)
+    best = result.neighbours[0]
     assert (best.image, best.sub, best.path) == (13, 4, "img13.png")
     assert best.score == pytest.approx(1.0, abs=1e-3)
     np.testing.assert_allclose(best.box, [0.5, 0.5, 1.0, 1.0])  # crop 4: bottom-right of the 2x2 grid
-    assert len(result.neighbours) == 5 and all(n.image != 5 for n in result.neighbours)
-    scores = [n.score for n in result.neighbours[1:]]
+    assert len(result.neighbours) == 4 and all(n.image != 5 for n in result.neighbours)
+    scores = [n.score for n in result.neighbours]
     assert scores == sorted(scores, reverse=True)
+
+
+def query_json(monkeypatch, capsys, *args) -> dict:
+    code, out, err = run_cli(monkeypatch, capsys, "query", *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_k_neighbours_of_a_crop_the_query_shown_apart_and_not_counted(tmp_path, monkeypatch, capsys):
+    make_store(tmp_path / "s")
+    build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig())
+    report = query_json(monkeypatch, capsys, tmp_path / "ix", "--image", 2, "--crop", 1, "--k", 3)
+    assert len(report["neighbours"]) == 3 and [n["rank"] for n in report["neighbours"]] == [1, 2, 3]
+    assert all((n["image"], n["sub"]) != (2, 1) for n in report["neighbours"])
+    assert report["query_counted"] is False and "not counted" in report["note"]
+    assert (report["itself"]["image"], report["itself"]["sub"], report["itself"]["rank"]) == (2, 1, 0)
+
+    code, out, err = run_cli(monkeypatch, capsys, "query", tmp_path / "ix", "--image", 2, "--crop", 1, "--k", 3)
+    assert code == 0, err
+    rows = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") >= 5]
+    assert rows == ["query", "1", "2", "3"]  # the query, then exactly k neighbours
+    assert "not counted" in " ".join(out.split())
 
 
 def test_grids_subset_indexes_only_those_crops(tmp_path):
@@ -116,7 +138,7 @@ def test_grids_subset_indexes_only_those_crops(tmp_path):
     meta = build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(grids=(2,)))
     assert meta.count == 20 * 4 and meta.grids == [2]
     result = query_index(tmp_path / "ix", image=0, crop=0, k=30)
-    assert {n.sub for n in result.neighbours[1:]} <= {1, 2, 3, 4}
+    assert {n.sub for n in result.neighbours} <= {1, 2, 3, 4}
     with pytest.raises(Exception, match="not 3"):
         build_index(str(tmp_path / "s"), tmp_path / "ix2", BuildConfig(grids=(3,)))
 
@@ -210,7 +232,7 @@ def test_missing_or_corrupt_index_is_one_line(tmp_path, monkeypatch, capsys):
     args = ["query", tmp_path / "ix", "--image", 0, "--crop", 0]
 
     code, out, _ = run_cli(monkeypatch, capsys, *args, "--json")
-    assert code == 0 and len(json.loads(out)["neighbours"]) == 11
+    assert code == 0 and len(json.loads(out)["neighbours"]) == 10  # --k's default
 
     (tmp_path / "ix" / INDEX_FILE).write_bytes(b"not a faiss index")
     code, _, err = run_cli(monkeypatch, capsys, *args)
@@ -266,7 +288,7 @@ def test_contact_sheet_decodes_paths_without_pixels(tmp_path):
         image_view(store, 7, 32)
 
 
-def test_text_query_finds_planted_crops(tmp_path, tiny_teacher):
+def test_text_query_finds_planted_crops(tmp_path, tiny_teacher, monkeypatch, capsys):
     info = tiny_teacher.info
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((12, 5, info.embed_dim)).astype(np.float32)
@@ -279,11 +301,16 @@ def test_text_query_finds_planted_crops(tmp_path, tiny_teacher):
     build_index(str(tmp_path / "t"), tmp_path / "ix", BuildConfig())
 
     result = query_index(tmp_path / "ix", text="red circle", k=5, sheet=tmp_path / "t.png")
-    assert result.query == {"text": "red circle"}
+    assert result.query == {"text": "red circle"} and result.itself is None
     assert {(n.image, n.sub) for n in result.neighbours[:3]} == set(planted)
     assert [n.rank for n in result.neighbours] == [1, 2, 3, 4, 5]
     with Image.open(result.sheet) as im:
         assert im.size == sheet_size(6)  # the text tile and 5 neighbours
+
+    # --k 3: three neighbours, and the report says a text has no vector of its own to count
+    report = query_json(monkeypatch, capsys, tmp_path / "ix", "--text", "red circle", "--k", 3)
+    assert len(report["neighbours"]) == 3 and report["itself"] is None
+    assert report["query_counted"] is False and "text" in report["note"]
 
 
 @pytest.fixture(scope="module")
@@ -328,11 +355,17 @@ def test_segments_index_maps_back_to_tokens(tiny_student, tmp_path, monkeypatch,
 
     sheet = tmp_path / "seg.png"
     result = query_index(tmp_path / "ix", image=image, token=token, k=5, sheet=sheet)
-    assert (result.neighbours[0].image, result.neighbours[0].sub) == (image, token)
-    assert all((assignment[n.image] == n.sub).any() for n in result.neighbours)  # never an empty token
+    assert (result.itself.image, result.itself.sub) == (image, token)
+    assert len(result.neighbours) == 5 and (image, token) not in {(n.image, n.sub) for n in result.neighbours}
+    assert all((assignment[n.image] == n.sub).any() for n in result.rows())  # never an empty token
     with Image.open(sheet) as im:
         assert im.size == sheet_size(6)
         assert (np.asarray(im.convert("RGB")) == OUTLINE).all(axis=-1).sum() > 100  # masks outlined
+
+    report = query_json(monkeypatch, capsys, tmp_path / "ix", "--image", image, "--token", token, "--k", 3)
+    assert len(report["neighbours"]) == 3 and report["query_counted"] is False
+    assert (report["itself"]["image"], report["itself"]["sub"]) == (image, token)
+    assert all((n["image"], n["sub"]) != (image, token) for n in report["neighbours"])
 
     empty = [t for t in range(k_tokens) if not (assignment[0] == t).any()]
     if empty:

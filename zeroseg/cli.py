@@ -228,7 +228,7 @@ def query(
     text: str = typer.Option(None, help="query text, embedded by the store's teacher"),
     store: str = typer.Option(None, help="the feature store (default: the one the index records)"),
     checkpoint: str = typer.Option(None, help="the student (default: the one the index records)"),
-    k: int = typer.Option(10, "--k", help="neighbours to return"),
+    k: int = typer.Option(10, "--k", help="neighbours to return; a crop or token query is shown apart, not counted"),
     out: Path = typer.Option(None, "--out", help="contact sheet PNG to write"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
@@ -270,13 +270,15 @@ def segment(
     images: list[Path] = typer.Argument(..., help="images to segment"),
     store: str = typer.Option(..., "--store", help="feature store holding the vocabulary"),
     vocab: str = typer.Option(..., "--vocab", help="cached vocabulary name"),
-    bg_threshold: float = typer.Option(0.95, help="cosine below which a segment is background (paper: 0.95 VOC)"),
+    bg_threshold: float = typer.Option(None, help="cosine below which a segment is background (default: the run's calibrated one, else the paper's 0.95)"),
     out: Path = typer.Option(Path("segment-out"), "--out", help="folder for <stem>_mask.png and <stem>_overlay.png"),
 ) -> None:
     """Zero-shot masks: each segment token takes its nearest class name, or background."""
     from zeroseg.segment.evaluate import segment_images
 
-    for mask, overlay in segment_images(checkpoint, images, store, vocab, bg_threshold, out):
+    threshold, written = segment_images(checkpoint, images, store, vocab, bg_threshold, out)
+    err.print(str(threshold), markup=False, highlight=False, soft_wrap=True)
+    for mask, overlay in written:
         print(f"{mask}  {overlay}")
 
 
@@ -286,8 +288,8 @@ def eval_(
     dataset: Path = typer.Argument(None, help="a scenes folder (manifest.jsonl) or a VOC-style folder"),
     store: str = typer.Option(..., "--store", help="feature store holding the vocabulary"),
     vocab: str = typer.Option(..., "--vocab", help="cached vocabulary; its names must be dataset classes"),
-    bg_threshold: float = typer.Option(None, help="background threshold (default: calibrated, else 0.95)"),
-    calibrate_on: Path = typer.Option(None, help="labelled train split to choose the threshold on"),
+    bg_threshold: float = typer.Option(None, help="background threshold (default: the run's calibrated one, else the paper's 0.95)"),
+    calibrate_on: Path = typer.Option(None, help="labelled train split to choose the threshold on (stored in the run)"),
     method: str = typer.Option("student", help="student | grid (the teacher alone on a 4x4 grid) | ceiling (the teacher on the true segments: a bound)"),
     split: str = typer.Option("val", help="ImageSets/Segmentation/<split>.txt of a VOC folder"),
     limit: int = typer.Option(None, help="evaluate the first N images only"),
@@ -296,13 +298,16 @@ def eval_(
     """Per-class IoU and mIoU (background included, 255 ignored) on a labelled dataset."""
     import json
 
-    from zeroseg.segment.evaluate import run_eval
+    from zeroseg.segment.evaluate import Threshold, run_eval
 
     if dataset is None and method != "student":  # `zeroseg eval DATASET --method grid`
         checkpoint, dataset = None, checkpoint
     if dataset is None:
         raise UserError("give the dataset (and, for --method student, the checkpoint before it)")
+    if bg_threshold is not None and calibrate_on is not None:
+        raise UserError("give --bg-threshold or --calibrate-on, not both")
     report = run_eval(checkpoint, dataset, store, vocab, out, bg_threshold, calibrate_on, method, split, limit)
+    err.print(str(Threshold(report["bg_threshold"], report["bg_threshold_source"])), markup=False, highlight=False, soft_wrap=True)
     print(json.dumps(report, indent=2))
 
 

@@ -1,7 +1,8 @@
 """`zeroseg demo`: the whole ZeroSeg loop on the offline default, each stage reusing its output.
 
     scenes -> toy teacher -> feature store (extract) -> vocabulary (text) -> students (train)
-    -> background thresholds (calibrated on the train split) -> held-out mIoU (eval) -> overlays
+    -> background thresholds (calibrated on the train split, each student's stored in its run)
+    -> held-out mIoU (eval) -> overlays
 
 Three methods are compared on the same held-out split:
 - student:  trained from the cache with all three losses (distillation, segment matching, MAE);
@@ -36,7 +37,7 @@ from zeroseg.demo.toy_teacher import ToyTeacherConfig, ensure_toy_teacher
 from zeroseg.errors import UserError
 from zeroseg.segment import render
 from zeroseg.segment.datasets import load_dataset
-from zeroseg.segment.evaluate import evaluate, load_vocabulary, store_teacher
+from zeroseg.segment.evaluate import evaluate, load_vocabulary, save_calibration, store_teacher
 from zeroseg.segment.zeroshot import GridPredictor, StudentPredictor, TruthSegmentsPredictor, calibrate_threshold
 
 VOCAB = "scenes"
@@ -195,15 +196,16 @@ def run_demo(out: Path, preset: str = "default", console: Console | None = None)
     console.print(results_table(results, teacher_report))
     console.print(f"overlays: {', '.join(str(p) for p in overlays)}")
     console.print(f"results: {out / 'results.json'}   wall time {summary['wall_seconds']:.0f} s")
-    console.print(
-        f"segment your own: zeroseg segment {runs['student']} IMAGE... --store {store_url} --vocab {VOCAB} "
-        f"--bg-threshold {results['student']['bg_threshold']} --out DIR", soft_wrap=True,
+    console.print(  # the run remembers its calibrated threshold: segment uses it without --bg-threshold
+        f"segment your own: zeroseg segment {runs['student']} IMAGE... --store {store_url} --vocab {VOCAB} --out DIR",
+        soft_wrap=True, markup=False, highlight=False,
     )
     return summary
 
 
 def evaluate_all(cfg: DemoConfig, store_url: str, runs: dict[str, Path], folders: dict[str, Path], out: Path, console: Console) -> dict:
-    """Threshold on train scenes, mIoU on held-out ones, for the students and the grid baseline."""
+    """Threshold on train scenes, mIoU on held-out ones, for the students and the grid baseline;
+    each student's threshold is stored in its run, for `zeroseg eval` and `segment` to use."""
     from zeroseg.segment.evaluate import load_checked_student
 
     heldout = load_dataset(folders["heldout"])
@@ -217,6 +219,8 @@ def evaluate_all(cfg: DemoConfig, store_url: str, runs: dict[str, Path], folders
     for name, predictor in predictors.items():
         predictor.name = name
         threshold, train_miou = calibrate_threshold(predictor, train, len(train.classes))
+        if name in runs:
+            save_calibration(runs[name], threshold, train_miou, folders["train"], len(train), store, VOCAB, vocabulary)
         result = evaluate(predictor, heldout, threshold)
         report = {**result.to_dict(), "train_miou": round(train_miou, 4), "n_images": len(heldout)}
         results[name] = report

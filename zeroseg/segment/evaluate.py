@@ -3,6 +3,11 @@
 The vocabulary comes from the feature store (text/<vocab>), so no teacher is loaded, except by
 the grid baseline, which is the teacher alone. A checkpoint trained on one teacher's features is
 refused with a vocabulary embedded by another: the two would live in different spaces.
+
+The background threshold belongs to the student and the vocabulary (the similarity scale is the
+teacher's own), so a run remembers the one it was calibrated with: `eval --calibrate-on TRAIN`
+and the demo write RUN/calibration.json, and `eval` and `segment` of that run use it unless a
+threshold is given. Every result names its threshold's source.
 """
 
 from __future__ import annotations
@@ -28,8 +33,84 @@ from zeroseg.segment.zeroshot import (
     predict_dataset,
 )
 from zeroseg.stores.features import FeatureStore, StoreError
+from zeroseg.trainer.checkpoint import find_checkpoint, read_state, write_json
 
 DEFAULT_THRESHOLD = PAPER_THRESHOLDS["voc"]
+CALIBRATION_FILE = "calibration.json"  # in a run dir, beside its checkpoints
+
+
+# ---- the background threshold and where it came from -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    source: str  # in words, e.g. "given by --bg-threshold"
+
+    def __str__(self) -> str:
+        return f"bg threshold {self.value:g} ({self.source})"
+
+
+def _run_checkpoint(checkpoint: str | Path) -> tuple[Path, dict]:
+    """(the run dir, {"step", "sha256"} of the checkpoint that `checkpoint` names)."""
+    ckpt = find_checkpoint(checkpoint)
+    state = read_state(ckpt)
+    return ckpt.parent, {"step": state["step"], "sha256": state["sha256"]}
+
+
+def save_calibration(
+    checkpoint: str | Path, threshold: float, train_miou: float, dataset: str | Path, n_images: int,
+    store: FeatureStore, vocab: str, vocabulary: Vocabulary,
+) -> Path:
+    """Remember in the run the threshold calibrated for this checkpoint and vocabulary (atomic)."""
+    run_dir, weights = _run_checkpoint(checkpoint)
+    path = run_dir / CALIBRATION_FILE
+    write_json(path, {
+        "threshold": threshold, "train_miou": round(train_miou, 4), "dataset": str(dataset), "n_images": n_images,
+        "store": store.url, "vocab": vocab, "vocab_sha256": vocabulary.sha256(), "checkpoint": weights,
+    })
+    return path
+
+
+def _stored_threshold(checkpoint: str | Path, vocab: str, vocabulary: Vocabulary) -> Threshold | str:
+    """The run's calibrated threshold, or why there is none to use. One calibrated with another
+    vocabulary or other weights is not used: its scale may be another. A store copied elsewhere
+    with the same vocabulary (names and embeddings) keeps it: the scale is the same."""
+    run_dir, weights = _run_checkpoint(checkpoint)
+    path = run_dir / CALIBRATION_FILE
+    if not path.is_file():
+        return f"{run_dir} has no calibrated threshold: `zeroseg eval --calibrate-on TRAIN` stores one"
+    try:
+        stored = json.loads(path.read_text())
+        value, made_with, same_vocab = float(stored["threshold"]), stored["vocab"], stored["vocab_sha256"]
+        made_for = stored["checkpoint"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{path} not used: unreadable ({type(e).__name__}: {e})"
+    if made_with != vocab:
+        return f"{path} not used: calibrated with vocabulary {made_with}, not {vocab}"
+    if same_vocab != vocabulary.sha256():
+        return f"{path} not used: vocabulary {vocab} has other names or embeddings than it was calibrated with"
+    if made_for.get("sha256") != weights["sha256"]:
+        return (f"{path} not used: calibrated for other weights (step {made_for.get('step')}, "
+                f"{str(made_for.get('sha256'))[:12]}), these are step {weights['step']} ({weights['sha256'][:12]})")
+    return Threshold(value, f"calibrated on {stored.get('dataset')}, stored in {path}")
+
+
+def choose_threshold(
+    given: float | None, checkpoint: str | Path | None, vocab: str, vocabulary: Vocabulary
+) -> Threshold:
+    """The given threshold, else the run's stored one, else the paper's VOC value (with the
+    reason the run's was not used). A method without a run (grid, ceiling) has none stored."""
+    if given is not None:
+        return Threshold(given, "given by --bg-threshold")
+    if checkpoint is None:
+        why = "no run to remember a calibration: --calibrate-on TRAIN picks one"
+    else:
+        stored = _stored_threshold(checkpoint, vocab, vocabulary)
+        if isinstance(stored, Threshold):
+            return stored
+        why = stored
+    return Threshold(DEFAULT_THRESHOLD, f"the paper's VOC value; {why}")
 
 
 def load_vocabulary(store_url: str, vocab: str, classes: list[str] | None = None) -> tuple[FeatureStore, Vocabulary]:
@@ -71,12 +152,14 @@ def store_teacher(store: FeatureStore):
 
 
 def segment_images(
-    checkpoint: str | Path, images: list[Path], store_url: str, vocab: str, threshold: float, out: Path
-) -> list[tuple[Path, Path]]:
+    checkpoint: str | Path, images: list[Path], store_url: str, vocab: str, threshold: float | None, out: Path
+) -> tuple[Threshold, list[tuple[Path, Path]]]:
     """Write <stem>_mask.png (palette, pixel = label: 0 background, i = vocabulary entry i-1) and
-    <stem>_overlay.png (with a legend) for each image; return the (mask, overlay) paths."""
+    <stem>_overlay.png (with a legend) for each image; return the threshold used (`threshold`,
+    else the run's calibrated one, else the paper's) and the (mask, overlay) paths."""
     store, vocabulary = load_vocabulary(store_url, vocab)
     predictor = StudentPredictor(load_checked_student(checkpoint, store), vocabulary)
+    chosen = choose_threshold(threshold, checkpoint, vocab, vocabulary)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
@@ -84,12 +167,12 @@ def segment_images(
             image = np.asarray(Image.open(path).convert("RGB"))
         except OSError as e:
             raise UserError(f"cannot read image {path}: {e}")
-        mask = predictor.raw([image])[0].mask(threshold)
+        mask = predictor.raw([image])[0].mask(chosen.value)
         mask_path, overlay_path = out / f"{path.stem}_mask.png", out / f"{path.stem}_overlay.png"
         render.save_mask(mask, mask_path)
         render.overlay(image, mask, vocabulary.label_names()).save(overlay_path)
         written.append((mask_path, overlay_path))
-    return written
+    return chosen, written
 
 
 # ---- eval ------------------------------------------------------------------------------------
@@ -152,7 +235,8 @@ def run_eval(
 ) -> dict:
     """Evaluate one method on a labelled dataset; write out/eval_<method>.json and
     out/confusion_<method>.png; return the JSON dict. The background threshold is `threshold`,
-    or calibrated on `calibrate_on` (a train split), or the paper's VOC value."""
+    or calibrated on `calibrate_on` (a train split; stored in the student's run), or the run's
+    stored one, or the paper's VOC value; "bg_threshold_source" says which."""
     dataset = load_dataset(dataset_path, split).subset(limit)
     store, vocabulary = load_vocabulary(store_url, vocab, dataset.classes)
     predictor = make_predictor(method, checkpoint, store, vocabulary)
@@ -161,13 +245,19 @@ def run_eval(
         train = load_dataset(calibrate_on, "train").subset(limit)
         if train.classes != dataset.classes:
             raise UserError(f"{calibrate_on} has other classes than {dataset_path}")
-        threshold, train_miou = calibrate_threshold(predictor, train, len(train.classes), progress=progress)
+        value, train_miou = calibrate_threshold(predictor, train, len(train.classes), progress=progress)
         calibration = {"dataset": str(calibrate_on), "n_images": len(train), "miou": round(train_miou, 4)}
-    if threshold is None:
-        threshold = DEFAULT_THRESHOLD
-    result = evaluate(predictor, dataset, threshold, progress=progress)
+        if method == "student":
+            stored = save_calibration(checkpoint, value, train_miou, calibrate_on, len(train), store, vocab, vocabulary)
+            chosen = Threshold(value, f"calibrated on {calibrate_on}, stored in {stored}")
+        else:
+            chosen = Threshold(value, f"calibrated on {calibrate_on}; not stored: the {method} method has no run")
+    else:
+        chosen = choose_threshold(threshold, checkpoint if method == "student" else None, vocab, vocabulary)
+    result = evaluate(predictor, dataset, chosen.value, progress=progress)
     report = {
         **result.to_dict(),
+        "bg_threshold_source": chosen.source,
         "n_images": len(dataset),
         "checkpoint": str(checkpoint) if checkpoint else None,
         "store": store_url,

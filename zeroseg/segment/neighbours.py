@@ -215,7 +215,7 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
 
 @dataclass
 class Neighbour:
-    rank: int  # 0 = the query itself (a crop or token query), 1.. = neighbours
+    rank: int  # 1.. = neighbours; 0 = the query's own crop or token (QueryResult.itself)
     image: int
     sub: int  # crop index or token index
     score: float  # cosine similarity to the query
@@ -227,13 +227,33 @@ class Neighbour:
 class QueryResult:
     source: str  # what the index holds: crops | segments
     query: dict  # {"text": ...} or {"image", "crop"|"token", "path"}
-    neighbours: list[Neighbour] = field(default_factory=list)
+    k: int  # neighbours asked for
+    # A crop or token query's own row (rank 0): shown first, never one of the k neighbours.
+    # A text has no vector in the index: None.
+    itself: Neighbour | None = None
+    neighbours: list[Neighbour] = field(default_factory=list)  # at most k, ranks 1..k
     sheet: str | None = None  # the contact sheet PNG, when one was asked for
+
+    def rows(self) -> list[Neighbour]:
+        """What is shown: the query's own row (if any), then the neighbours."""
+        return ([self.itself] if self.itself else []) + self.neighbours
+
+    def note(self) -> str:
+        """Whether the query is counted among the neighbours, in words (it never is)."""
+        what = "crop" if self.source == "crops" else "token"
+        found = f"{len(self.neighbours)} neighbours" + (f" (only these of --k {self.k} found)" if len(self.neighbours) < self.k else "")
+        if self.itself is None:
+            return f"{found}; a text query has no vector of its own in the index"
+        return f"{found}; the query {what} itself is shown first (rank 0) and not counted"
 
     def to_dict(self) -> dict:
         return {
             "source": self.source,
             "query": self.query,
+            "k": self.k,
+            "query_counted": False,
+            "note": self.note(),
+            "itself": vars(self.itself) if self.itself else None,
             "neighbours": [vars(n) for n in self.neighbours],
             "sheet": self.sheet,
         }
@@ -298,8 +318,8 @@ def query_index(
     sheet: str | Path | None = None,
 ) -> QueryResult:
     """The k nearest neighbours of a crop (image, crop), a token (image, token) or a text, and
-    with `sheet` their contact sheet PNG. A crop or token query is itself neighbour 0 (score 1)
-    and is not counted in k."""
+    with `sheet` their contact sheet PNG. A crop or token query's own vector is never one of
+    the k: it is returned apart, as `itself` (rank 0, score 1)."""
     if (text is None) == (image is None) or (image is not None and (crop is None) == (token is None)):
         raise UserError("query one of: --image I --crop C, --image I --token T, --text TEXT")
     if k < 1:
@@ -330,8 +350,8 @@ def query_index(
                 raise UserError(f"token {token} of image {image} owns no patch (an empty segment); its segments: {used}")
             vector = tokens[0, token]
 
-    # One more than k for a crop or token query: its own vector comes back too (score ~1); it is
-    # listed as rank 0, ahead of the k neighbours.
+    # One more than k for a crop or token query: its own vector comes back too (score ~1) and is
+    # dropped, so that exactly k others remain.
     scores, ids = index.search(vector[None], k + (self_id is not None))
     found = [(float(sc), int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0 and i != self_id][:k]
     if self_id is not None:
@@ -339,11 +359,13 @@ def query_index(
         found.insert(0, (1.0, self_id))
     images, subs = decode_ids(np.array([i for _, i in found], dtype=np.int64), meta.stride)
     paths, boxes = store.paths(), store.boxes
-    result = QueryResult(source=meta.source, query=query)
+    rows = []
     for j, ((score, _), image_j, sub) in enumerate(zip(found, images.tolist(), subs.tolist())):
         box = [round(float(v), 4) for v in boxes[sub]] if meta.source == "crops" else None
         rank = j if self_id is not None else j + 1
-        result.neighbours.append(Neighbour(rank, image_j, sub, round(score, 4), str(paths[image_j]), box))
+        rows.append(Neighbour(rank, image_j, sub, round(score, 4), str(paths[image_j]), box))
+    itself = rows.pop(0) if self_id is not None else None
+    result = QueryResult(source=meta.source, query=query, k=k, itself=itself, neighbours=rows)
     if sheet is not None:
         masks = _segment_masks(student, result) if student is not None else None
         result.sheet = str(render_contact_sheet(result, store, sheet, masks))
@@ -351,21 +373,24 @@ def query_index(
 
 
 def _segment_masks(student: SegmentVectors, result: QueryResult) -> dict[int, np.ndarray]:
-    """Each neighbour's segment as a (h, w) bool mask on the student's patch grid, by rank."""
-    images = np.array([n.image for n in result.neighbours])
+    """Each row's segment (the query's and the neighbours') as a (h, w) bool mask on the
+    student's patch grid, by rank."""
+    images = np.array([n.image for n in result.rows()])
     _, assignment = student.segment(student.views(images))  # (n, h, w)
-    return {n.rank: assignment[j] == n.sub for j, n in enumerate(result.neighbours)}
+    return {n.rank: assignment[j] == n.sub for j, n in enumerate(result.rows())}
 
 
 def neighbours_table(result: QueryResult) -> Table:
-    """The neighbours as a rich table: rank, score, image, crop box or token, path."""
+    """The query's own row (if any) then the neighbours as a rich table: rank, score, image, crop
+    box or token, path; the caption says whether the query is counted."""
     what = "crop (x0,y0,x1,y1)" if result.source == "crops" else "token"
-    table = Table(title=f"neighbours of {json.dumps(result.query)}")
+    table = Table(title=f"neighbours of {json.dumps(result.query)}", caption=result.note())
     for col in ("rank", "score", "image", what, "path"):
         table.add_column(col, justify="right" if col in ("rank", "score", "image") else "left")
-    for n in result.neighbours:
+    for n in result.rows():
         sub = f"{n.sub} ({', '.join(f'{v:.2f}' for v in n.box)})" if n.box else str(n.sub)
-        table.add_row("query" if n.rank == 0 else str(n.rank), f"{n.score:.4f}", str(n.image), sub, n.path)
+        table.add_row("query" if n.rank == 0 else str(n.rank), f"{n.score:.4f}", str(n.image), sub, n.path,
+                      end_section=n.rank == 0)  # a rule sets the query apart from its k neighbours
     return table
 
 
@@ -432,14 +457,15 @@ def _text_tile(text: str, font) -> Image.Image:
 def render_contact_sheet(
     result: QueryResult, store: FeatureStore, out: str | Path, masks: dict[int, np.ndarray] | None = None
 ) -> Path:
-    """The query then each neighbour, crop box (or segment mask, by rank in `masks`) outlined,
-    rank and score under it; written as a PNG of sheet_size(tiles)."""
+    """The query (a text tile, or its own crop or token) then each of the k neighbours, crop box
+    (or segment mask, by rank in `masks`) outlined, rank and score under it; written as a PNG
+    of sheet_size(tiles)."""
     font = ImageFont.load_default(size=12)
     tiles, captions = [], []
     if "text" in result.query:
         tiles.append(_text_tile(result.query["text"], font))
         captions.append("query")
-    for n in result.neighbours:
+    for n in result.rows():
         view = image_view(store, n.image, store.config.view_size)
         tiles.append(_tile(view, n.box, (masks or {}).get(n.rank)))
         what = f"crop {n.sub}" if result.source == "crops" else f"token {n.sub}"

@@ -9,6 +9,7 @@ The hard patch-to-group assignment, upsampled (nearest) to the image, is the mas
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -49,6 +50,12 @@ class Vocabulary:
     def label_names(self) -> dict[int, str]:
         """label id -> name, background included."""
         return {BACKGROUND: "background", **{int(i): n for i, n in zip(self.class_ids, self.names)}}
+
+    def sha256(self) -> str:
+        """Of the names and embeddings: a threshold calibrated with them holds for them only."""
+        h = hashlib.sha256("\0".join(self.names).encode())
+        h.update(self.embeddings.numpy().astype("<f4").tobytes())
+        return h.hexdigest()
 
 
 def classify(embeddings: torch.Tensor, vocab: Vocabulary) -> tuple[torch.Tensor, torch.Tensor]:
