@@ -23,7 +23,7 @@ def demo(tiny_demo):
 def test_tiny_demo_runs_end_to_end_and_reuses_its_stages(demo):
     out, summary = demo
     results = summary["results"]
-    assert set(results) == {"student", "no-match", "grid", "ceiling"}
+    assert set(results) == {"student", "no-match", "grid", "dense", "ceiling"}
     for r in results.values():
         assert 0.0 <= r["miou"] <= 1.0 and r["n_images"] == 6
         assert set(r["iou"]) >= {"background", "red circle"}

@@ -284,13 +284,14 @@ def segment(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Argument(None, help="student run dir or checkpoint file (left out for grid and ceiling)"),
+    checkpoint: Path = typer.Argument(None, help="student run dir or checkpoint file (left out for grid, dense and ceiling)"),
     dataset: Path = typer.Argument(None, help="a scenes folder (manifest.jsonl) or a VOC-style folder"),
     store: str = typer.Option(..., "--store", help="feature store holding the vocabulary"),
     vocab: str = typer.Option(..., "--vocab", help="cached vocabulary; its names must be dataset classes"),
     bg_threshold: float = typer.Option(None, help="background threshold (default: the run's calibrated one, else the paper's 0.95)"),
     calibrate_on: Path = typer.Option(None, help="labelled train split to choose the threshold on (stored in the run)"),
-    method: str = typer.Option("student", help="student | grid (the teacher alone on a 4x4 grid) | ceiling (the teacher on the true segments: a bound)"),
+    method: str = typer.Option("student", help="student | grid (the teacher alone on a 4x4 grid) | dense (the teacher alone, read densely: MaskCLIP) | ceiling (the teacher on the true segments: a bound)"),
+    dense_variant: str = typer.Option("maskclip", help="--method dense on a ViT teacher: maskclip | clearclip (no residual, no MLP in the last block)"),
     split: str = typer.Option("val", help="ImageSets/Segmentation/<split>.txt of a VOC folder"),
     limit: int = typer.Option(None, help="evaluate the first N images only"),
     out: Path = typer.Option(Path("eval-out"), "--out", help="folder for eval_<method>.json and its confusion PNG"),
@@ -306,7 +307,10 @@ def eval_(
         raise UserError("give the dataset (and, for --method student, the checkpoint before it)")
     if bg_threshold is not None and calibrate_on is not None:
         raise UserError("give --bg-threshold or --calibrate-on, not both")
-    report = run_eval(checkpoint, dataset, store, vocab, out, bg_threshold, calibrate_on, method, split, limit)
+    if dense_variant != "maskclip" and method != "dense":
+        raise UserError("--dense-variant is for --method dense")
+    report = run_eval(checkpoint, dataset, store, vocab, out, bg_threshold, calibrate_on, method, split, limit,
+                      dense_variant=dense_variant)
     err.print(str(Threshold(report["bg_threshold"], report["bg_threshold_source"])), markup=False, highlight=False, soft_wrap=True)
     print(json.dumps(report, indent=2))
 

@@ -4,11 +4,13 @@
     -> background thresholds (calibrated on the train split, each student's stored in its run)
     -> held-out mIoU (eval) -> overlays
 
-Three methods are compared on the same held-out split:
+Four methods are compared on the same held-out split:
 - student:  trained from the cache with all three losses (distillation, segment matching, MAE);
 - no-match: the same with segment matching off (PAPER.md table 4's ablation);
 - grid:     the teacher alone, each cell of a 4x4 grid labelled by its crop embedding: what a user
-            gets from CLIP without a student.
+            gets from CLIP without a student;
+- dense:    the teacher alone, read at every position of its last feature map (MaskCLIP, see
+            segment.dense): the training-free baseline a practitioner tries first.
 Beside them a bound, not a method: the true segments, each labelled by the teacher's embedding of
 a crop around it (segment.zeroshot.TruthSegmentsPredictor). A student learns its labels from this
 teacher, so perfect grouping would still score about this.
@@ -37,6 +39,7 @@ from zeroseg.demo.toy_teacher import ToyTeacherConfig, ensure_toy_teacher
 from zeroseg.errors import UserError
 from zeroseg.segment import render
 from zeroseg.segment.datasets import load_dataset
+from zeroseg.segment.dense import DensePredictor
 from zeroseg.segment.evaluate import evaluate, load_vocabulary, save_calibration, store_teacher
 from zeroseg.segment.zeroshot import GridPredictor, StudentPredictor, TruthSegmentsPredictor, calibrate_threshold
 
@@ -204,7 +207,7 @@ def run_demo(out: Path, preset: str = "default", console: Console | None = None)
 
 
 def evaluate_all(cfg: DemoConfig, store_url: str, runs: dict[str, Path], folders: dict[str, Path], out: Path, console: Console) -> dict:
-    """Threshold on train scenes, mIoU on held-out ones, for the students and the grid baseline;
+    """Threshold on train scenes, mIoU on held-out ones, for the students and the teacher's baselines;
     each student's threshold is stored in its run, for `zeroseg eval` and `segment` to use."""
     from zeroseg.segment.evaluate import load_checked_student
 
@@ -214,6 +217,7 @@ def evaluate_all(cfg: DemoConfig, store_url: str, runs: dict[str, Path], folders
     predictors = {name: StudentPredictor(load_checked_student(run, store), vocabulary) for name, run in runs.items()}
     teacher = store_teacher(store)
     predictors["grid"] = GridPredictor(teacher, vocabulary, grid=4)
+    predictors["dense"] = DensePredictor(teacher, vocabulary)
     predictors["ceiling"] = TruthSegmentsPredictor(teacher, vocabulary)
     results = {}
     for name, predictor in predictors.items():
@@ -264,6 +268,7 @@ def results_table(results: dict, teacher_report: dict) -> Table:
         "student": "student (from the cache)",
         "no-match": "student, segment matching off",
         "grid": "teacher alone, 4x4 grid",
+        "dense": "teacher alone, dense (MaskCLIP)",
         "ceiling": "bound: teacher on the true segments",
     }
     for name, r in results.items():

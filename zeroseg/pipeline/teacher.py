@@ -71,10 +71,13 @@ class Teacher:
         not normalised (the store keeps what the teacher gives; readers normalise if they want)."""
         if crops.shape[-2:] != (self.info.input_size, self.info.input_size):
             raise ValueError(f"crops are {tuple(crops.shape[-2:])}, the teacher's input size {self.info.input_size}")
+        return self.model.encode_image(self.normalise(crops)).float()
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float in [0, 1] -> the tower's input, on its device: (x - mean) / std."""
         mean = torch.tensor(self.info.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.info.std, device=self.device).view(1, 3, 1, 1)
-        x = (crops.to(self.device, torch.float32) - mean) / std
-        return self.model.encode_image(x).float()
+        return (pixels.to(self.device, torch.float32) - mean) / std
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:

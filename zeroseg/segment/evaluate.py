@@ -1,7 +1,7 @@
 """`zeroseg segment` and `zeroseg eval`: a student checkpoint + a cached vocabulary -> masks, mIoU.
 
 The vocabulary comes from the feature store (text/<vocab>), so no teacher is loaded, except by
-the grid baseline, which is the teacher alone. A checkpoint trained on one teacher's features is
+the teacher's own methods: the grid and dense baselines (the teacher alone) and the ceiling. A checkpoint trained on one teacher's features is
 refused with a vocabulary embedded by another: the two would live in different spaces.
 
 The background threshold belongs to the student and the vocabulary (the similarity scale is the
@@ -136,7 +136,7 @@ def load_checked_student(checkpoint: str | Path, store: FeatureStore):
 
 
 def store_teacher(store: FeatureStore):
-    """The store's own teacher, rebuilt from its attributes (for the grid baseline)."""
+    """The store's own teacher, rebuilt from its attributes (for the grid and dense baselines and the ceiling)."""
     from zeroseg.pipeline.teacher import load_teacher
 
     info = store.config.teacher
@@ -210,14 +210,21 @@ def evaluate(predictor, dataset: LabelledDataset, threshold: float, progress: bo
     return EvalResult(predictor.name, dataset.name, dataset.classes, threshold, conf)
 
 
-def make_predictor(method: str, checkpoint: str | Path | None, store: FeatureStore, vocabulary: Vocabulary):
+def make_predictor(
+    method: str, checkpoint: str | Path | None, store: FeatureStore, vocabulary: Vocabulary, dense_variant: str = "maskclip"
+):
     if method == "student":
         return StudentPredictor(load_checked_student(checkpoint, store), vocabulary)
     if method == "grid":
         return GridPredictor(store_teacher(store), vocabulary)
+    if method == "dense":
+        from zeroseg.segment import dense  # open_clip takes seconds to import: only for this method
+
+        dense.check_variant(dense_variant)  # before the teacher is loaded
+        return dense.DensePredictor(store_teacher(store), vocabulary, variant=dense_variant)
     if method == "ceiling":
         return TruthSegmentsPredictor(store_teacher(store), vocabulary)
-    raise UserError(f"unknown method {method!r}: student | grid | ceiling")
+    raise UserError(f"unknown method {method!r}: student | grid | dense | ceiling")
 
 
 def run_eval(
@@ -232,6 +239,7 @@ def run_eval(
     split: str = "val",
     limit: int | None = None,
     progress: bool = True,
+    dense_variant: str = "maskclip",
 ) -> dict:
     """Evaluate one method on a labelled dataset; write out/eval_<method>.json and
     out/confusion_<method>.png; return the JSON dict. The background threshold is `threshold`,
@@ -239,7 +247,7 @@ def run_eval(
     stored one, or the paper's VOC value; "bg_threshold_source" says which."""
     dataset = load_dataset(dataset_path, split).subset(limit)
     store, vocabulary = load_vocabulary(store_url, vocab, dataset.classes)
-    predictor = make_predictor(method, checkpoint, store, vocabulary)
+    predictor = make_predictor(method, checkpoint, store, vocabulary, dense_variant)
     calibration = None
     if threshold is None and calibrate_on is not None:
         train = load_dataset(calibrate_on, "train").subset(limit)
@@ -263,6 +271,7 @@ def run_eval(
         "store": store_url,
         "vocab": vocab,
         "calibration": calibration,
+        **({"dense_variant": dense_variant} if method == "dense" else {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"eval_{method}.json").write_text(json.dumps(report, indent=2) + "\n")
