@@ -117,10 +117,16 @@ def _positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 class DensePredictor:
-    """The teacher alone, read densely (see the module docstring: MaskCLIP, Zhou et al. 2022):
-    each position of the tower's last feature map is labelled by its nearest class text
-    embedding; the similarities are upsampled (bilinear) to the image. Training-free: what a
-    practitioner gets from CLIP without a student or a grid of crops."""
+    """The teacher alone, read densely as MaskCLIP (Zhou et al. 2022) does; training-free: what a
+    practitioner gets from CLIP without a student or a grid of crops. The read-out follows the
+    tower type:
+    - ViT: the last block with each token attending only to itself (its value through the out
+      projection, the block's residual and MLP), ln_post and proj on every patch token;
+      variant="clearclip" keeps only that block's attention branch (no residual, no MLP);
+    - ResNet: the attention pool's v_proj and c_proj at every position of the last feature map.
+    The image is squashed to `scale` x the teacher's input side (the 4x4 grid baseline's pixels);
+    each position takes its nearest class text embedding (cosine), the per-class similarities are
+    upsampled (bilinear) to the image, and the caller's background threshold applies to them."""
 
     name = "dense"
 
