@@ -74,15 +74,16 @@ def _resnet_dense(visual: ModifiedResNet, x: torch.Tensor) -> torch.Tensor:
 def _vit_dense(visual: VisionTransformer, x: torch.Tensor, variant: str) -> torch.Tensor:
     if visual.attn_pool is not None:
         raise UserError("no dense read-out for a ViT with an attentional pooler (CoCa): its tokens are pooled queries")
+    if not visual.transformer.batch_first:
+        raise UserError("no dense read-out for a ViT built with batch_first=False")
     patches = visual.conv1(x)  # (B, width, h, w)
     b, _, h, w = patches.shape
     tokens = patches.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.view(1, 1, -1).expand(b, -1, -1).to(tokens.dtype)
-    tokens = torch.cat([cls, tokens], dim=1) + _positions(visual.positional_embedding, (h, w)).to(tokens.dtype)
+    positions = _positions(visual.positional_embedding, tuple(visual.grid_size), (h, w))
+    tokens = torch.cat([cls, tokens], dim=1) + positions.to(tokens.dtype)
     tokens = visual.ln_pre(tokens)  # patch dropout is off in eval
     blocks = visual.transformer.resblocks
-    if not visual.transformer.batch_first:
-        raise UserError("no dense read-out for a ViT built with batch_first=False")
     for block in blocks[:-1]:
         tokens = block(tokens)
     last = blocks[-1]
@@ -105,13 +106,13 @@ def _attention_branch(block, x: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     raise UserError(f"no dense read-out for transformer blocks of type {type(block).__name__}")
 
 
-def _positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """The class token's embedding and the patch grid's, resized to `grid` when it differs."""
-    cls, patches = pos[:1], pos[1:]
-    side = int(round(len(patches) ** 0.5))
-    if (side, side) == grid:
+def _positions(pos: torch.Tensor, trained: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """The class token's embedding and the patch grid's (`trained` rows x columns), resized to
+    `grid` when it differs."""
+    if trained == grid:
         return pos
-    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    cls, patches = pos[:1], pos[1:]
+    patches = patches.reshape(1, *trained, -1).permute(0, 3, 1, 2)
     patches = F.interpolate(patches, size=grid, mode="bicubic", antialias=True, align_corners=False)
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)])
 
