@@ -274,7 +274,8 @@ def run_extract(
                 progress(result)
 
         if pending and config.workers == 0:
-            worker = ChunkWorker(url, config, batch, teacher=teacher)  # the driver's teacher serves
+            # the driver's teacher serves; the token: a job that took the store over stops us too
+            worker = ChunkWorker(url, config, batch, teacher=teacher, lock_token=lock.token)
             for chunk in pending:
                 finished(worker.process(chunk))
         elif pending:

@@ -25,6 +25,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from zeroseg.errors import UserError
+from zeroseg.outputs import claim_output_dir, write_atomic
 from zeroseg.stores.features import FeatureStore
 
 # The paper's ablation tables (PAPER.md, tables 3-5), as specs. "scales" rows are the 1x1 view
@@ -291,7 +292,7 @@ def run_ablation(
     store = FeatureStore.open(store_url)
     trials = expand(load_spec(spec))
     base = recipe(recipe_name, preset, steps=steps, batch=batch, grids=store.config.grids, threads=1).to_dict()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "ablation")  # ours is resumed; anyone else's folder is refused untouched
     jobs = plan_jobs(trials, list(seeds), base, store, dataset, out)
     trial_fn = functools.partial(train_and_evaluate, store=store_url, dataset=dataset, vocab=vocab,
                                  calibrate_on=calibrate_on, threshold=threshold)

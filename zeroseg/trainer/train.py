@@ -22,6 +22,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from zeroseg.errors import UserError
+from zeroseg.outputs import claim_output_dir
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer import checkpoint as ckpt_io
 from zeroseg.trainer.config import TrainConfig
@@ -150,6 +151,9 @@ def train(
     """
     run_dir = Path(run_dir)
     store = FeatureStore.open(store_url)
+    if resume and not run_dir.is_dir():
+        raise UserError(f"nothing to resume in {run_dir} (no such folder)")
+    claim_output_dir(run_dir, "train")  # anyone else's folder is refused before a byte is written
     start_step, ckpt = 0, None
     if resume:
         ckpt = ckpt_io.latest_checkpoint(run_dir)
@@ -166,7 +170,6 @@ def train(
 
     columns = check_fit(config, store)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, out_dim=store.dim))
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_io.write_json(run_dir / "config.json", {"config": config.to_dict(), "store": store.identity()})
 
     torch.manual_seed(config.seed)
