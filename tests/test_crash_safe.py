@@ -158,9 +158,10 @@ def _job(tmp_path, name="t"):
 
 def test_a_truncated_result_is_a_failed_trial_run_again(tmp_path):
     job = _job(tmp_path)
-    Path(job["run_dir"]).mkdir()
-    full = json.dumps({"status": "ok", "miou": 0.5, "trial": "t"})
-    (Path(job["run_dir"]) / "result.json").write_text(full[: len(full) // 2])
+    run_trial(lambda config, run_dir: {"miou": 0.5}, job)
+    result_file = Path(job["run_dir"]) / "result.json"
+    full = result_file.read_text()
+    result_file.write_text(full[: len(full) // 2])  # as a kill mid-write left it before writes were atomic
     calls = []
     result = run_trial(lambda config, run_dir: calls.append(1) or {"miou": 0.25}, job)
     assert calls == [1] and result["status"] == "ok" and result["miou"] == 0.25
@@ -218,11 +219,12 @@ from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.model import preset
 from zeroseg.trainer.train import train
 if sys.argv[1] == "first":
-    config = TrainConfig(model=preset("tiny"), preset="tiny", steps=40, batch=4, log_every=1, checkpoint_every=20, threads=1)
-    train({url!r}, {str(run)!r}, config, stop_after=20, progress=False)
+    config = TrainConfig(model=preset("tiny"), preset="tiny", steps=120, batch=4, log_every=1, checkpoint_every=60, threads=1)
+    train({url!r}, {str(run)!r}, config, stop_after=60, progress=False)
 else:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+    limit = int(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     try:
         train({url!r}, {str(run)!r}, resume=True, stop_after=1, progress=False)
     except OSError as e:
@@ -230,8 +232,11 @@ else:
 """
     subprocess.run([sys.executable, "-c", code, "first"], check=True, timeout=300)
     before = (run / "metrics.csv").read_text()
-    assert len(before.splitlines()) == 21 and len(before) > 512
-    proc = subprocess.run([sys.executable, "-c", code, "resume"], capture_output=True, text=True, timeout=300)
+    # a disk that holds config.json again but not the metrics rewrite
+    limit = (run / "config.json").stat().st_size + 64
+    assert len(before.splitlines()) == 61 and len(before) > limit + 256
+    proc = subprocess.run([sys.executable, "-c", code, "resume", str(limit)], capture_output=True, text=True,
+                          timeout=300)
     assert "write failed" in proc.stdout, proc.stdout + proc.stderr
     assert (run / "metrics.csv").read_text() == before
 

@@ -28,10 +28,19 @@ MARKER = "zeroseg-output.json"
 KINDS = ("index", "train", "ablation", "demo", "scenes")
 
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _our_temporary(name: str) -> bool:
+    """A marker's temporary file left by a claim killed mid-write: the folder is still empty."""
+    return name.startswith(f".{MARKER}.") and name.endswith(".tmp")
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write `data` to `path` through a temporary file and a rename (atomic on one filesystem)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -41,6 +50,12 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def canonical_location(url: str) -> str:
+    """Where a path leads, for comparing and hashing: a local path absolute and normalised
+    (./s.zarr, s.zarr/ and /abs/s.zarr are one place); a URL (s3://, memory://) as given."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def output_kind(path: str | Path) -> str | None:
@@ -67,7 +82,7 @@ def claim_output_dir(path: str | Path, kind: str) -> bool:
         return True
     if have is not None:
         raise UserError(f"{path} holds a zeroseg {have} output, not a {kind} output: choose another folder")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(not _our_temporary(p.name) for p in path.iterdir()):
         raise UserError(
             f"{path} is not empty and zeroseg did not make it (no {MARKER}): choose a new or empty "
             f"folder for the {kind} output; nothing in it was touched"
