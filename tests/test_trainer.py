@@ -202,11 +202,13 @@ def test_cli_train_and_one_line_errors(store_url, tmp_path, monkeypatch, capsys)
 def test_a_checkpoint_of_another_model_version_is_refused_in_one_line(store_url, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from zeroseg.trainer.checkpoint import MODEL_FILE
+    from zeroseg.trainer.checkpoint import MODEL_FILE, STATE_FILE, read_state, write_json
 
     ckpt = Path(train(store_url, tmp_path / "run", tiny_config(steps=2, batch=4), progress=False)["checkpoint"])
     weights = load_file(ckpt / MODEL_FILE)
     del weights["patch_proj.1.weight"]  # as written by a student without patch embeddings
     save_file(weights, ckpt / MODEL_FILE)
+    state = read_state(ckpt)  # that version recorded the hash of its own weights
+    write_json(ckpt / STATE_FILE, {**state, "sha256": sha256_file(ckpt / MODEL_FILE)})
     with pytest.raises(UserError, match="does not fit this zeroseg's student .1 weights missing"):
         load_student(ckpt)

@@ -9,11 +9,15 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from zeroseg.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+# User text (paths, notices, error messages) never goes into Rich markup unescaped: a path like
+# data/[red]/x.jpg prints as it is. `err` prints escaped errors; `plain` prints with markup off.
 err = Console(stderr=True)
+plain = Console(stderr=True, markup=False)
 
 
 @app.callback()
@@ -76,7 +80,7 @@ def extract(
         batch=batch, chunk_images=chunk_images, pixels=pixels, workers=workers, address=address,
         device=device,
     )
-    summary = extract_with_progress(images, store, config, err)
+    summary = extract_with_progress(images, store, config, plain)
     if summary.pending:
         raise typer.Exit(1)
 
@@ -242,7 +246,7 @@ def query(
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        Console().print(neighbours_table(result))
+        Console(markup=False).print(neighbours_table(result))
         if result.sheet:
             print(f"contact sheet: {result.sheet}")
 
@@ -349,5 +353,5 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(2)

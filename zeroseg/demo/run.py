@@ -31,12 +31,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from zeroseg.demo import scenes
 from zeroseg.demo.toy_teacher import PRESETS as TEACHER_PRESETS
 from zeroseg.demo.toy_teacher import ToyTeacherConfig, ensure_toy_teacher
 from zeroseg.errors import UserError
+from zeroseg.outputs import claim_output_dir, write_atomic
 from zeroseg.segment import render
 from zeroseg.segment.datasets import load_dataset
 from zeroseg.segment.dense import DensePredictor
@@ -160,6 +162,7 @@ def run_demo(out: Path, preset: str = "default", console: Console | None = None)
     cfg = PRESETS[preset]
     console = console or Console()
     out = Path(out)
+    claim_output_dir(out, "demo")  # ours: each stage reuses what is there; anyone else's: refused
     t_start = time.perf_counter()
     times: dict[str, float] = {}
 
@@ -174,7 +177,7 @@ def run_demo(out: Path, preset: str = "default", console: Console | None = None)
     folders = stage("scenes", make_scenes, cfg, out)
     teacher_ckpt, teacher_report = stage("teacher", ensure_toy_teacher, cfg.teacher)
     console.print(
-        f"toy teacher {teacher_ckpt}: zero-shot accuracy {teacher_report['zero_shot_accuracy']:.3f} on "
+        f"toy teacher {escape(str(teacher_ckpt))}: zero-shot accuracy {teacher_report['zero_shot_accuracy']:.3f} on "
         f"{teacher_report['heldout_images']} held-out single objects, {teacher_report['scene_object_accuracy']:.3f} on "
         f"objects cut from held-out scenes (trained in {teacher_report['train_seconds']:.0f} s)"
     )
@@ -195,10 +198,10 @@ def run_demo(out: Path, preset: str = "default", console: Console | None = None)
         "stage_seconds": {k: round(v, 1) for k, v in times.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
     console.print(results_table(results, teacher_report))
-    console.print(f"overlays: {', '.join(str(p) for p in overlays)}")
-    console.print(f"results: {out / 'results.json'}   wall time {summary['wall_seconds']:.0f} s")
+    console.print(f"overlays: {escape(', '.join(str(p) for p in overlays))}")
+    console.print(f"results: {escape(str(out / 'results.json'))}   wall time {summary['wall_seconds']:.0f} s")
     console.print(  # the run remembers its calibrated threshold: segment uses it without --bg-threshold
         f"segment your own: zeroseg segment {runs['student']} IMAGE... --store {store_url} --vocab {VOCAB} --out DIR",
         soft_wrap=True, markup=False, highlight=False,

@@ -13,7 +13,6 @@ heldout splits draw from different streams. All drawing is vectorised numpy (no 
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from zeroseg.errors import UserError
+from zeroseg.outputs import claim_output_dir, write_atomic
 
 # Saturated, well separated hues. The backgrounds below are all muted (low saturation), so an
 # object's colour is never confusable with the ground it stands on.
@@ -336,14 +336,15 @@ def generate_scenes(
     progress: bool = True,
 ) -> Path:
     """Write n scenes of `split` into out/images, out/masks (VOC palette PNGs) and
-    out/manifest.jsonl; return the manifest path. One split per folder: an existing manifest
-    is replaced."""
+    out/manifest.jsonl; return the manifest path. One split per folder: a scenes folder of
+    zeroseg's is regenerated, any other non-empty folder refused (outputs.claim_output_dir)."""
     _check_split(split)
     if n < 0 or size < 16:
         raise UserError(f"need n >= 0 and size >= 16, got n={n}, size={size}")
     from rich.progress import track  # only needed here; keeps import of the module light
 
     out = Path(out)
+    claim_output_dir(out, "scenes")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
@@ -364,11 +365,7 @@ def generate_scenes(
         }
         lines.append(json.dumps(record))
     # Manifest last, and atomically: a folder with a manifest has all the files it names.
-    manifest = out / "manifest.jsonl"
-    tmp = manifest.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, manifest)
-    return manifest
+    return write_atomic(out / "manifest.jsonl", "".join(line + "\n" for line in lines))
 
 
 def load_manifest(path: Path | str) -> list[dict[str, Any]]:

@@ -366,7 +366,9 @@ def run_extract(
 
         try:
             if cluster is None:
-                worker = ChunkWorker(url, config, compute.batch, compute.threads_per_worker, teacher=teacher)
+                # the driver's teacher serves; the token: a job that took the store over stops us too
+                worker = ChunkWorker(url, config, compute.batch, compute.threads_per_worker, teacher=teacher,
+                                     lock_token=lock.token)
                 for chunk in pending:
                     finished(worker.process(chunk))
             else:

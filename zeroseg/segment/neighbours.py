@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from zeroseg.errors import UserError
+from zeroseg.outputs import claim_output_dir
 from zeroseg.stores.features import FeatureStore, Status, StoreError, TeacherInfo
 from zeroseg.stores.index import (
     IndexMeta,
@@ -172,6 +173,7 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
     if n == 0:
         raise UserError(f"{store_url} has no images with status ok: nothing to index")
     spec = index_spec(config.kind, n, store.dim)
+    claim_output_dir(out, "index")  # a folder of ours is rebuilt; anyone else's is refused untouched
     meta = IndexMeta(
         source=vectors.source, kind=spec.kind, factory=spec.factory, build_params=spec.build_params,
         search_params=spec.search_params, dim=store.dim, stride=vectors.stride, count=0,

@@ -13,8 +13,9 @@ Layout of a version-2 store (a Zarr v3 group):
     images/error          (N,) str, one line per failed image
     images/size           (N, 2) int32, original height, width
     images/pixels         (N, S, S, 3) uint8, optional: the student's input view
-    text/<vocab>/names    (K,) str
-    text/<vocab>/embeddings (K, D) float32, templates in attrs
+    text/<vocab>          attrs {"current": <generation>}: the one vocabulary readers see
+    text/<vocab>/<generation>/names       (K,) str
+    text/<vocab>/<generation>/embeddings  (K, D) float32, templates and teacher in attrs
 
 Every per-image array is chunked along N by the same chunk_images, so a chunk index names the same
 images in all of them and a writer of chunk i touches no byte of chunk j. A chunk is written
@@ -35,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -45,7 +47,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 import zeroseg
 from zeroseg.errors import UserError
-from zeroseg.stores.lock import LOCK_NAME
+from zeroseg.stores.lock import LOCK_NAME, StoreLock
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -467,27 +469,52 @@ class FeatureStore:
 
     # ---- text vocabularies -------------------------------------------------------------
 
+    # A vocabulary is written as a new generation (a sub-group holding names, embeddings and
+    # attributes), then made current by one metadata write of the vocabulary's pointer, then the
+    # old generations are deleted: a crash leaves the old vocabulary or the new one, never a mix,
+    # and the next write clears what an interrupted one left. Stores written before generations
+    # hold names and embeddings directly in text/<vocab> (no pointer); they still read.
+
     def vocabularies(self) -> list[str]:
-        return sorted(self.group["text"].group_keys()) if "text" in self.group else []
+        if "text" not in self.group:
+            return []
+        text = self.group["text"]
+        return sorted(v for v in text.group_keys() if self._vocabulary_group(text[v]) is not None)
+
+    @staticmethod
+    def _vocabulary_group(g: zarr.Group) -> zarr.Group | None:
+        """The group holding a vocabulary's current names and embeddings; None before its first
+        write completed."""
+        current = g.attrs.get("current")
+        if current is not None:
+            return g[current]
+        return g if "names" in g else None  # a store from before generations
 
     def write_text(
         self, vocab: str, names: Sequence[str], embeddings: np.ndarray, templates: Sequence[str]
     ) -> None:
-        """Cache a vocabulary's text embeddings (K, D); replaces one of the same name."""
+        """Cache a vocabulary's text embeddings (K, D); replaces one of the same name, under the
+        store's lock."""
         if embeddings.shape != (len(names), self.dim):
             raise StoreError(
                 f"vocabulary {vocab}: embeddings {embeddings.shape}, store wants ({len(names)}, {self.dim})"
             )
-        g = self.group.require_group("text").require_group(vocab)
-        g.create_array("names", shape=(len(names),), dtype=str, overwrite=True)[:] = np.asarray(names, dtype=str)
-        g.create_array("embeddings", data=embeddings.astype(np.float32), overwrite=True)
-        g.update_attributes({"templates": list(templates), "teacher": dataclasses.asdict(self.config.teacher)})
+        with StoreLock(self.url):
+            g = self.group.require_group("text").require_group(vocab)
+            generation = f"g{uuid.uuid4().hex[:12]}"
+            new = g.create_group(generation)
+            new.create_array("names", shape=(len(names),), dtype=str, compressors=CHECKED)[:] = np.asarray(names, dtype=str)
+            new.create_array("embeddings", data=embeddings.astype(np.float32), compressors=CHECKED)
+            new.update_attributes({"templates": list(templates), "teacher": dataclasses.asdict(self.config.teacher)})
+            g.update_attributes({"current": generation})  # the switch: one metadata write
+            for old in [k for k in g.array_keys()] + [k for k in g.group_keys() if k != generation]:
+                del g[old]
 
     def read_text(self, vocab: str) -> tuple[list[str], np.ndarray]:
         if vocab not in self.vocabularies():
             have = ", ".join(self.vocabularies()) or "none"
             raise StoreError(f"{self.url} has no vocabulary {vocab!r} (has: {have})")
-        g = self.group["text"][vocab]
+        g = self._vocabulary_group(self.group["text"][vocab])
         made_by = TeacherInfo.from_dict(g.attrs["teacher"])
         if made_by != self.config.teacher:
             raise StoreError(

@@ -2,10 +2,17 @@
 
 `STORE/zeroseg.lock` is created exclusively (fsspec mode "xb": O_EXCL on a local disk, the
 equivalent on an object store that supports it) and holds JSON: host, pid, started, heartbeat,
-token. A thread rewrites the heartbeat every `heartbeat_s` while the job runs. A lock is stale,
-and is taken over with a printed notice, when its heartbeat is older than `stale_s` or when its
-owner ran on this host and that pid is gone (a SIGKILLed driver). A live lock refuses the second
-writer with a one-line error naming the owner.
+token. A thread rewrites the heartbeat every `heartbeat_s` while the job runs, atomically (a
+temporary file renamed over the lock), so a reader sees the old heartbeat or the new one, never
+half a file. A lock is stale, and is taken over with a printed notice, when its heartbeat is older
+than `stale_s` or when its owner ran on this host and that pid is gone (a SIGKILLed driver).
+
+An unreadable lock (not JSON: cut short by a full disk or a crash) names no owner and no
+heartbeat, so its age is the file's own modification time. Only one live moment shows a lock
+unreadable: between the exclusive create and the write of its few bytes (heartbeats are renamed
+into place, and a live owner that finds its lock unreadable stops beating). So an unreadable lock
+older than UNREADABLE_GRACE_S is damaged and is taken over; a younger one is refused.
+A live lock refuses the second writer with a one-line error naming the owner.
 
 Takeover is check-then-delete-then-create: two takers racing over the same stale lock can both
 believe they won only if both read it before either created a new one; the exclusive create
@@ -28,6 +35,7 @@ import fsspec
 from zeroseg.errors import UserError
 
 LOCK_NAME = "zeroseg.lock"
+UNREADABLE_GRACE_S = 10.0  # far longer than an exclusive create takes to write ~150 bytes
 
 
 class LockedError(UserError):
@@ -131,8 +139,9 @@ class StoreLock:
     def _stale_reason(self, held: dict | None) -> str | None:
         if held is None:
             return "released meanwhile"
-        if not held:
-            return None  # unparseable: being written this instant, or damaged (see _describe)
+        if not held:  # unreadable: being created this instant, or damaged (module docstring)
+            age = self._file_age()
+            return f"unreadable {LOCK_NAME}, unchanged for {age:.0f} s" if age > UNREADABLE_GRACE_S else None
         age = time.time() - held.get("heartbeat", 0)
         if age > self.stale_s:
             return f"no heartbeat for {age:.0f} s"
@@ -140,12 +149,20 @@ class StoreLock:
             return f"pid {held.get('pid')} is no longer running"
         return None
 
+    def _file_age(self) -> float:
+        try:
+            return time.time() - self.fs.modified(self.path).timestamp()
+        except (FileNotFoundError, NotImplementedError):
+            return 0.0
+
     def _beat(self) -> None:
+        tmp = f"{self.path}.{self.token}.tmp"
         while not self._stop.wait(self.heartbeat_s):
             if (self.read() or {}).get("token") != self.token:
                 return  # taken over by someone who judged us stale: don't fight over it
-            with self.fs.open(self.path, "wb") as f:
+            with self.fs.open(tmp, "wb") as f:
                 f.write(self._content())
+            self.fs.mv(tmp, self.path)  # a rename: readers never see a half-written lock
 
 
 def _describe(held: dict | None) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -25,6 +26,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from zeroseg.errors import UserError
+from zeroseg.outputs import canonical_location, claim_output_dir, output_kind, write_atomic
 from zeroseg.stores.features import FeatureStore
 
 # The paper's ablation tables (PAPER.md, tables 3-5), as specs. "scales" rows are the 1x1 view
@@ -115,8 +117,11 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
 
 
 def trial_key(config: dict[str, Any], seed: int, store_identity: dict[str, Any], dataset: str) -> str:
-    """Hash of everything that makes a trial's result: a re-run with the same key is the same trial."""
-    blob = json.dumps({"config": config, "seed": seed, "store": store_identity, "eval": dataset}, sort_keys=True)
+    """Hash of everything that makes a trial's result: a re-run with the same key is the same trial.
+    Paths count by where they lead, not how they were spelled (./s.zarr, s.zarr/, /abs/s.zarr)."""
+    store_identity = {**store_identity, "url": canonical_location(store_identity["url"])}
+    blob = json.dumps({"config": config, "seed": seed, "store": store_identity, "eval": canonical_location(dataset)},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -184,19 +189,22 @@ def plot(rows: list[dict[str, Any]], fields: list[str], path: Path) -> None:
         ax.set_ylabel("held-out mIoU (%)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    write_atomic(path, png.getvalue())
 
 
 def write_results(rows: list[dict[str, Any]], fields: list[str], out: Path, footer: str = "") -> str:
     """results.csv, results.md (the tables, then `footer`) and miou.png in out; returns the Markdown."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "results.csv", table.getvalue())
     markdown = render_tables(rows, fields) + footer
-    (out / "results.md").write_text(markdown)
+    write_atomic(out / "results.md", markdown)
     if any(r["status"] == "ok" for r in rows):
         plot(rows, fields, out / "miou.png")
     return markdown
@@ -212,21 +220,31 @@ def run_trial(trial_fn: TrialFn, job: dict[str, Any]) -> dict[str, Any]:
     is a result with status "failed" and the error's first line (a re-run tries it again)."""
     run_dir = Path(job["run_dir"])
     result_file = run_dir / "result.json"
-    if result_file.exists():
-        done = json.loads(result_file.read_text())
-        if done["status"] == "ok":
-            return done
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "trial.json").write_text(json.dumps(job, indent=2))
+    done = _read_result(result_file)
+    if done is not None and done.get("status") == "ok":
+        return done
     start = time.perf_counter()
     try:
+        claim_output_dir(run_dir, "train")  # a trial's run dir is a train run (train.train claims it too)
+        write_atomic(run_dir / "trial.json", json.dumps(job, indent=2))
         result = {"status": "ok", "error": "", **trial_fn(job["config"], run_dir)}
     except Exception as e:  # noqa: BLE001 - a failed trial is data, the others go on
         result = {"status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
     result = {"trial": job["trial"], "seed": job["seed"], "key": job["key"], **job["fields"],
               "wall_s": round(time.perf_counter() - start, 2), **result}
-    result_file.write_text(json.dumps(result, indent=2))
+    if output_kind(run_dir) == "train":  # not into a folder the claim refused
+        write_atomic(result_file, json.dumps(result, indent=2))
     return result
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    """A trial's recorded result; None when there is none or it cannot be read (a write cut short
+    before results were atomic, a damaged file): that trial is simply run again."""
+    try:
+        result = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
 
 
 def train_and_evaluate(
@@ -291,7 +309,7 @@ def run_ablation(
     store = FeatureStore.open(store_url)
     trials = expand(load_spec(spec))
     base = recipe(recipe_name, preset, steps=steps, batch=batch, grids=store.config.grids, threads=1).to_dict()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, "ablation")  # ours is resumed; anyone else's folder is refused untouched
     jobs = plan_jobs(trials, list(seeds), base, store, dataset, out)
     trial_fn = functools.partial(train_and_evaluate, store=store_url, dataset=dataset, vocab=vocab,
                                  calibrate_on=calibrate_on, threshold=threshold)

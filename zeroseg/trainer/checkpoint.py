@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from zeroseg.errors import UserError
+from zeroseg.outputs import write_atomic
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.model import ZeroSegStudent
 
@@ -53,9 +53,7 @@ def sha256_file(path: Path) -> str:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -120,6 +118,12 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_weights(model: ZeroSegStudent, ckpt: Path) -> None:
+    """The checkpoint's weights into `model`, after checking them against the sha256 state.json
+    recorded when they were saved (a damaged or replaced file is refused, never used)."""
+    recorded, actual = read_state(ckpt).get("sha256"), sha256_file(ckpt / MODEL_FILE)
+    if recorded != actual:
+        raise CheckpointError(f"{ckpt / MODEL_FILE} is damaged or was replaced: its sha256 is {actual[:12]}, "
+                              f"state.json recorded {str(recorded)[:12]}; restore it or retrain")
     weights = load_file(ckpt / MODEL_FILE)
     missing, unexpected = set(model.state_dict()) - set(weights), set(weights) - set(model.state_dict())
     if missing or unexpected:  # a checkpoint of another version of the model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import time
@@ -22,6 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from zeroseg.errors import UserError
+from zeroseg.outputs import claim_output_dir, write_atomic
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer import checkpoint as ckpt_io
 from zeroseg.trainer.config import TrainConfig
@@ -92,14 +94,17 @@ class RunLog:
         path = self.run_dir / "metrics.csv"
         rows = []
         if path.exists():  # a resumed run: keep what the checkpoint had reached, drop the rest
-            with open(path) as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.start_step]
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if _complete(r) and int(r["step"]) <= self.start_step]
+        # The kept rows replace the file whole (a crash keeps the old file), then rows are appended.
+        kept = io.StringIO(newline="")
+        writer = csv.DictWriter(kept, fieldnames=METRICS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(path, kept.getvalue())
         self.rows: list[dict[str, Any]] = rows
-        self.file = open(path, "w", newline="")
+        self.file = open(path, "a", newline="")
         self.csv = csv.DictWriter(self.file, fieldnames=METRICS)
-        self.csv.writeheader()
-        self.csv.writerows(rows)
-        self.file.flush()
         self.tb = SummaryWriter(str(self.run_dir), purge_step=self.start_step or None)
 
     def add(self, row: dict[str, Any]) -> None:
@@ -130,12 +135,19 @@ class RunLog:
         ax.legend()
         ax.set_title(self.run_dir.name)
         fig.tight_layout()
-        fig.savefig(self.run_dir / "loss_curve.png", dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
+        write_atomic(self.run_dir / "loss_curve.png", png.getvalue())
 
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+
+
+def _complete(row: dict[str, Any]) -> bool:
+    """A metrics.csv row with every column and an integer step (a row cut short by a kill is not)."""
+    return None not in row.values() and None not in row and str(row.get("step", "")).isdigit()
 
 
 def train(
@@ -150,6 +162,9 @@ def train(
     """
     run_dir = Path(run_dir)
     store = FeatureStore.open(store_url)
+    if resume and not run_dir.is_dir():
+        raise UserError(f"nothing to resume in {run_dir} (no such folder)")
+    claim_output_dir(run_dir, "train")  # anyone else's folder is refused before a byte is written
     start_step, ckpt = 0, None
     if resume:
         ckpt = ckpt_io.latest_checkpoint(run_dir)
@@ -166,7 +181,6 @@ def train(
 
     columns = check_fit(config, store)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, out_dim=store.dim))
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_io.write_json(run_dir / "config.json", {"config": config.to_dict(), "store": store.identity()})
 
     torch.manual_seed(config.seed)
