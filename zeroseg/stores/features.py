@@ -33,6 +33,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 import zeroseg
 from zeroseg.errors import UserError
+from zeroseg.geometry import grid_boxes
 
 SCHEMA_VERSION = 1
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
@@ -105,16 +106,6 @@ class StoreConfig:
             chunk_images=attrs["chunk_images"],
             pixels=attrs["pixels"],
         )
-
-
-def grid_boxes(grids: Sequence[int]) -> np.ndarray:
-    """(C, 4) fractional x0, y0, x1, y1 of every cell of every g x g grid, grid by grid, row-major."""
-    boxes = []
-    for g in grids:
-        for row in range(g):
-            for col in range(g):
-                boxes.append((col / g, row / g, (col + 1) / g, (row + 1) / g))
-    return np.asarray(boxes, dtype=np.float32)
 
 
 def _mismatches(want: StoreConfig, have: StoreConfig) -> list[str]:

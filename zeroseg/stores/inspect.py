@@ -14,7 +14,8 @@ import dask.array as da
 import fsspec
 import numpy as np
 
-from zeroseg.stores.features import FeatureStore, Status, grid_boxes
+from zeroseg.geometry import grid_boxes
+from zeroseg.stores.features import FeatureStore, Status
 
 
 def _disk_bytes(url: str, sub: str = "") -> int:
