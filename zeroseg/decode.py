@@ -87,10 +87,13 @@ def open_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise UserError(f"cannot read image {path}: {e.reason}")
 
 
-def read_upright(path: str, max_pixels: int, shortest: int = 1, draft: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+def read_upright(
+    path: str, max_pixels: int, shortest: int = 1, draft: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
     """The rules of the module docstring: (upright 8-bit RGB image, its upright (height, width)).
-    An image whose shorter side is under `shortest` px is refused. With `draft`, a JPEG may decode at a reduced scale whose shorter side stays >= draft.
-    Raises Refused, and only Refused, for anything wrong with the file."""
+    An image whose shorter side is under `shortest` px is refused; with `draft`, a JPEG may
+    decode at a reduced scale whose shorter side stays >= draft. Raises Refused, and only
+    Refused, for anything wrong with the file."""
     try:
         file = _open(path)
     except FileNotFoundError:

@@ -20,7 +20,6 @@ from rich.table import Table
 
 from zeroseg.errors import UserError
 from zeroseg.stores.features import FeatureStore, Status, StoreError, TeacherInfo
-from zeroseg.stores.views import row_views
 from zeroseg.stores.index import (
     IndexMeta,
     NeighbourIndex,
@@ -31,6 +30,7 @@ from zeroseg.stores.index import (
     index_spec,
     store_fingerprint,
 )
+from zeroseg.stores.views import row_views
 
 
 @dataclass
