@@ -30,12 +30,11 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from zeroseg.demo.scenes import generate_scenes  # noqa: E402
-from zeroseg.pipeline.crops import cut_crops  # noqa: E402
-from zeroseg.pipeline.decode import decode_image  # noqa: E402
+from zeroseg.decode import decode_image  # noqa: E402
+from zeroseg.geometry import cut_crops, grid_boxes  # noqa: E402
 from zeroseg.pipeline.extract import ExtractConfig, images_per_batch, run_extract  # noqa: E402
 from zeroseg.pipeline.sources import list_images  # noqa: E402
 from zeroseg.pipeline.teacher import load_teacher  # noqa: E402
-from zeroseg.stores.features import grid_boxes  # noqa: E402
 from zeroseg.stores.inspect import store_info  # noqa: E402
 
 GRIDS = (1, 2, 3, 4)

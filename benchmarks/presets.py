@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import torch
 
-from zeroseg.stores.features import grid_boxes
+from zeroseg.geometry import grid_boxes
 from zeroseg.trainer.config import recipe
 from zeroseg.trainer.loader import select_columns
 from zeroseg.trainer.losses import box_membership, zeroseg_losses

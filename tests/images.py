@@ -71,3 +71,84 @@ def write_bad_and_odd(folder: Path) -> dict[str, str]:
     png_header_only(folder / "big.png", 10_000, 10_000)  # over the cap, under twice: we refuse
     expect["big.png"] = "too large"
     return expect
+
+
+# ---- real-looking photographs: every way a camera, scanner or editor writes a picture ---------
+
+# The transpose that exif_transpose applies for each EXIF orientation, and its inverse (what the
+# camera stored so that the upright picture comes out).
+EXIF_UNDO = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+             4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+             7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+def upright_picture(height: int = 48, width: int = 64) -> np.ndarray:
+    """(height, width, 3) uint8: 16-px blocks, each its own colour, so that any flip or turn of
+    it is a clearly different picture; flat blocks survive JPEG well."""
+    rows, cols = np.mgrid[0:height, 0:width] // 16
+    block = rows * (width // 16) + cols
+    rng = np.random.default_rng(7)
+    palette = rng.permutation(np.linspace(20, 235, block.max() + 1)).astype(np.uint8)
+    return np.stack([palette[block], palette[::-1][block], (palette[block] // 2 + 60)], axis=-1).astype(np.uint8)
+
+
+def save_exif_jpeg(path: Path, upright: np.ndarray, orientation: int) -> None:
+    """A JPEG as a phone writes it: the sensor's pixels plus the EXIF orientation tag that turns
+    them upright."""
+    stored = Image.fromarray(upright)
+    if EXIF_UNDO[orientation] is not None:
+        stored = stored.transpose(EXIF_UNDO[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=95, subsampling=0, exif=exif)
+
+
+def write_photos(folder: Path) -> dict[str, np.ndarray]:
+    """Photographs in every format and mode of the issue; file name -> the upright RGB picture
+    a viewer shows for it (what its training view must be made of)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pic = upright_picture()
+    other = 255 - pic  # a second animation frame, far from the first
+    expect = {}
+    for o in range(1, 9):
+        save_exif_jpeg(folder / f"exif{o}.jpg", pic, o)
+        expect[f"exif{o}.jpg"] = pic
+    Image.fromarray(pic).save(folder / "progressive.jpg", quality=95, subsampling=0, progressive=True)
+    expect["progressive.jpg"] = pic
+    rgba = np.dstack([pic, np.full(pic.shape[:2], 255, np.uint8)])
+    rgba[:, :32, 3] = 0  # left half transparent: a viewer shows white there, not the RGB beneath
+    Image.fromarray(rgba, "RGBA").save(folder / "rgba.png")
+    expect["rgba.png"] = np.where(rgba[..., 3:] == 0, 255, pic).astype(np.uint8)
+    Image.fromarray(pic).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    expect["cmyk.jpg"] = pic
+    grey = pic.mean(axis=-1).astype(np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "grey16.png")  # mode I;16
+    expect["grey16.png"] = np.repeat(grey[..., None], 3, axis=-1)
+    big = Image.fromarray(pic).resize((4000, 3000), Image.NEAREST)  # a camera's 12 Mpx: draft decoding applies
+    big.save(folder / "large.jpg", quality=90)
+    expect["large.jpg"] = np.asarray(big.resize((64, 48), Image.BOX))
+    Image.fromarray(pic).save(folder / "lossless.webp", lossless=True)
+    expect["lossless.webp"] = pic
+    Image.fromarray(pic).save(folder / "scan.tif")
+    expect["scan.tif"] = pic
+    frames = [Image.fromarray(pic), Image.fromarray(other)]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    expect["anim.gif"] = pic
+    frames[0].save(folder / "anim.png", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    expect["anim.png"] = pic
+    return expect
+
+
+def tiff_raising_type_error(path: Path) -> None:
+    """A TIFF whose StripOffsets tag claims the RATIONAL type: Pillow then seeks to an IFDRational
+    and raises TypeError while loading, an exception type no decoder rule lists (found by
+    mutating bytes of a PIL-written TIFF)."""
+    Image.fromarray(upright_picture()).save(path)
+    data = bytearray(path.read_bytes())
+    assert data[:4] == b"II*\x00"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 273:  # StripOffsets
+            struct.pack_into("<H", data, entry + 2, 5)  # type LONG -> RATIONAL
+    path.write_bytes(bytes(data))

@@ -20,9 +20,9 @@ from PIL import Image
 from images import write_bad_and_odd, write_good
 from zeroseg.cli import main
 from zeroseg.errors import UserError
-from zeroseg.pipeline.crops import cut_crops, training_view
+from zeroseg.geometry import cut_crops, grid_boxes, training_view
 from zeroseg.pipeline.extract import ChunkWorker, ExtractConfig, embed_chunk, run_extract
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig, grid_boxes
+from zeroseg.stores.features import FeatureStore, Status, StoreConfig
 from zeroseg.stores.lock import LOCK_NAME, LockedError, StoreLock
 
 GRIDS = (1, 2)

@@ -282,10 +282,11 @@ def test_contact_sheet_decodes_paths_without_pixels(tmp_path):
 
     paths_gone = tmp_path / "photo7.png"
     paths_gone.unlink()
-    with pytest.raises(Exception, match="cannot read image 7"):
-        from zeroseg.segment.neighbours import image_view
+    from zeroseg.errors import UserError
+    from zeroseg.stores.views import row_views
 
-        image_view(store, 7, 32)
+    with pytest.raises(UserError, match="cannot read image 7 .*photo7.png.*: missing"):
+        row_views(store, [7])
 
 
 def test_text_query_finds_planted_crops(tmp_path, tiny_teacher, monkeypatch, capsys):
@@ -331,6 +332,7 @@ def tiny_student(tmp_path_factory):
 def test_segments_index_maps_back_to_tokens(tiny_student, tmp_path, monkeypatch, capsys):
     from zeroseg.segment.neighbours import SegmentVectors
     from zeroseg.stores.features import FeatureStore
+    from zeroseg.stores.views import row_views
 
     store_url, run = tiny_student
     code, out, err = run_cli(monkeypatch, capsys, "index", "build", store_url, "--source", "segments",
@@ -343,7 +345,7 @@ def test_segments_index_maps_back_to_tokens(tiny_student, tmp_path, monkeypatch,
     # Every non-empty token of every image is in the index under image * K + token, and the
     # stored vector is the student's token (its own nearest neighbour, cosine 1).
     student = SegmentVectors(FeatureStore.open(store_url), str(run))
-    tokens, assignment = student.segment(student.views(np.arange(24)))  # (24, K, D), (24, h, w)
+    tokens, assignment = student.segment(row_views(student.store, np.arange(24)))  # (24, K, D), (24, h, w)
     k_tokens = tokens.shape[1]
     assert meta.stride == k_tokens
     used = [(i, t) for i in range(24) for t in range(k_tokens) if (assignment[i] == t).any()]

@@ -1,13 +1,17 @@
 import json
 import os
+import struct
+import time
+import tracemalloc
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from images import write_bad_and_odd, write_good
+from images import png_header_only, tiff_raising_type_error, write_bad_and_odd, write_good
 from zeroseg.errors import UserError
-from zeroseg.pipeline.decode import decode_image, to_rgb
+from zeroseg.decode import decode_image, to_rgb
+from zeroseg.pipeline.extract import ExtractConfig, run_extract
 from zeroseg.pipeline.sources import list_images
 
 GRIDS = (1, 2)
@@ -78,3 +82,75 @@ def test_tiny_rule_follows_the_finest_grid(tmp_path):
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "ten.png")
     assert decode_image(str(tmp_path / "ten.png"), 32, (1, 2)).view is not None  # 10 >= 4 * 2
     assert decode_image(str(tmp_path / "ten.png"), 32, (1, 2, 3)).error.startswith("too small")  # 10 < 12
+
+
+# ---- bad input stays data: any exception, any size ----------------------------------------------
+
+
+def test_an_unexpected_exception_type_is_a_failed_row(tmp_path):
+    """Pillow raises TypeError on this TIFF (see images.tiff_raising_type_error): no rule lists
+    that type, and the image must still end as a failed row with a one-line reason."""
+    tiff_raising_type_error(tmp_path / "odd.tif")
+    with pytest.raises(TypeError):
+        Image.open(tmp_path / "odd.tif").load()  # the file really does make PIL raise it
+    d = decode_image(str(tmp_path / "odd.tif"), 32, GRIDS)
+    assert d.view is None and d.error.startswith("corrupt: ") and "\n" not in d.error, d.error
+
+
+def extract_with_odd_file(tmp_path, workers: int):
+    write_good(tmp_path / "imgs", 5)
+    tiff_raising_type_error(tmp_path / "imgs" / "good002_odd.tif")  # the middle of the first chunk
+    config = ExtractConfig(grids=GRIDS, view_size=32, batch=20, chunk_images=4, workers=workers)
+    summary = run_extract(str(tmp_path / "imgs"), str(tmp_path / "s.zarr"), config, notify=lambda _: None)
+    assert (summary.ok, summary.failed, summary.pending) == (5, 1, 0), summary
+    assert not summary.lost_chunks and summary.reasons == {"corrupt": 1}
+
+
+def test_an_unexpected_exception_fails_one_row_in_process(tmp_path):
+    extract_with_odd_file(tmp_path, workers=0)
+
+
+@pytest.mark.slow  # ~10 s: a Ray actor starts and builds its teacher
+def test_an_unexpected_exception_fails_one_row_in_a_ray_worker(tmp_path, ray_session):
+    """The exception happens inside the Ray actor (it decodes the real file), and the chunk ends
+    written, not pending."""
+    extract_with_odd_file(tmp_path, workers=1)
+
+
+def huge_file(path, head: bytes) -> None:
+    """`head` then zeros up to 2 GiB: a sparse file, cheap on disk, costly if read whole."""
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(2**31)
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A real JPEG whose frame header (SOF0) claims width x height."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["junk", "png", "jpeg"])
+def test_a_2gb_file_is_refused_from_its_header(tmp_path, kind):
+    """A 2 GiB file named .jpg (junk, or a header claiming 60000 x 60000 px) is refused without
+    being read into memory: quickly, with a small peak of Python memory."""
+    path = tmp_path / "huge.jpg"
+    if kind == "png":
+        png_header_only(tmp_path / "head.png", 60_000, 60_000)
+        huge_file(path, (tmp_path / "head.png").read_bytes())
+    else:
+        huge_file(path, b"\x00junk, not an image" if kind == "junk" else jpeg_claiming(60_000, 60_000))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    d = decode_image(str(path), 32, GRIDS)
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert d.view is None and d.error.split(":")[0] == ("not an image" if kind == "junk" else "too large"), d.error
+    assert peak < 100 * 2**20 and seconds < 2, (peak, seconds)

@@ -3,7 +3,8 @@ import pytest
 
 import zarr
 
-from zeroseg.stores.features import CREATING_MARKER, FeatureStore, Status, StoreConfig, StoreError, StoreNotFoundError, TeacherInfo, grid_boxes
+from zeroseg.geometry import grid_boxes
+from zeroseg.stores.features import CREATING_MARKER, FeatureStore, Status, StoreConfig, StoreError, StoreNotFoundError, TeacherInfo
 
 TEACHER = TeacherInfo("zeroseg-tiny", "random:0", "ab" * 32, 64, (0.5,) * 3, (0.25,) * 3, 16)
 

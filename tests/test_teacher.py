@@ -2,9 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from zeroseg.pipeline.crops import box_pixels, cut_crops, training_view
+from zeroseg.geometry import box_pixels, cut_crops, grid_boxes, training_view
 from zeroseg.pipeline.teacher import TeacherError, load_teacher
-from zeroseg.stores.features import grid_boxes
 from PIL import Image
 
 

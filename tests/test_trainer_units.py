@@ -195,7 +195,7 @@ def test_loss_spec_parsing():
 
 
 def test_box_membership_marks_the_patches_whose_centre_is_in_the_box():
-    from zeroseg.stores.features import grid_boxes
+    from zeroseg.geometry import grid_boxes
 
     member = box_membership(grid_boxes([1, 2]), grid=4)  # (5, 16)
     assert member[0].sum() == 16  # the 1x1 crop holds every patch

@@ -40,9 +40,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zeroseg.demo import scenes
-from zeroseg.pipeline.crops import box_pixels, cut_crops, training_view
+from zeroseg.geometry import box_pixels, cut_crops, grid_boxes, training_view
 from zeroseg.segment.text import TEMPLATES, embed_classes
-from zeroseg.stores.features import grid_boxes
 
 OBJECT_CLASSES = scenes.CLASSES[1:]  # what the zero-shot check classifies (background has no look)
 

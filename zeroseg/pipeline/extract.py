@@ -34,8 +34,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from zeroseg.errors import UserError
-from zeroseg.pipeline.crops import cut_crops
-from zeroseg.pipeline.decode import Decoded, decode_image
+from zeroseg.decode import Decoded, decode_image
+from zeroseg.geometry import cut_crops
 from zeroseg.pipeline.sources import list_images
 from zeroseg.pipeline.teacher import Teacher, load_teacher
 from zeroseg.stores.features import (

@@ -19,14 +19,11 @@ import json
 import os
 from pathlib import Path
 
+from zeroseg.decode import is_url
 from zeroseg.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 GLOB_CHARS = set("*?[")
-
-
-def is_url(path: str) -> bool:
-    return "://" in path
 
 
 def list_images(images: str) -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from zeroseg.decode import open_image
 from zeroseg.errors import UserError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -37,12 +38,13 @@ class LabelledDataset:
         return len(self.images)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image i: (H, W, 3) uint8 RGB and its (H, W) uint8 class-id mask."""
+        """Image i: (H, W, 3) uint8 RGB, upright (decoded as the extractor decodes), and its (H, W)
+        uint8 class-id mask (a label map, read as stored)."""
+        image = np.asarray(open_image(str(self.images[i])))
         try:
-            image = np.asarray(Image.open(self.images[i]).convert("RGB"))
             mask = Image.open(self.masks[i])
         except OSError as e:
-            raise UserError(f"cannot read {self.images[i].name} or its mask: {e}")
+            raise UserError(f"cannot read the mask {self.masks[i]}: {e}")
         if mask.mode not in ("P", "L"):
             raise UserError(f"{self.masks[i]} is a {mask.mode} image, not a class-id (palette or grey) mask")
         mask = np.asarray(mask)

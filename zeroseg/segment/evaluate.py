@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from zeroseg.decode import open_image
 from zeroseg.errors import UserError
 from zeroseg.segment import render
 from zeroseg.segment.datasets import LabelledDataset, load_dataset
@@ -163,10 +163,7 @@ def segment_images(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in images:
-        try:
-            image = np.asarray(Image.open(path).convert("RGB"))
-        except OSError as e:
-            raise UserError(f"cannot read image {path}: {e}")
+        image = np.asarray(open_image(str(path)))  # upright, as the user sees it; UserError if unreadable
         mask = predictor.raw([image])[0].mask(chosen.value)
         mask_path, overlay_path = out / f"{path.stem}_mask.png", out / f"{path.stem}_overlay.png"
         render.save_mask(mask, mask_path)

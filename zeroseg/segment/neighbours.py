@@ -32,6 +32,7 @@ from zeroseg.stores.index import (
     index_spec,
     store_fingerprint,
 )
+from zeroseg.stores.views import row_views
 
 
 @dataclass
@@ -60,18 +61,19 @@ class CropVectors:
             raise UserError(f"store has grids {','.join(map(str, have))}, not {','.join(map(str, missing))}")
         level = np.repeat(np.array(have), [g * g for g in have])  # grid of each crop (C,)
         self.store = store
+        self.ok = store.status() == Status.OK  # read once: one byte per image
         self.grids = grids
         self.crops = np.flatnonzero(np.isin(level, grids))  # crop indices indexed
         self.stride = store.n_crops
         self.checkpoint = None
 
     def estimate_count(self) -> int:
-        return int((self.store.status() == Status.OK).sum()) * len(self.crops)
+        return int(self.ok.sum()) * len(self.crops)
 
     def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Chunk i -> ids (n,) int64, vectors (n, D) float16."""
         sl = self.store.chunk_slice(i)
-        ok = np.flatnonzero(self.store.array("images/status")[sl] == Status.OK)
+        ok = np.flatnonzero(self.ok[sl])
         feats = self.store.features[sl][ok][:, self.crops]  # (n_ok, c, D)
         image, crop = np.meshgrid(sl.start + ok, self.crops, indexing="ij")
         return encode_ids(image.ravel(), crop.ravel(), self.stride), feats.reshape(-1, feats.shape[-1])
@@ -79,8 +81,8 @@ class CropVectors:
 
 class SegmentVectors:
     """A trained student's segment tokens for every status-ok image; tokens that own no patch
-    (empty segments) are left out. The student sees the store's pixels, or each image file
-    decoded again into the store's training view (it resizes that to its own input itself)."""
+    (empty segments) are left out. The student sees each image's training view (`row_views`:
+    the store's pixels, or the file decoded as the extractor did); it resizes that itself."""
 
     source = "segments"
 
@@ -95,6 +97,7 @@ class SegmentVectors:
                 f"({made_by.sha256[:12]}), store {store.url} holds {have.arch}/{have.pretrained} ({have.sha256[:12]})"
             )
         self.store = store
+        self.ok = store.status() == Status.OK  # read once: one byte per image
         self.model = model
         self.batch_images = batch_images
         self.grids = None  # crops only
@@ -104,7 +107,7 @@ class SegmentVectors:
 
     def estimate_count(self) -> int:
         """An upper bound (empty segments are dropped): sizes the index kind."""
-        return int((self.store.status() == Status.OK).sum()) * self.stride
+        return int(self.ok.sum()) * self.stride
 
     def segment(self, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """views (B, S, S, 3) uint8 -> tokens (B, K, D) float32, assignment (B, h, w) int64."""
@@ -118,22 +121,13 @@ class SegmentVectors:
                 assignment.append(seg.assignment.numpy())
         return np.concatenate(tokens), np.concatenate(assignment)
 
-    def views(self, images: np.ndarray) -> np.ndarray:
-        """Training views (n, S, S, 3) of the given image indices."""
-        size = self.store.config.view_size
-        return np.stack([image_view(self.store, int(i), size) for i in images])
-
     def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Chunk i -> ids (n,) int64, vectors (n, D) float32 of its non-empty segments."""
         sl = self.store.chunk_slice(i)
-        ok = np.flatnonzero(self.store.array("images/status")[sl] == Status.OK)
+        ok = np.flatnonzero(self.ok[sl])
         if len(ok) == 0:
             return np.zeros(0, np.int64), np.zeros((0, self.store.dim), np.float32)
-        if self.store.has_pixels:
-            views = self.store.pixels[sl][ok]
-        else:
-            views = self.views(sl.start + ok)
-        tokens, assignment = self.segment(views)  # (n, K, D), (n, h, w)
+        tokens, assignment = self.segment(row_views(self.store, sl.start + ok))  # (n, K, D), (n, h, w)
         k = tokens.shape[1]
         used = (assignment.reshape(len(ok), -1)[:, :, None] == np.arange(k)).any(axis=1)  # (n, K)
         image, token = np.nonzero(used)
@@ -302,7 +296,7 @@ def _student_for(index: NeighbourIndex, store: FeatureStore, checkpoint: str | N
 def _check_image(store: FeatureStore, image: int) -> None:
     if not 0 <= image < store.n_images:
         raise UserError(f"image {image} out of range: the store has {store.n_images} images")
-    status = Status(int(store.array("images/status")[image]))
+    status = Status(int(store.status()[image]))
     if status != Status.OK:
         raise UserError(f"image {image} has status {status.name.lower()}: it is not in the index")
 
@@ -346,7 +340,7 @@ def query_index(
         if student is None:
             vector = store.features[image, crop].astype(np.float32)
         else:
-            tokens, assignment = student.segment(student.views(np.array([image])))
+            tokens, assignment = student.segment(row_views(store, [image]))
             if not (assignment[0] == token).any():
                 used = ", ".join(map(str, np.unique(assignment[0])))
                 raise UserError(f"token {token} of image {image} owns no patch (an empty segment); its segments: {used}")
@@ -356,11 +350,11 @@ def query_index(
     # dropped, so that exactly k others remain.
     scores, ids = index.search(vector[None], k + (self_id is not None))
     found = [(float(sc), int(i)) for sc, i in zip(scores[0], ids[0]) if i >= 0 and i != self_id][:k]
+    paths, boxes = store.paths(), store.boxes
     if self_id is not None:
-        query["path"] = str(store.array("images/path")[image])
+        query["path"] = str(paths[image])
         found.insert(0, (1.0, self_id))
     images, subs = decode_ids(np.array([i for _, i in found], dtype=np.int64), meta.stride)
-    paths, boxes = store.paths(), store.boxes
     rows = []
     for j, ((score, _), image_j, sub) in enumerate(zip(found, images.tolist(), subs.tolist())):
         box = [round(float(v), 4) for v in boxes[sub]] if meta.source == "crops" else None
@@ -377,9 +371,9 @@ def query_index(
 def _segment_masks(student: SegmentVectors, result: QueryResult) -> dict[int, np.ndarray]:
     """Each row's segment (the query's and the neighbours') as a (h, w) bool mask on the
     student's patch grid, by rank."""
-    images = np.array([n.image for n in result.rows()])
-    _, assignment = student.segment(student.views(images))  # (n, h, w)
-    return {n.rank: assignment[j] == n.sub for j, n in enumerate(result.rows())}
+    rows = result.rows()
+    _, assignment = student.segment(row_views(student.store, [n.image for n in rows]))  # (n, h, w)
+    return {n.rank: assignment[j] == n.sub for j, n in enumerate(rows)}
 
 
 def neighbours_table(result: QueryResult) -> Table:
@@ -410,21 +404,6 @@ def sheet_size(n_tiles: int) -> tuple[int, int]:
     cols = min(COLUMNS, n_tiles)
     rows = -(-n_tiles // COLUMNS)
     return cols * TILE, rows * (TILE + CAPTION)
-
-
-def image_view(store: FeatureStore, image: int, size: int) -> np.ndarray:
-    """Image `image` as the model saw it, (size, size, 3) uint8: the store's pixels, else its
-    file decoded again into the training view."""
-    from zeroseg.pipeline.crops import training_view
-
-    if store.has_pixels and store.config.view_size == size:
-        return store.pixels[image]
-    path = str(store.array("images/path")[image])
-    try:
-        with Image.open(path) as im:
-            return training_view(im, size)
-    except OSError as e:
-        raise UserError(f"cannot read image {image} ({path}): {e}")
 
 
 def _tile(view: np.ndarray, box: list[float] | None, mask: np.ndarray | None) -> Image.Image:
@@ -467,8 +446,9 @@ def render_contact_sheet(
     if "text" in result.query:
         tiles.append(_text_tile(result.query["text"], font))
         captions.append("query")
-    for n in result.rows():
-        view = image_view(store, n.image, store.config.view_size)
+    rows = result.rows()
+    views = row_views(store, [n.image for n in rows])  # as the teacher saw them
+    for n, view in zip(rows, views):
         tiles.append(_tile(view, n.box, (masks or {}).get(n.rank)))
         what = f"crop {n.sub}" if result.source == "crops" else f"token {n.sub}"
         head = "query" if n.rank == 0 else f"#{n.rank}  {n.score:.3f}"

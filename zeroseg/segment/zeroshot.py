@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zeroseg.errors import UserError
+from zeroseg.geometry import cut_crops, grid_boxes
 from zeroseg.segment.metrics import IGNORE, Confusion
 
 PAPER_THRESHOLDS = {"voc": 0.95, "context": 0.05, "coco": 0.35}
@@ -130,9 +131,6 @@ class GridPredictor:
 
     @torch.inference_mode()
     def raw(self, images: list[np.ndarray]) -> list[Raw]:
-        from zeroseg.pipeline.crops import cut_crops
-        from zeroseg.stores.features import grid_boxes
-
         g, s = self.grid, self.teacher.info.input_size
         view = g * s  # cells cut at the teacher's own resolution
         views = torch.from_numpy(np.stack([student_input(im, view) for im in images]))

@@ -47,6 +47,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 import zeroseg
 from zeroseg.errors import UserError
+from zeroseg.geometry import grid_boxes
 from zeroseg.stores.lock import LOCK_NAME, StoreLock
 
 SCHEMA_VERSION = 2
@@ -135,16 +136,6 @@ class StoreConfig:
             chunk_images=attrs["chunk_images"],
             pixels=attrs["pixels"],
         )
-
-
-def grid_boxes(grids: Sequence[int]) -> np.ndarray:
-    """(C, 4) fractional x0, y0, x1, y1 of every cell of every g x g grid, grid by grid, row-major."""
-    boxes = []
-    for g in grids:
-        for row in range(g):
-            for col in range(g):
-                boxes.append((col / g, row / g, (col + 1) / g, (row + 1) / g))
-    return np.asarray(boxes, dtype=np.float32)
 
 
 def _mismatches(want: StoreConfig, have: StoreConfig) -> list[str]:

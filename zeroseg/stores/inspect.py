@@ -15,13 +15,13 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from zeroseg.geometry import grid_boxes
 from zeroseg.stores.features import (
     PER_IMAGE_ARRAYS,
     DamagedChunkError,
     FeatureStore,
     Status,
     StoreArray,
-    grid_boxes,
 )
 from zeroseg.stores.lock import StoreLock
 

@@ -10,7 +10,8 @@ of a window are shuffled together: whole-chunk reads, shuffled well enough for S
 Speed. A background thread cuts batches and keeps `prefetch` of them queued; the chunks of the next
 windows are read ahead by a pool of reader threads (zarr's Blosc decompression and PIL's decoding
 release the GIL), so the train step takes a ready batch. A store without images/pixels has its
-image paths decoded into training views by that pool, once per epoch.
+image paths decoded into training views (`stores.views.row_views`: exactly as the extractor
+decoded them) by a pool of decoder threads, once per epoch.
 
 Grid subset. The store's crop boxes name each crop column; asking for grids 1,2,3 from a 1,2,3,4
 store selects those columns, no re-extraction.
@@ -25,14 +26,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import fsspec
 import numpy as np
 import torch
-from PIL import Image
 
 from zeroseg.errors import UserError
-from zeroseg.pipeline.crops import training_view
-from zeroseg.stores.features import FeatureStore, Status, grid_boxes
+from zeroseg.geometry import grid_boxes
+from zeroseg.stores.features import FeatureStore, Status
+from zeroseg.stores.views import row_views
 
 
 # ---- crop columns ------------------------------------------------------------------------------
@@ -64,24 +64,23 @@ def select_columns(store_boxes: np.ndarray, store_grids: Sequence[int], grids: S
 
 
 class StoreSource:
-    """Reads one whole chunk: the selected feature columns and the student's pixels."""
+    """Reads one whole chunk: the selected feature columns and the student's pixels (zeros for
+    the images that failed extraction: they have no view, and no batch takes them)."""
 
     def __init__(self, store: FeatureStore, columns: Columns, features: bool = True, workers: int = 2):
         self.store, self.columns, self.with_features = store, columns, features
-        self.paths = None if store.has_pixels else store.paths()
-        self.decoder = ThreadPoolExecutor(workers, thread_name_prefix="decode") if self.paths is not None else None
+        self.ok = store.status() == Status.OK
+        self.decoder = None if store.has_pixels else ThreadPoolExecutor(workers, thread_name_prefix="decode")
 
     def read(self, chunk: int) -> dict[str, np.ndarray]:
         sl = self.store.chunk_slice(chunk)
         out = {}
         if self.with_features:
             out["features"] = self.store.features[sl][:, self.columns.index]  # (n, C', D) float16
-        if self.paths is None:
-            out["pixels"] = self.store.pixels[sl]  # (n, S, S, 3) uint8
-        else:
-            size = self.store.config.view_size
-            views = list(self.decoder.map(lambda p: decode_view(p, size), self.paths[sl]))
-            out["pixels"] = np.stack(views)
+        ok = self.ok[sl]
+        s = self.store.config.view_size
+        out["pixels"] = np.zeros((len(ok), s, s, 3), np.uint8)  # (n, S, S, 3)
+        out["pixels"][ok] = row_views(self.store, sl if ok.all() else sl.start + np.flatnonzero(ok), self.decoder)
         return out
 
     def close(self) -> None:
@@ -100,12 +99,6 @@ class MemorySource:
 
     def close(self) -> None:
         pass
-
-
-def decode_view(path: str, size: int) -> np.ndarray:
-    """An image path or URL -> its training view (size, size, 3) uint8, as the extractor made it."""
-    with fsspec.open(path, "rb") as f:
-        return training_view(Image.open(f), size)
 
 
 # ---- order -------------------------------------------------------------------------------------

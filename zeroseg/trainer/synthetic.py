@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zeroseg.pipeline.crops import cut_crops
+from zeroseg.geometry import cut_crops
 from zeroseg.pipeline.teacher import Teacher
 from zeroseg.stores.features import FeatureStore, Status, StoreConfig
 

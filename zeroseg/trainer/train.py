@@ -23,6 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from zeroseg.errors import UserError
+from zeroseg.geometry import cut_crops
 from zeroseg.outputs import claim_output_dir, write_atomic
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer import checkpoint as ckpt_io
@@ -75,8 +76,6 @@ class OnlineTeacher:
 
     def features(self, views: torch.Tensor) -> torch.Tensor:
         """views (B, S, S, 3) uint8 at the store's view size -> (B, C', D) float32."""
-        from zeroseg.pipeline.crops import cut_crops
-
         crops = cut_crops(views, self.boxes, self.teacher.info.input_size)  # (B*C', 3, s, s)
         return self.teacher.encode_images(crops).view(views.shape[0], len(self.boxes), -1)
 

@@ -1,10 +1,14 @@
-"""The training view and its multi-scale grid crops (PAPER.md: center crop, no augmentation).
+"""The geometry of a training view (PAPER.md: center crop, no augmentation): the view itself,
+the grid boxes and the crops cut from it. At the bottom of the house: every room imports it, it
+imports nothing of zeroseg.
 
 An image is decoded once into the training view (resize the shorter side, center crop); the grid
 crops are cut from that tensor, so every crop box is exact in view pixels.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,6 +25,16 @@ def training_view(image: Image.Image, size: int) -> np.ndarray:
     image = image.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def grid_boxes(grids: Sequence[int]) -> np.ndarray:
+    """(C, 4) fractional x0, y0, x1, y1 of every cell of every g x g grid, grid by grid, row-major."""
+    boxes = []
+    for g in grids:
+        for row in range(g):
+            for col in range(g):
+                boxes.append((col / g, row / g, (col + 1) / g, (row + 1) / g))
+    return np.asarray(boxes, dtype=np.float32)
 
 
 def box_pixels(boxes: np.ndarray, size: int) -> np.ndarray:
