@@ -109,7 +109,9 @@ def test_text_vocabulary_round_trip_and_teacher_check(tmp_path):
     np.testing.assert_array_equal(got, emb)
     with pytest.raises(StoreError, match="no vocabulary 'voc'"):
         store.read_text("voc")
-    store.group["text/toy"].attrs["teacher"] = {**store.group["text/toy"].attrs["teacher"], "arch": "ViT-B-32"}
+    vocab = store.group["text/toy"]
+    current = vocab[vocab.attrs["current"]]  # the generation readers follow
+    current.attrs["teacher"] = {**current.attrs["teacher"], "arch": "ViT-B-32"}
     with pytest.raises(StoreError, match="embedded by ViT-B-32"):
         store.read_text("toy")
 

@@ -96,7 +96,7 @@ def test_the_loader_shows_the_student_what_the_teacher_embedded(photos):
 def test_the_contact_sheet_draws_the_embedded_view(photos, tmp_path):
     _, _, with_pixels, without = photos
     rows = list(names(with_pixels))
-    result = QueryResult(source="crops", query={"image": rows[0], "crop": 0})
+    result = QueryResult(source="crops", query={"image": rows[0], "crop": 0}, k=len(rows))
     result.neighbours = [Neighbour(rank, row, 0, 1.0, "") for rank, row in enumerate(rows)]
     sheets = [np.asarray(Image.open(render_contact_sheet(result, store, tmp_path / f"{store.has_pixels}.png")))
               for store in (with_pixels, without)]

@@ -69,9 +69,9 @@ def output_kind(path: str | Path) -> str | None:
         return "unreadable"
 
 
-def claim_output_dir(path: str | Path, kind: str) -> bool:
-    """Make `path` a zeroseg output folder of `kind`, or refuse. True when it already was one
-    (the caller resumes), False when it was just created or claimed empty."""
+def check_output_dir(path: str | Path, kind: str) -> bool:
+    """Refuse `path` unless it is missing, empty or a zeroseg output folder of `kind`; writes
+    nothing. True when it already is one of ours (the caller resumes or rebuilds it)."""
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
     path = Path(path)
@@ -87,6 +87,15 @@ def claim_output_dir(path: str | Path, kind: str) -> bool:
             f"{path} is not empty and zeroseg did not make it (no {MARKER}): choose a new or empty "
             f"folder for the {kind} output; nothing in it was touched"
         )
+    return False
+
+
+def claim_output_dir(path: str | Path, kind: str) -> bool:
+    """Make `path` a zeroseg output folder of `kind`, or refuse (check_output_dir). True when it
+    already was one (the caller resumes), False when it was just created or claimed empty."""
+    if check_output_dir(path, kind):
+        return True
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     marker = {"kind": kind, "zeroseg_version": zeroseg.__version__, "created": time.time()}
     write_atomic(path / MARKER, json.dumps(marker) + "\n")

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from zeroseg.errors import UserError
-from zeroseg.outputs import claim_output_dir
+from zeroseg.outputs import check_output_dir, claim_output_dir
 from zeroseg.stores.features import FeatureStore, Status, StoreError, TeacherInfo
 from zeroseg.stores.index import (
     IndexMeta,
@@ -167,7 +167,7 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
     if n == 0:
         raise UserError(f"{store_url} has no images with status ok: nothing to index")
     spec = index_spec(config.kind, n, store.dim)
-    claim_output_dir(out, "index")  # a folder of ours is rebuilt; anyone else's is refused untouched
+    check_output_dir(out, "index")  # refused before any work; created only once there is an index to save
     meta = IndexMeta(
         source=vectors.source, kind=spec.kind, factory=spec.factory, build_params=spec.build_params,
         search_params=spec.search_params, dim=store.dim, stride=vectors.stride, count=0,
@@ -202,6 +202,7 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
                 flush()
             progress.advance(task)
         flush()
+    claim_output_dir(out, "index")  # a folder of ours is rebuilt; anyone else's was refused above
     index.save(out)
     return index.meta
 

@@ -36,7 +36,7 @@ def row_views(store: FeatureStore, rows: slice | Sequence[int] | np.ndarray, poo
 
     if store.has_pixels:
         return read(store.pixels)
-    paths = [str(p) for p in read(store.group["images/path"])]  # only these rows' paths
+    paths = [str(p) for p in read(store.array("images/path"))]  # only these rows' paths
     decode = lambda path: decode_image(path, s, store.config.grids)  # noqa: E731
     decoded = pool.map(decode, paths) if pool else map(decode, paths)
     views = np.zeros((len(paths), s, s, 3), np.uint8)
