@@ -29,8 +29,8 @@ import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from zeroseg.demo.scenes import generate_scenes  # noqa: E402
 from zeroseg.decode import decode_image  # noqa: E402
+from zeroseg.experiments.scenes import generate_scenes  # noqa: E402
 from zeroseg.geometry import cut_crops, grid_boxes  # noqa: E402
 from zeroseg.pipeline.extract import ExtractConfig, images_per_batch, run_extract  # noqa: E402
 from zeroseg.pipeline.sources import list_images  # noqa: E402

@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +29,10 @@ import torch
 from zeroseg.pipeline.teacher import load_teacher
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer.config import RECIPES, recipe
-from zeroseg.trainer.synthetic import synthetic_store
 from zeroseg.trainer.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' in-process store maker
+from synthetic import synthetic_store  # noqa: E402
 
 
 def steps_per_s(run_dir: Path) -> float:

@@ -27,7 +27,7 @@ def ray_session():
 def tiny_demo(tmp_path_factory):
     """The whole offline loop at its smallest (`zeroseg demo --preset tiny`), run once: its out
     dir (store, scenes, runs) and summary serve the demo, segment and ablation tests."""
-    from zeroseg.demo.run import run_demo
+    from zeroseg.experiments.demo import run_demo
 
     root = tmp_path_factory.mktemp("demo")
     mp = pytest.MonkeyPatch()

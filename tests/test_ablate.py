@@ -4,7 +4,7 @@ import json
 import pytest
 
 from zeroseg.errors import UserError
-from zeroseg.trainer.ablate import (
+from zeroseg.experiments.ablate import (
     PRESETS, Trial, apply_overrides, expand, load_spec, render_tables, run_trial, trial_key,
     varied_fields, write_results,
 )
@@ -116,7 +116,7 @@ def test_tables_from_a_hand_made_results_file(tmp_path):
 
 
 def test_an_ablation_over_the_tiny_demo_store_runs_resumes_and_records_failures(tiny_demo, ray_session, tmp_path):
-    from zeroseg.trainer.ablate import run_ablation
+    from zeroseg.experiments.ablate import run_ablation
 
     out, summary = tiny_demo
     spec = '{"grid": {"mask_ratio": [0.25, 1.5]}}'  # 1.5 is no ratio: that trial must fail alone

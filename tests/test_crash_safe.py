@@ -17,10 +17,10 @@ import zarr
 
 from images import write_good
 from zeroseg.errors import UserError
+from zeroseg.experiments.ablate import run_trial, trial_key
 from zeroseg.pipeline.extract import ExtractConfig, run_extract
 from zeroseg.stores.features import FeatureStore, Status, StoreConfig
 from zeroseg.stores.lock import LOCK_NAME, LockedError, StoreLock
-from zeroseg.trainer.ablate import run_trial, trial_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,7 +170,7 @@ def test_a_truncated_result_is_a_failed_trial_run_again(tmp_path):
 RESULT_UNDER_A_FULL_DISK = """
 import resource, signal, sys
 sys.path[:0] = [{root!r}]
-from zeroseg.trainer.ablate import run_trial
+from zeroseg.experiments.ablate import run_trial
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) like a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 job = {job!r}
@@ -207,7 +207,7 @@ def test_trial_keys_do_not_depend_on_how_the_store_path_is_spelled(tmp_path, mon
 
 def test_a_resumed_runs_metrics_survive_a_failed_rewrite(tmp_path, tiny_teacher):
     """RunLog rewrites metrics.csv on resume; a write that fails must not lose the rows."""
-    from zeroseg.trainer.synthetic import synthetic_store
+    from synthetic import synthetic_store
 
     url = str(tmp_path / "store.zarr")
     synthetic_store(url, tiny_teacher, 8)
@@ -245,10 +245,10 @@ else:
 
 
 def test_a_checkpoint_whose_weights_changed_is_refused(tmp_path, tiny_teacher):
+    from synthetic import synthetic_store
     from zeroseg.trainer.checkpoint import MODEL_FILE, find_checkpoint, load_student
     from zeroseg.trainer.config import TrainConfig
     from zeroseg.trainer.model import preset
-    from zeroseg.trainer.synthetic import synthetic_store
     from zeroseg.trainer.train import train
 
     url = str(tmp_path / "store.zarr")

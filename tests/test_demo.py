@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from zeroseg.cli import app
-from zeroseg.demo.run import run_demo
+from zeroseg.experiments.demo import run_demo
 from zeroseg.stores.features import StoreError
 
 

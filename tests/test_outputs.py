@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from synthetic import synthetic_store
 from zeroseg.cli import app
 from zeroseg.errors import UserError
 from zeroseg.outputs import MARKER, claim_output_dir, output_kind, write_atomic
-from zeroseg.trainer.synthetic import synthetic_store
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:

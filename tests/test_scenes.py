@@ -9,18 +9,17 @@ import pytest
 from PIL import Image
 
 from zeroseg.errors import UserError
-from zeroseg.demo.scenes import (
+from zeroseg.experiments.scenes import (
     BACKGROUNDS,
-    CLASSES,
     IGNORE_INDEX,
     class_colour,
     generate_scenes,
-    load_manifest,
     render_object,
     render_scene,
     scene_rng,
-    voc_palette,
 )
+from zeroseg.segment.datasets import SCENE_CLASSES, read_scenes_manifest
+from zeroseg.segment.render import voc_palette
 
 SIZE = 96
 
@@ -42,8 +41,8 @@ def _bytes(manifest: Path) -> dict[str, bytes]:
 
 
 def test_classes_and_palette() -> None:
-    assert CLASSES[0] == "background"
-    assert len(CLASSES) - 1 >= 8 and len(set(CLASSES)) == len(CLASSES)
+    assert SCENE_CLASSES[0] == "background"
+    assert len(SCENE_CLASSES) - 1 >= 8 and len(set(SCENE_CLASSES)) == len(SCENE_CLASSES)
     pal = voc_palette()
     assert len(pal) == 768 and all(0 <= v <= 255 for v in pal)
     # Well-known VOC entries: background, aeroplane, bicycle, ..., 255 = ignore (224, 224, 192).
@@ -59,7 +58,7 @@ def test_scene_shapes_and_mask_values(scenes: list) -> None:
         assert s.image.shape == (SIZE, SIZE, 3) and s.image.dtype == np.uint8
         assert s.mask.shape == (SIZE, SIZE) and s.mask.dtype == np.uint8
         values = set(np.unique(s.mask).tolist())
-        assert values <= set(range(len(CLASSES))) | {IGNORE_INDEX}
+        assert values <= set(range(len(SCENE_CLASSES))) | {IGNORE_INDEX}
         assert 1 <= len(s.objects) <= 4
         assert s.background in BACKGROUNDS
 
@@ -70,7 +69,7 @@ def test_objects_match_mask_and_caption(scenes: list) -> None:
         # Exactly the listed objects are in the mask (plus background).
         assert set(np.unique(s.mask).tolist()) - {0} == ids
         for o in s.objects:
-            assert CLASSES[o["class_id"]] == o["class"]
+            assert SCENE_CLASSES[o["class_id"]] == o["class"]
             assert o["class"] in s.caption
             x0, y0, x1, y1 = o["bbox"]
             assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
@@ -87,14 +86,14 @@ def test_mask_pixels_have_class_colour(scenes: list) -> None:
             mean = pixels.mean(axis=0)
             assert np.abs(mean - class_colour(o["class_id"])).max() < 25, (o, mean)
             # Nearest nominal class colour, pixel by pixel, is the right one for almost all.
-            colours = np.array([class_colour(c) for c in range(1, len(CLASSES))], float)
+            colours = np.array([class_colour(c) for c in range(1, len(SCENE_CLASSES))], float)
             nearest = np.argmin(((pixels[:, None] - colours[None]) ** 2).sum(-1), axis=1) + 1
             same_colour = [class_colour(int(c)) == class_colour(o["class_id"]) for c in nearest]
             assert np.mean(same_colour) > 0.99
         # Background is muted: far from every object colour on average.
         bg = img[s.mask == 0]
         if len(bg):
-            for c in range(1, len(CLASSES)):
+            for c in range(1, len(SCENE_CLASSES)):
                 assert np.linalg.norm(bg.mean(0) - class_colour(c)) > 60
 
 
@@ -136,7 +135,7 @@ def test_train_and_heldout_share_no_image() -> None:
 def test_generate_files_manifest_and_palette(dataset: Path) -> None:
     root = dataset.parent
     assert dataset.name == "manifest.jsonl"
-    recs = load_manifest(dataset)
+    recs = read_scenes_manifest(dataset)
     assert [r["index"] for r in recs] == list(range(6))
     for r in recs:
         assert Path(r["image"]).is_absolute() and Path(r["image"]).exists()
@@ -183,14 +182,14 @@ def test_bad_split_raises(tmp_path: Path) -> None:
 
 def test_render_object() -> None:
     rng = np.random.default_rng(0)
-    for cid in range(1, len(CLASSES)):
+    for cid in range(1, len(SCENE_CLASSES)):
         img = render_object(rng, cid, 64)
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8
         # The object fills a good part of the frame: many pixels near its class colour.
         near = np.abs(img.astype(float) - class_colour(cid)).max(-1) < 40
-        assert near.mean() > 0.2, (CLASSES[cid], near.mean())
+        assert near.mean() > 0.2, (SCENE_CLASSES[cid], near.mean())
         assert near[24:40, 16:48].mean() > 0.5  # centred-ish
     bare = render_object(rng, 0, 64, background="water")
     assert bare.shape == (64, 64, 3)
     with pytest.raises(ValueError):
-        render_object(rng, len(CLASSES), 64)
+        render_object(rng, len(SCENE_CLASSES), 64)

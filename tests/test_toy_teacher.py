@@ -3,13 +3,13 @@ import json
 import numpy as np
 import pytest
 
-from zeroseg.demo.scenes import CLASSES
-from zeroseg.demo.scenes import render_scene
-from zeroseg.demo.toy_teacher import (
+from zeroseg.errors import UserError
+from zeroseg.experiments.scenes import render_scene
+from zeroseg.experiments.toy_teacher import (
     PRESETS, ToyTeacherConfig, build_pairs, crop_caption, ensure_toy_teacher, export_toy_teacher, object_boxes,
 )
-from zeroseg.errors import UserError
 from zeroseg.pipeline.teacher import load_teacher
+from zeroseg.segment.datasets import SCENE_CLASSES
 
 
 def test_crop_caption_names_what_the_crop_shows():
@@ -18,7 +18,7 @@ def test_crop_caption_names_what_the_crop_shows():
     cell[:5, :5] = 1  # "red circle": 25% of the crop
     cell[9, 9] = 5  # one pixel of class 5, whose visible area is mostly elsewhere
     cell[0, 9] = 7  # one pixel of class 7, its whole visible area: named
-    assert crop_caption(cell, {1: 100, 5: 400, 7: 1}, "grass", cfg) == f"{CLASSES[1]} and a {CLASSES[7]}"
+    assert crop_caption(cell, {1: 100, 5: 400, 7: 1}, "grass", cfg) == f"{SCENE_CLASSES[1]} and a {SCENE_CLASSES[7]}"
     assert crop_caption(np.zeros((10, 10), np.uint8), {}, "sand", cfg) == "sand"
 
 
@@ -76,7 +76,7 @@ def test_tiny_teacher_trains_caches_and_loads_through_open_clip(cache, tmp_path)
 
 
 def test_training_is_deterministic(cache, tmp_path):
-    from zeroseg.demo.toy_teacher import train_toy_teacher
+    from zeroseg.experiments.toy_teacher import train_toy_teacher
 
     cfg = PRESETS["tiny"]
     a = train_toy_teacher(cfg, tmp_path / "a.safetensors", progress=False, threads=1)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from synthetic import synthetic_store
 from zeroseg.cli import main
 from zeroseg.errors import UserError
 from zeroseg.stores.features import FeatureStore, Status
@@ -16,7 +17,6 @@ from zeroseg.trainer.checkpoint import load_student, sha256_file
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.loader import Batches, MemorySource, Plan, StoreSource, select_columns
 from zeroseg.trainer.model import preset
-from zeroseg.trainer.synthetic import synthetic_store
 from zeroseg.trainer.train import train
 
 N_IMAGES, FAILED = 30, (4, 17)

@@ -1,8 +1,12 @@
 """The `zeroseg` command: one thin verb per stage. Parsing and calling only; the work lives in
-pipeline/, stores/, trainer/, segment/ and demo/."""
+pipeline/, stores/, trainer/, segment/ and experiments/.
+
+Each verb imports its room when it is called: torch, open_clip and Ray take seconds to import,
+and `zeroseg --help` or a light verb should not wait for them."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -34,7 +38,7 @@ def scenes(
     size: int = typer.Option(224, help="image side in pixels"),
 ) -> None:
     """Generate synthetic scenes with exact masks and captions (the offline data)."""
-    from zeroseg.demo.scenes import generate_scenes
+    from zeroseg.experiments.scenes import generate_scenes
 
     manifest = generate_scenes(out, n=n, split=split, seed=seed, size=size)
     print(manifest)
@@ -91,8 +95,6 @@ def store_info(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Counts by status, shape, chunking, bytes on disk, teacher and grids."""
-    import json
-
     from zeroseg.stores.inspect import format_info, store_info as info
 
     report = info(store)
@@ -161,7 +163,7 @@ def train(
     print(f"step {result['step']}: {result.get('checkpoint', 'no new checkpoint')}  loss {result['metrics'].get('loss', '-')}")
 
 
-# ---- ablations (trainer/ablate.py) --------------------------------------------------------------
+# ---- ablations (experiments/ablate.py) ----------------------------------------------------------
 
 
 @app.command()
@@ -184,7 +186,7 @@ def ablate(
     online_ratio: float = typer.Option(191.0, help="cached/online speed ratio for the cost estimate (benchmarks/train.py)"),
 ) -> None:
     """Many short trainings over one store, then the paper-style tables; re-run to resume."""
-    from zeroseg.trainer.ablate import run_ablation
+    from zeroseg.experiments.ablate import run_ablation
 
     if (grid is None) == (preset is None):
         raise UserError("give one of --grid SPEC or --preset NAME")
@@ -237,8 +239,6 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Nearest crops or segments of a crop, a token or a text; optionally a contact sheet PNG."""
-    import json
-
     from zeroseg.segment.neighbours import neighbours_table, query_index
 
     result = query_index(index, image=image, crop=crop, token=token, text=text, store_url=store,
@@ -251,7 +251,7 @@ def query(
             print(f"contact sheet: {result.sheet}")
 
 
-# ---- text, segment, eval, teacher, demo (segment/ and demo/) ------------------------------------
+# ---- text, segment, eval, teacher, demo (segment/ and experiments/) -----------------------------
 
 
 @app.command()
@@ -301,8 +301,6 @@ def eval_(
     out: Path = typer.Option(Path("eval-out"), "--out", help="folder for eval_<method>.json and its confusion PNG"),
 ) -> None:
     """Per-class IoU and mIoU (background included, 255 ignored) on a labelled dataset."""
-    import json
-
     from zeroseg.segment.evaluate import Threshold, run_eval
 
     if dataset is None and method != "student":  # `zeroseg eval DATASET --method grid`
@@ -329,7 +327,7 @@ def teacher_train(
     preset: str = typer.Option("default", help="default | tiny"),
 ) -> None:
     """Train the toy teacher (once: it is cached by config hash) and print its zero-shot accuracy."""
-    from zeroseg.demo.toy_teacher import export_toy_teacher
+    from zeroseg.experiments.toy_teacher import export_toy_teacher
 
     path, report = export_toy_teacher(preset, out)
     print(f"{path}: zero-shot accuracy {report['zero_shot_accuracy']:.3f} on {report['heldout_images']} "
@@ -343,7 +341,7 @@ def demo(
     preset: str = typer.Option("default", help="default | tiny (seconds, for tests)"),
 ) -> None:
     """The whole ZeroSeg loop offline: scenes, toy teacher, cache, text, student, mIoU, overlays."""
-    from zeroseg.demo.run import run_demo
+    from zeroseg.experiments.demo import run_demo
 
     run_demo(out, preset)
 

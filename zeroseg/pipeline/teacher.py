@@ -18,7 +18,7 @@ import open_clip
 import torch
 
 from zeroseg.errors import UserError
-from zeroseg.stores.features import TeacherInfo
+from zeroseg.stores.features import FeatureStore, StoreError, TeacherInfo
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)
@@ -127,17 +127,18 @@ def load_teacher(arch: str, pretrained: str = RANDOM, seed: int = 0, device: str
     return Teacher(model=model, info=info, device=torch.device(device))
 
 
-
-def load_store_teacher(info: TeacherInfo, device: str = "cpu") -> Teacher:
-    """The teacher that made a store's features, from its recorded TeacherInfo (a `random:SEED`
-    label reloads that seed), refusing weights whose sha256 differs from the recorded one."""
+def load_store_teacher(store: FeatureStore, device: str = "cpu") -> Teacher:
+    """The teacher that made a store's features, rebuilt from its recorded TeacherInfo (a
+    `random:SEED` label reloads that seed), refusing weights whose sha256 differs from the
+    recorded one: anything it embeds would live in another space than the store's features."""
+    info = store.config.teacher
     if info.pretrained.startswith(f"{RANDOM}:"):
         teacher = load_teacher(info.arch, RANDOM, seed=int(info.pretrained.split(":", 1)[1]), device=device)
     else:
         teacher = load_teacher(info.arch, info.pretrained, device=device)
     if teacher.info.sha256 != info.sha256:
-        raise TeacherError(
-            f"teacher {info.arch}/{info.pretrained} loads as weights {teacher.info.sha256[:12]}, "
-            f"the store was made by {info.sha256[:12]}"
+        raise StoreError(
+            f"{info.arch} weights {info.pretrained} hash to {teacher.info.sha256[:12]}, "
+            f"the store's features were made by {info.sha256[:12]}: not the same teacher"
         )
     return teacher

@@ -11,8 +11,10 @@ A dataset is a list of (image path, mask path) pairs plus its class names (index
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -25,6 +27,12 @@ VOC_CLASSES: tuple[str, ...] = (
     "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )
+
+#: The synthetic scenes' classes (zeroseg.experiments.scenes draws them); the index is the mask
+#: value: 0 is background, then colour x shape.
+SCENE_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+SCENE_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+SCENE_CLASSES: tuple[str, ...] = ("background",) + tuple(f"{c} {s}" for c in SCENE_COLOURS for s in SCENE_SHAPES)
 
 
 @dataclass
@@ -70,17 +78,32 @@ def load_dataset(path: str | Path, split: str = "val") -> LabelledDataset:
     )
 
 
-def synthetic_dataset(path: Path) -> LabelledDataset:
-    from zeroseg.demo.scenes import CLASSES, load_manifest
+def read_scenes_manifest(path: Path | str) -> list[dict[str, Any]]:
+    """Read a scenes manifest.jsonl; "image" and "mask" come back as absolute path strings."""
+    path = Path(path)
+    root = path.resolve().parent
+    records = []
+    with path.open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            for key in ("image", "mask"):
+                if key in rec:
+                    rec[key] = str((root / rec[key]).resolve())
+            records.append(rec)
+    return records
 
+
+def synthetic_dataset(path: Path) -> LabelledDataset:
     manifest = path if path.name == "manifest.jsonl" else path / "manifest.jsonl"
-    records = load_manifest(manifest)
+    records = read_scenes_manifest(manifest)
     if not records:
         raise UserError(f"{manifest} lists no images")
     splits = sorted({r["split"] for r in records})
     return LabelledDataset(
         name=f"scenes:{'+'.join(splits)}",
-        classes=list(CLASSES),
+        classes=list(SCENE_CLASSES),
         images=[Path(r["image"]) for r in records],
         masks=[Path(r["mask"]) for r in records],
     )

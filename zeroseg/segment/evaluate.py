@@ -32,8 +32,8 @@ from zeroseg.segment.zeroshot import (
     calibrate_threshold,
     predict_dataset,
 )
-from zeroseg.stores.features import FeatureStore, StoreError
-from zeroseg.trainer.checkpoint import find_checkpoint, read_state, write_json
+from zeroseg.stores.features import FeatureStore
+from zeroseg.trainer.checkpoint import find_checkpoint, load_student_for, read_state, write_json
 
 DEFAULT_THRESHOLD = PAPER_THRESHOLDS["voc"]
 CALIBRATION_FILE = "calibration.json"  # in a run dir, beside its checkpoints
@@ -119,35 +119,6 @@ def load_vocabulary(store_url: str, vocab: str, classes: list[str] | None = None
     return store, Vocabulary.build(names, emb, classes)
 
 
-def load_checked_student(checkpoint: str | Path, store: FeatureStore):
-    """The student, refused unless it was trained on features of the store's teacher."""
-    from zeroseg.trainer.checkpoint import load_student
-
-    model, _, meta = load_student(Path(checkpoint))
-    trained_on = meta.get("store", {}).get("teacher", {})
-    have = store.config.teacher
-    if trained_on.get("sha256") != have.sha256:
-        raise StoreError(
-            f"{checkpoint} was trained on features of {trained_on.get('arch')}/{trained_on.get('pretrained')} "
-            f"({str(trained_on.get('sha256'))[:12]}), the vocabulary in {store.url} is from "
-            f"{have.arch}/{have.pretrained} ({have.sha256[:12]})"
-        )
-    return model
-
-
-def store_teacher(store: FeatureStore):
-    """The store's own teacher, rebuilt from its attributes (for the grid and dense baselines and the ceiling)."""
-    from zeroseg.pipeline.teacher import load_teacher
-
-    info = store.config.teacher
-    if info.pretrained.startswith("random:"):
-        return load_teacher(info.arch, "random", seed=int(info.pretrained.split(":", 1)[1]))
-    teacher = load_teacher(info.arch, info.pretrained)
-    if teacher.info.sha256 != info.sha256:
-        raise StoreError(f"{info.arch} weights {info.pretrained} no longer hash to the store's {info.sha256[:12]}")
-    return teacher
-
-
 # ---- segment ---------------------------------------------------------------------------------
 
 
@@ -158,7 +129,7 @@ def segment_images(
     <stem>_overlay.png (with a legend) for each image; return the threshold used (`threshold`,
     else the run's calibrated one, else the paper's) and the (mask, overlay) paths."""
     store, vocabulary = load_vocabulary(store_url, vocab)
-    predictor = StudentPredictor(load_checked_student(checkpoint, store), vocabulary)
+    predictor = StudentPredictor(load_student_for(checkpoint, store)[0], vocabulary)
     chosen = choose_threshold(threshold, checkpoint, vocab, vocabulary)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -211,17 +182,19 @@ def make_predictor(
     method: str, checkpoint: str | Path | None, store: FeatureStore, vocabulary: Vocabulary, dense_variant: str = "maskclip"
 ):
     if method == "student":
-        return StudentPredictor(load_checked_student(checkpoint, store), vocabulary)
-    if method == "grid":
-        return GridPredictor(store_teacher(store), vocabulary)
-    if method == "dense":
-        from zeroseg.segment import dense  # open_clip takes seconds to import: only for this method
+        return StudentPredictor(load_student_for(checkpoint, store)[0], vocabulary)
+    if method not in ("grid", "dense", "ceiling"):
+        raise UserError(f"unknown method {method!r}: student | grid | dense | ceiling")
+    # The teacher's own methods. open_clip takes seconds to import: only they import it.
+    from zeroseg.pipeline.teacher import load_store_teacher
+    from zeroseg.segment import dense
 
+    if method == "grid":
+        return GridPredictor(load_store_teacher(store), vocabulary)
+    if method == "dense":
         dense.check_variant(dense_variant)  # before the teacher is loaded
-        return dense.DensePredictor(store_teacher(store), vocabulary, variant=dense_variant)
-    if method == "ceiling":
-        return TruthSegmentsPredictor(store_teacher(store), vocabulary)
-    raise UserError(f"unknown method {method!r}: student | grid | dense | ceiling")
+        return dense.DensePredictor(load_store_teacher(store), vocabulary, variant=dense_variant)
+    return TruthSegmentsPredictor(load_store_teacher(store), vocabulary)
 
 
 def run_eval(

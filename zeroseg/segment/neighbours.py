@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -20,7 +21,8 @@ from rich.table import Table
 
 from zeroseg.errors import UserError
 from zeroseg.outputs import check_output_dir, claim_output_dir
-from zeroseg.stores.features import FeatureStore, Status, StoreError, TeacherInfo
+from zeroseg.segment.text import embed_classes
+from zeroseg.stores.features import FeatureStore, Status, StoreError
 from zeroseg.stores.index import (
     IndexMeta,
     NeighbourIndex,
@@ -33,6 +35,7 @@ from zeroseg.stores.index import (
     store_fingerprint,
 )
 from zeroseg.stores.views import row_views
+from zeroseg.trainer.checkpoint import load_student_for
 
 
 @dataclass
@@ -87,15 +90,7 @@ class SegmentVectors:
     source = "segments"
 
     def __init__(self, store: FeatureStore, checkpoint: str, batch_images: int = 32):
-        from zeroseg.trainer.checkpoint import load_student
-
-        model, _, meta = load_student(checkpoint)
-        made_by, have = TeacherInfo.from_dict(meta["store"]["teacher"]), store.config.teacher
-        if made_by.sha256 != have.sha256:
-            raise UserError(
-                f"student {checkpoint} learned teacher {made_by.arch}/{made_by.pretrained} "
-                f"({made_by.sha256[:12]}), store {store.url} holds {have.arch}/{have.pretrained} ({have.sha256[:12]})"
-            )
+        model, _, meta = load_student_for(checkpoint, store)
         self.store = store
         self.ok = store.status() == Status.OK  # read once: one byte per image
         self.model = model
@@ -111,8 +106,6 @@ class SegmentVectors:
 
     def segment(self, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """views (B, S, S, 3) uint8 -> tokens (B, K, D) float32, assignment (B, h, w) int64."""
-        import torch
-
         tokens, assignment = [], []
         with torch.inference_mode():
             for i in range(0, len(views), self.batch_images):
@@ -276,11 +269,9 @@ def open_for_query(index_dir: str | Path, store_url: str | None) -> tuple[Neighb
 
 def text_vector(store: FeatureStore, text: str) -> np.ndarray:
     """The store's teacher's text embedding of `text`, prompt templates averaged: (D,) float32."""
-    from zeroseg.pipeline.teacher import load_store_teacher
+    from zeroseg.pipeline.teacher import load_store_teacher  # open_clip takes seconds to import; only a text query needs it
 
-    from zeroseg.segment.text import embed_classes
-
-    teacher = load_store_teacher(store.config.teacher)  # encode_text refuses a teacher without text tower
+    teacher = load_store_teacher(store)  # encode_text refuses a teacher without text tower
     return embed_classes(teacher.encode_text, [text])[0]
 
 

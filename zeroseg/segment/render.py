@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-# VOC's colour map: class i of every dataset here is drawn in VOC's colour i, so masks open in VOC tools.
-from zeroseg.demo.scenes import voc_palette
 from zeroseg.segment.metrics import IGNORE
+
+
+# VOC's colour map: class i of every dataset here is drawn in VOC's colour i, so masks open in VOC tools.
+def voc_palette() -> list[int]:
+    """The standard PASCAL VOC colour map (256 entries, 768 ints) for ``Image.putpalette``."""
+    return list(_voc_palette())
+
+
+@lru_cache(maxsize=1)
+def _voc_palette() -> tuple[int, ...]:
+    palette: list[int] = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):  # interleave the bits of the index into the high bits of r, g, b
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return tuple(palette)
 
 
 def save_mask(mask: np.ndarray, path: Path) -> None:
@@ -67,7 +87,7 @@ def side_by_side(panels: list[Image.Image], titles: list[str], gap: int = 6) -> 
 
 def save_confusion(counts: np.ndarray, names: list[str], path: Path, title: str) -> None:
     """Row-normalised confusion matrix (truth rows, prediction columns) as a PNG."""
-    import matplotlib
+    import matplotlib  # a third of a second to import: `segment` draws no matrix
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from zeroseg.errors import UserError
-from zeroseg.stores.features import FeatureStore, StoreError
+from zeroseg.stores.features import FeatureStore
 
 # A handful of CLIP-style templates. The toy teacher is trained with these same frames around its
-# captions (demo/toy_teacher.py), so its prompts are in distribution, as CLIP's are for CLIP.
+# captions (experiments/toy_teacher.py), so its prompts are in distribution, as CLIP's are for CLIP.
 TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
     "a picture of a {}.",
@@ -62,19 +62,10 @@ def cache_vocabulary(
 
     The teacher is rebuilt from the store's attributes (arch + pretrained) and must hash to the
     store's sha256: text from any other teacher would live in another embedding space."""
-    from zeroseg.pipeline.teacher import load_teacher
+    from zeroseg.pipeline.teacher import load_store_teacher  # open_clip takes seconds to import; only embedding needs it
 
     store = FeatureStore.open(store_url, mode="r+")
-    want = store.config.teacher
-    if want.pretrained.startswith("random:"):
-        teacher = load_teacher(want.arch, "random", seed=int(want.pretrained.split(":", 1)[1]))
-    else:
-        teacher = load_teacher(want.arch, want.pretrained)
-    if teacher.info.sha256 != want.sha256:
-        raise StoreError(
-            f"{want.arch} weights {want.pretrained} hash to {teacher.info.sha256[:12]}, "
-            f"the store's features were made by {want.sha256[:12]}: not the same teacher"
-        )
+    teacher = load_store_teacher(store)
     emb = embed_classes(teacher.encode_text, names, templates)
     store.write_text(vocab, list(names), emb, list(templates))
     return emb

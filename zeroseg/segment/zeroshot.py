@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from rich.progress import track
 
 from zeroseg.errors import UserError
 from zeroseg.geometry import cut_crops, grid_boxes
@@ -191,8 +192,6 @@ def _paint_float(assignment: torch.Tensor, values: torch.Tensor, size: tuple[int
 
 def predict_dataset(predictor, dataset, batch: int = 16, progress: bool = True) -> Iterable[tuple[int, np.ndarray, Raw]]:
     """Yield (index, truth mask, raw prediction) over a LabelledDataset, in batches."""
-    from rich.progress import track
-
     for start in track(range(0, len(dataset), batch), description=f"{predictor.name} on {dataset.name}", disable=not progress):
         items = [dataset.load(i) for i in range(start, min(start + batch, len(dataset)))]
         images, truths = [im for im, _ in items], [t for _, t in items]

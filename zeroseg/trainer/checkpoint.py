@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from zeroseg.errors import UserError
 from zeroseg.outputs import write_atomic
+from zeroseg.stores.features import FeatureStore, StoreError
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.model import ZeroSegStudent
 
@@ -147,4 +148,18 @@ def load_student(path: str | Path) -> tuple[ZeroSegStudent, TrainConfig, dict[st
     load_weights(model, ckpt)
     model.eval()
     meta = {"store": state["store"], "sha256": state["sha256"], "step": state["step"], "checkpoint": str(ckpt)}
+    return model, config, meta
+
+
+def load_student_for(path: str | Path, store: FeatureStore) -> tuple[ZeroSegStudent, TrainConfig, dict[str, Any]]:
+    """load_student, refused unless the student was trained on features of `store`'s teacher: its
+    tokens live in that teacher's space, the only one where the store's features and text apply."""
+    model, config, meta = load_student(path)
+    trained_on, have = meta["store"].get("teacher", {}), store.config.teacher
+    if trained_on.get("sha256") != have.sha256:
+        raise StoreError(
+            f"{path} was trained on features of {trained_on.get('arch')}/{trained_on.get('pretrained')} "
+            f"({str(trained_on.get('sha256'))[:12]}), the store {store.url} holds features of "
+            f"{have.arch}/{have.pretrained} ({have.sha256[:12]})"
+        )
     return model, config, meta

@@ -21,16 +21,17 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
 
 from zeroseg.errors import UserError
 from zeroseg.geometry import cut_crops
 from zeroseg.outputs import claim_output_dir, write_atomic
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer import checkpoint as ckpt_io
-from zeroseg.trainer.config import TrainConfig
+from zeroseg.trainer.config import TrainConfig, recipe
 from zeroseg.trainer.loader import Batches, Columns, MemorySource, Plan, StoreSource, select_columns
-from zeroseg.trainer.losses import TERMS, box_membership, zeroseg_losses
-from zeroseg.trainer.model import ZeroSegStudent
+from zeroseg.trainer.losses import TERMS, LossConfig, box_membership, zeroseg_losses
+from zeroseg.trainer.model import PRESETS, ZeroSegStudent
 
 METRICS = ["step", "epoch", "lr", "loss", *TERMS, "steps_per_s"]
 
@@ -69,9 +70,10 @@ class OnlineTeacher:
     """The store's own teacher, cutting the same crops of the same view as the extractor did."""
 
     def __init__(self, store: FeatureStore, columns: Columns, device: str):
+        # Only --targets online runs the teacher: open_clip (seconds to import) stays out of cached training.
         from zeroseg.pipeline.teacher import load_store_teacher
 
-        self.teacher = load_store_teacher(store.config.teacher, device=device)
+        self.teacher = load_store_teacher(store, device=device)
         self.boxes = columns.boxes
 
     def features(self, views: torch.Tensor) -> torch.Tensor:
@@ -88,8 +90,6 @@ class RunLog:
     start_step: int
 
     def __post_init__(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         path = self.run_dir / "metrics.csv"
         rows = []
         if path.exists():  # a resumed run: keep what the checkpoint had reached, drop the rest
@@ -116,7 +116,7 @@ class RunLog:
                 self.tb.add_scalar(f"train/{key}", float(row[key]), int(row["step"]))
 
     def plot(self) -> None:
-        import matplotlib
+        import matplotlib  # a third of a second to import: only when a curve is drawn
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -263,10 +263,6 @@ def run_train(
 ) -> dict[str, Any]:
     """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own).
     `loss` ("distill,match=0.5") replaces the recipe's loss terms."""
-    from zeroseg.trainer.config import recipe
-    from zeroseg.trainer.losses import LossConfig
-    from zeroseg.trainer.model import PRESETS
-
     if resume:
         return train(store_url, out, resume=True, stop_after=stop_after, progress=progress)
     if preset_name not in PRESETS:

@@ -34,16 +34,23 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from zeroseg.demo import scenes
-from zeroseg.demo.toy_teacher import PRESETS as TEACHER_PRESETS
-from zeroseg.demo.toy_teacher import ToyTeacherConfig, ensure_toy_teacher
 from zeroseg.errors import UserError
+from zeroseg.experiments import scenes
+from zeroseg.experiments.toy_teacher import PRESETS as TEACHER_PRESETS
+from zeroseg.experiments.toy_teacher import ToyTeacherConfig, ensure_toy_teacher
 from zeroseg.outputs import claim_output_dir, write_atomic
+from zeroseg.pipeline.extract import ExtractConfig, run_extract
+from zeroseg.pipeline.teacher import load_store_teacher
 from zeroseg.segment import render
-from zeroseg.segment.datasets import load_dataset
+from zeroseg.segment.datasets import SCENE_CLASSES, load_dataset
 from zeroseg.segment.dense import DensePredictor
-from zeroseg.segment.evaluate import evaluate, load_vocabulary, save_calibration, store_teacher
+from zeroseg.segment.evaluate import evaluate, load_vocabulary, save_calibration
+from zeroseg.segment.text import cache_vocabulary
 from zeroseg.segment.zeroshot import GridPredictor, StudentPredictor, TruthSegmentsPredictor, calibrate_threshold
+from zeroseg.stores.features import FeatureStore
+from zeroseg.trainer.checkpoint import latest_checkpoint, load_student_for, read_state
+from zeroseg.trainer.config import recipe
+from zeroseg.trainer.train import train
 
 VOCAB = "scenes"
 
@@ -90,11 +97,11 @@ def make_scenes(cfg: DemoConfig, out: Path) -> dict[str, Path]:
     folders = {}
     for split, n in (("train", cfg.n_train), ("heldout", cfg.n_heldout)):
         folder = out / "scenes" / split
-        recipe = {"n": n, "seed": cfg.seed, "size": cfg.scene_size, "split": split}
+        made_with = {"n": n, "seed": cfg.seed, "size": cfg.scene_size, "split": split}
         stamp = folder / "recipe.json"
-        if not (stamp.is_file() and json.loads(stamp.read_text()) == recipe and (folder / "manifest.jsonl").is_file()):
+        if not (stamp.is_file() and json.loads(stamp.read_text()) == made_with and (folder / "manifest.jsonl").is_file()):
             scenes.generate_scenes(folder, n=n, split=split, seed=cfg.seed, size=cfg.scene_size)
-            stamp.write_text(json.dumps(recipe))
+            stamp.write_text(json.dumps(made_with))
         folders[split] = folder
     return folders
 
@@ -102,8 +109,6 @@ def make_scenes(cfg: DemoConfig, out: Path) -> dict[str, Path]:
 def extract(cfg: DemoConfig, teacher_ckpt: Path, train_scenes: Path, out: Path) -> str:
     """The train scenes' crop features and pixels, in a store named after the teacher (a new
     teacher means a new store); the extraction job itself skips chunks already done."""
-    from zeroseg.pipeline.extract import ExtractConfig, run_extract
-
     url = str(out / "cache" / f"{teacher_ckpt.stem}-v{cfg.view_size}-n{cfg.n_train}.zarr")
     config = ExtractConfig(
         teacher=cfg.teacher.arch, pretrained=str(teacher_ckpt), grids=cfg.teacher.grids,
@@ -114,19 +119,12 @@ def extract(cfg: DemoConfig, teacher_ckpt: Path, train_scenes: Path, out: Path) 
 
 
 def cache_text(store_url: str) -> None:
-    from zeroseg.segment.text import cache_vocabulary
-    from zeroseg.stores.features import FeatureStore
-
     if VOCAB not in FeatureStore.open(store_url).vocabularies():
-        cache_vocabulary(store_url, VOCAB, list(scenes.CLASSES[1:]))
+        cache_vocabulary(store_url, VOCAB, list(SCENE_CLASSES[1:]))
 
 
 def train_student(cfg: DemoConfig, store_url: str, out: Path, match: bool, progress: bool = True) -> Path:
     """A student run dir keyed by its recipe; a finished run is reused, a cut one resumed."""
-    from zeroseg.trainer import checkpoint as ckpt_io
-    from zeroseg.trainer.config import recipe
-    from zeroseg.trainer.train import train
-
     config = recipe(
         cfg.recipe, cfg.student_preset, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed,
         threads=1,  # a core each: the two students train side by side (train_students)
@@ -135,10 +133,10 @@ def train_student(cfg: DemoConfig, store_url: str, out: Path, match: bool, progr
         config = dataclasses.replace(config, losses=dataclasses.replace(config.losses, match=0.0))
     name = "student" if match else "no-match"
     run_dir = out / "runs" / f"{name}-{_key(store_url, config.to_dict())}"
-    last = ckpt_io.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    last = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if last is None:
         train(store_url, run_dir, config, progress=progress)
-    elif ckpt_io.read_state(last)["step"] < cfg.steps:
+    elif read_state(last)["step"] < cfg.steps:
         train(store_url, run_dir, resume=True, progress=progress)
     return run_dir
 
@@ -212,13 +210,11 @@ def run_demo(out: Path, preset: str = "default", console: Console | None = None)
 def evaluate_all(cfg: DemoConfig, store_url: str, runs: dict[str, Path], folders: dict[str, Path], out: Path, console: Console) -> dict:
     """Threshold on train scenes, mIoU on held-out ones, for the students and the teacher's baselines;
     each student's threshold is stored in its run, for `zeroseg eval` and `segment` to use."""
-    from zeroseg.segment.evaluate import load_checked_student
-
     heldout = load_dataset(folders["heldout"])
     train = load_dataset(folders["train"]).subset(cfg.calibrate_images)
     store, vocabulary = load_vocabulary(store_url, VOCAB, heldout.classes)
-    predictors = {name: StudentPredictor(load_checked_student(run, store), vocabulary) for name, run in runs.items()}
-    teacher = store_teacher(store)
+    predictors = {name: StudentPredictor(load_student_for(run, store)[0], vocabulary) for name, run in runs.items()}
+    teacher = load_store_teacher(store)
     predictors["grid"] = GridPredictor(teacher, vocabulary, grid=4)
     predictors["dense"] = DensePredictor(teacher, vocabulary)
     predictors["ceiling"] = TruthSegmentsPredictor(teacher, vocabulary)
@@ -238,12 +234,10 @@ def evaluate_all(cfg: DemoConfig, store_url: str, runs: dict[str, Path], folders
 
 def write_overlays(cfg: DemoConfig, store_url: str, student_run: Path, heldout_folder: Path, results: dict, out: Path) -> list[Path]:
     """For a few held-out scenes: image | truth | student | grid baseline, each with its legend."""
-    from zeroseg.segment.evaluate import load_checked_student
-
     heldout = load_dataset(heldout_folder)
     store, vocabulary = load_vocabulary(store_url, VOCAB, heldout.classes)
-    student = StudentPredictor(load_checked_student(student_run, store), vocabulary)
-    grid = GridPredictor(store_teacher(store), vocabulary, grid=4)
+    student = StudentPredictor(load_student_for(student_run, store)[0], vocabulary)
+    grid = GridPredictor(load_store_teacher(store), vocabulary, grid=4)
     names = dict(enumerate(heldout.classes))
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     written = []

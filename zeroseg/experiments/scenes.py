@@ -20,22 +20,21 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from rich.progress import track
 
 from zeroseg.errors import UserError
 from zeroseg.outputs import claim_output_dir, write_atomic
+from zeroseg.segment.datasets import SCENE_CLASSES
+from zeroseg.segment.render import voc_palette
 
-# Saturated, well separated hues. The backgrounds below are all muted (low saturation), so an
-# object's colour is never confusable with the ground it stands on.
+# Saturated, well separated hues, one for each colour the classes name. The backgrounds below are
+# all muted (low saturation), so an object's colour is never confusable with the ground it stands on.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (40, 190, 60),
     "blue": (35, 75, 220),
     "yellow": (240, 210, 30),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-
-#: Class names; the index is the mask value. 0 is background, then colour x shape.
-CLASSES: tuple[str, ...] = ("background",) + tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 
 #: Background texture kinds, named in captions ("... on grass").
 BACKGROUNDS: tuple[str, ...] = ("grass", "sand", "water", "stone", "wood")
@@ -51,30 +50,10 @@ _MIN_VISIBLE_FRACTION = 0.25
 
 
 def class_colour(class_id: int) -> tuple[int, int, int]:
-    """The nominal RGB colour of an object class (1..len(CLASSES)-1)."""
-    if not 1 <= class_id < len(CLASSES):
-        raise ValueError(f"class id {class_id} is not an object class (1..{len(CLASSES) - 1})")
-    return COLOURS[CLASSES[class_id].split(" ")[0]]
-
-
-def voc_palette() -> list[int]:
-    """The standard PASCAL VOC colour map (256 entries, 768 ints) for ``Image.putpalette``."""
-    return list(_voc_palette())
-
-
-@lru_cache(maxsize=1)
-def _voc_palette() -> tuple[int, ...]:
-    palette: list[int] = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):  # interleave the bits of the index into the high bits of r, g, b
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return tuple(palette)
+    """The nominal RGB colour of an object class (1..len(SCENE_CLASSES)-1)."""
+    if not 1 <= class_id < len(SCENE_CLASSES):
+        raise ValueError(f"class id {class_id} is not an object class (1..{len(SCENE_CLASSES) - 1})")
+    return COLOURS[SCENE_CLASSES[class_id].split(" ")[0]]
 
 
 @dataclass
@@ -206,7 +185,7 @@ def _random_shape(
 ) -> _Shape:
     """Place a shape of nominal size s wholly inside the frame (centre_jitter < 1 keeps it
     nearer the middle)."""
-    shape = CLASSES[class_id].split(" ")[1]
+    shape = SCENE_CLASSES[class_id].split(" ")[1]
     r = _circumradius(shape, s)
     half = size / 2
     room = max(half - r, 0.0) * centre_jitter
@@ -252,7 +231,7 @@ def render_scene(rng: np.random.Generator, size: int) -> Scene:
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     canvas = _render_background(rng, background, size)
     n = int(rng.integers(1, 5))
-    class_ids = rng.choice(np.arange(1, len(CLASSES)), size=n, replace=False)
+    class_ids = rng.choice(np.arange(1, len(SCENE_CLASSES)), size=n, replace=False)
     shapes = [
         _random_shape(rng, int(c), size, rng.uniform(0.15, 0.5) * size) for c in class_ids
     ]
@@ -278,7 +257,7 @@ def render_scene(rng: np.random.Generator, size: int) -> Scene:
         ys, xs = np.nonzero(visible)
         objects.append(
             {
-                "class": CLASSES[sh.class_id],
+                "class": SCENE_CLASSES[sh.class_id],
                 "class_id": sh.class_id,
                 "bbox": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                 "area": int(visible.sum()),
@@ -294,12 +273,12 @@ def render_object(
     """A single object of class_id (55%..85% of the side, as far as it fits, near the centre) on a random (or the
     named) background: the toy teacher's "a photo of a red circle." images. class_id 0 gives the
     bare background. Returns (size, size, 3) uint8."""
-    if not 0 <= class_id < len(CLASSES):
-        raise ValueError(f"class id {class_id} out of range 0..{len(CLASSES) - 1}")
+    if not 0 <= class_id < len(SCENE_CLASSES):
+        raise ValueError(f"class id {class_id} out of range 0..{len(SCENE_CLASSES) - 1}")
     kind = background if background is not None else BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     canvas = _render_background(rng, kind, size)
     if class_id:
-        shape = CLASSES[class_id].split(" ")[1]
+        shape = SCENE_CLASSES[class_id].split(" ")[1]
         # Large, but kept inside the frame: a clipped corner would blur the shape cue.
         s = min(rng.uniform(0.55, 0.85) * size, 0.48 * size / _circumradius(shape, 1.0))
         _paint(rng, canvas, _random_shape(rng, class_id, size, s, centre_jitter=0.5))
@@ -323,7 +302,7 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def _save_mask(mask: np.ndarray, path: Path) -> None:
     img = Image.frombytes("P", (mask.shape[1], mask.shape[0]), np.ascontiguousarray(mask).tobytes())
-    img.putpalette(_voc_palette())
+    img.putpalette(voc_palette())
     img.save(path, compress_level=1)
 
 
@@ -336,13 +315,11 @@ def generate_scenes(
     progress: bool = True,
 ) -> Path:
     """Write n scenes of `split` into out/images, out/masks (VOC palette PNGs) and
-    out/manifest.jsonl; return the manifest path. One split per folder: a scenes folder of
+    out/manifest.jsonl (read by segment.datasets.read_scenes_manifest); return the manifest path. One split per folder: a scenes folder of
     zeroseg's is regenerated, any other non-empty folder refused (outputs.claim_output_dir)."""
     _check_split(split)
     if n < 0 or size < 16:
         raise UserError(f"need n >= 0 and size >= 16, got n={n}, size={size}")
-    from rich.progress import track  # only needed here; keeps import of the module light
-
     out = Path(out)
     claim_output_dir(out, "scenes")
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -367,19 +344,3 @@ def generate_scenes(
     # Manifest last, and atomically: a folder with a manifest has all the files it names.
     return write_atomic(out / "manifest.jsonl", "".join(line + "\n" for line in lines))
 
-
-def load_manifest(path: Path | str) -> list[dict[str, Any]]:
-    """Read a manifest.jsonl; "image" and "mask" come back as absolute path strings."""
-    path = Path(path)
-    root = path.resolve().parent
-    records = []
-    with path.open() as f:
-        for line in f:
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            for key in ("image", "mask"):
-                if key in rec:
-                    rec[key] = str((root / rec[key]).resolve())
-            records.append(rec)
-    return records

@@ -27,7 +27,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from zeroseg.errors import UserError
 from zeroseg.outputs import canonical_location, claim_output_dir, output_kind, write_atomic
+from zeroseg.segment.evaluate import run_eval
 from zeroseg.stores.features import FeatureStore
+from zeroseg.trainer.checkpoint import latest_checkpoint
+from zeroseg.trainer.config import TrainConfig, recipe
+from zeroseg.trainer.losses import TERMS
+from zeroseg.trainer.train import train
 
 # The paper's ablation tables (PAPER.md, tables 3-5), as specs. "scales" rows are the 1x1 view
 # plus one finer grid, then all; "losses" rows switch multi-scale distillation (all crops vs the
@@ -173,7 +178,7 @@ def render_tables(rows: list[dict[str, Any]], fields: list[str]) -> str:
 
 def plot(rows: list[dict[str, Any]], fields: list[str], path: Path) -> None:
     """mIoU (mean, std error bars) per trial, and against each field when several vary."""
-    import matplotlib
+    import matplotlib  # a third of a second to import: only when there is a plot to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -252,12 +257,6 @@ def train_and_evaluate(
     calibrate_on: str | None, threshold: float | None,
 ) -> dict[str, Any]:
     """One trial: train from the cache (continuing a run a kill interrupted), then held-out mIoU."""
-    from zeroseg.segment.evaluate import run_eval
-    from zeroseg.trainer.checkpoint import latest_checkpoint
-    from zeroseg.trainer.config import TrainConfig
-    from zeroseg.trainer.losses import TERMS
-    from zeroseg.trainer.train import train
-
     start = time.perf_counter()
     if latest_checkpoint(run_dir) is not None:
         result = train(store, run_dir, resume=True, progress=False)
@@ -304,8 +303,6 @@ def run_ablation(
 ) -> AblationReport:
     """Every trial x seed of `spec` over one store: Ray tasks of one CPU each (`parallel` at a
     time; 0 runs them one by one in this process), resumable, then the tables, plot and cost."""
-    from zeroseg.trainer.config import recipe
-
     store = FeatureStore.open(store_url)
     trials = expand(load_spec(spec))
     base = recipe(recipe_name, preset, steps=steps, batch=batch, grids=store.config.grids, threads=1).to_dict()

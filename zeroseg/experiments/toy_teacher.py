@@ -30,20 +30,28 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from rich.progress import Progress
+from safetensors.torch import save_file
 
-from zeroseg.demo import scenes
+from zeroseg.errors import UserError
+from zeroseg.experiments import scenes
 from zeroseg.geometry import box_pixels, cut_crops, grid_boxes, training_view
+from zeroseg.pipeline.teacher import MODEL_CONFIGS, Teacher, create_model, load_teacher
+from zeroseg.segment.datasets import SCENE_CLASSES
 from zeroseg.segment.text import TEMPLATES, embed_classes
+from zeroseg.stores.features import TeacherInfo
 
-OBJECT_CLASSES = scenes.CLASSES[1:]  # what the zero-shot check classifies (background has no look)
+OBJECT_CLASSES = SCENE_CLASSES[1:]  # what the zero-shot check classifies (background has no look)
 
 
 @dataclass(frozen=True)
@@ -70,8 +78,6 @@ class ToyTeacherConfig:
 
     def key(self) -> str:
         """Cache key: this config and the architecture's own config file."""
-        from zeroseg.pipeline.teacher import MODEL_CONFIGS
-
         arch_cfg = (MODEL_CONFIGS / f"{self.arch}.json").read_text()
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True) + arch_cfg + str(TEMPLATES)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -105,7 +111,7 @@ def crop_caption(mask_cell: np.ndarray, object_areas: dict[int, int], background
     ]
     if not shown:
         return background
-    names = [scenes.CLASSES[c] for _, c in sorted(shown, key=lambda t: -t[0])]
+    names = [SCENE_CLASSES[c] for _, c in sorted(shown, key=lambda t: -t[0])]
     return " and a ".join(names)
 
 
@@ -139,13 +145,13 @@ def build_pairs(cfg: ToyTeacherConfig, input_size: int) -> tuple[torch.Tensor, l
             crop_caption(mask[y0:y1, x0:x1], areas, scene.background, cfg)
             for x0, y0, x1, y1 in box_pixels(scene_boxes, cfg.view_size)
         ]
-    n_classes = len(scenes.CLASSES)
+    n_classes = len(SCENE_CLASSES)
     for i in range(cfg.n_objects):
         class_id = i % n_classes  # class 0: a bare background, captioned with its kind
         kind = scenes.BACKGROUNDS[rng.integers(len(scenes.BACKGROUNDS))]
         img = scenes.render_object(rng, class_id, input_size, background=kind)
         images.append(torch.from_numpy(img)[None])
-        captions.append(scenes.CLASSES[class_id] if class_id else kind)
+        captions.append(SCENE_CLASSES[class_id] if class_id else kind)
     return torch.cat(images), captions
 
 
@@ -181,12 +187,6 @@ def train_toy_teacher(
     compute threads, 0 = its default; 1 is several times faster on a machine whose cores are busy
     (spare OpenMP threads spin). Runs are deterministic for a given thread count. eval_every > 0
     records the held-out zero-shot accuracy every so many steps (the report's "curve")."""
-    import open_clip
-    from rich.progress import Progress
-    from safetensors.torch import save_file
-
-    from zeroseg.pipeline.teacher import create_model, load_teacher  # registers the project's configs
-
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -291,9 +291,6 @@ def scene_object_accuracy(teacher, cfg: ToyTeacherConfig) -> float:
 
 def _accuracy_now(model: torch.nn.Module, cfg: ToyTeacherConfig) -> float:
     """zero_shot_accuracy of a model still in training (wrapped as a Teacher, unhashed)."""
-    from zeroseg.pipeline.teacher import Teacher
-    from zeroseg.stores.features import TeacherInfo
-
     pp = model.visual.preprocess_cfg
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
     info = TeacherInfo(cfg.arch, "training", "", int(size), tuple(pp["mean"]), tuple(pp["std"]), int(model.visual.output_dim))
@@ -311,10 +308,6 @@ def ensure_toy_teacher(cfg: ToyTeacherConfig, progress: bool = True) -> tuple[Pa
 
 def export_toy_teacher(preset: str, out: Path | None = None) -> tuple[Path, dict]:
     """`zeroseg teacher train`: the cached checkpoint of a preset, copied to `out` if given."""
-    import shutil
-
-    from zeroseg.errors import UserError
-
     if preset not in PRESETS:
         raise UserError(f"unknown teacher preset {preset!r}: {' | '.join(PRESETS)}")
     path, report = ensure_toy_teacher(PRESETS[preset])
