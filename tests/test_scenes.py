@@ -11,7 +11,6 @@ from PIL import Image
 from zeroseg.errors import UserError
 from zeroseg.experiments.scenes import (
     BACKGROUNDS,
-    IGNORE_INDEX,
     class_colour,
     generate_scenes,
     render_object,
@@ -19,6 +18,7 @@ from zeroseg.experiments.scenes import (
     scene_rng,
 )
 from zeroseg.segment.datasets import SCENE_CLASSES, read_scenes_manifest
+from zeroseg.segment.metrics import IGNORE
 from zeroseg.segment.render import voc_palette
 
 SIZE = 96
@@ -58,7 +58,7 @@ def test_scene_shapes_and_mask_values(scenes: list) -> None:
         assert s.image.shape == (SIZE, SIZE, 3) and s.image.dtype == np.uint8
         assert s.mask.shape == (SIZE, SIZE) and s.mask.dtype == np.uint8
         values = set(np.unique(s.mask).tolist())
-        assert values <= set(range(len(SCENE_CLASSES))) | {IGNORE_INDEX}
+        assert values <= set(range(len(SCENE_CLASSES))) | {IGNORE}
         assert 1 <= len(s.objects) <= 4
         assert s.background in BACKGROUNDS
 

@@ -12,8 +12,8 @@ import torch
 from synthetic import synthetic_store
 from zeroseg.cli import main
 from zeroseg.errors import UserError
-from zeroseg.stores.features import FeatureStore, Status
-from zeroseg.trainer.checkpoint import load_student, sha256_file
+from zeroseg.stores.features import FeatureStore, Status, StoreConfig, StoreError
+from zeroseg.trainer.checkpoint import load_student, load_student_for, sha256_file
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.loader import Batches, MemorySource, Plan, StoreSource, select_columns
 from zeroseg.trainer.model import preset
@@ -197,6 +197,18 @@ def test_cli_train_and_one_line_errors(store_url, tmp_path, monkeypatch, capsys)
         # one message, no traceback (rich wraps a long line at the console width, hence the join)
         assert code == 2 and message in " ".join(stderr.split()) and "Traceback" not in stderr
         assert stderr.startswith("error:") and stderr.count("error:") == 1
+
+
+def test_a_student_is_loaded_only_for_a_store_of_its_teacher(store_url, tmp_path, tiny_teacher):
+    run = tmp_path / "run"
+    train(store_url, run, tiny_config(steps=2, batch=4), progress=False)
+    _, _, meta = load_student_for(run, FeatureStore.open(store_url))
+    assert meta["step"] == 2
+    other_teacher = dataclasses.replace(tiny_teacher.info, sha256="0" * 64)
+    config = StoreConfig(teacher=other_teacher, grids=(1, 2), view_size=32, chunk_images=4)
+    other = FeatureStore.create(str(tmp_path / "other.zarr"), config, ["a.png"])
+    with pytest.raises(StoreError, match="trained on features of zeroseg-tiny/random:0 .*holds features of zeroseg-tiny/random:0 .000000000000"):
+        load_student_for(run, other)
 
 
 def test_a_checkpoint_of_another_model_version_is_refused_in_one_line(store_url, tmp_path):

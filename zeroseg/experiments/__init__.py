@@ -1,0 +1,1 @@
+"""What combines rooms: ablations, the demo, and its offline data (synthetic scenes, the toy teacher)."""

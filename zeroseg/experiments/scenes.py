@@ -3,7 +3,8 @@
 Each scene is a textured background ("grass", "sand", ...) with 1..4 coloured shapes on it
 (class = colour x shape), a caption naming them, and a mask of class ids. Everything is drawn
 with hard edges, so the mask is exact and never needs an ignore band; 255 stays reserved as
-"ignore" in the palette for other datasets.
+"ignore" in the palette for other datasets. The class names (SCENE_CLASSES) and the manifest
+reader live in segment/datasets.py, where evaluation reads these folders.
 
 Every image is a pure function of (seed, split, index): `generate_scenes` seeds image i with
 ``SeedSequence([seed, split_id, i])``, so image i is the same whatever n is, and the train and
@@ -38,9 +39,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 
 #: Background texture kinds, named in captions ("... on grass").
 BACKGROUNDS: tuple[str, ...] = ("grass", "sand", "water", "stone", "wood")
-
-#: Mask value for "ignore" (never drawn by this generator, reserved as in PASCAL VOC).
-IGNORE_INDEX = 255
 
 SPLITS: dict[str, int] = {"train": 0, "heldout": 1}
 
