@@ -313,7 +313,7 @@ def generate_scenes(
     progress: bool = True,
 ) -> Path:
     """Write n scenes of `split` into out/images, out/masks (VOC palette PNGs) and
-    out/manifest.jsonl (read by segment.datasets.read_scenes_manifest); return the manifest path. One split per folder: a scenes folder of
+    out/manifest.jsonl; return the manifest path. One split per folder: a scenes folder of
     zeroseg's is regenerated, any other non-empty folder refused (outputs.claim_output_dir)."""
     _check_split(split)
     if n < 0 or size < 16:

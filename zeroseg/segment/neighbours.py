@@ -269,7 +269,7 @@ def open_for_query(index_dir: str | Path, store_url: str | None) -> tuple[Neighb
 
 def text_vector(store: FeatureStore, text: str) -> np.ndarray:
     """The store's teacher's text embedding of `text`, prompt templates averaged: (D,) float32."""
-    from zeroseg.pipeline.teacher import load_store_teacher  # open_clip takes seconds to import; only a text query needs it
+    from zeroseg.pipeline.teacher import load_store_teacher  # open_clip: seconds to import; only text queries need it
 
     teacher = load_store_teacher(store)  # encode_text refuses a teacher without text tower
     return embed_classes(teacher.encode_text, [text])[0]

@@ -62,7 +62,7 @@ def cache_vocabulary(
 
     The teacher is rebuilt from the store's attributes (arch + pretrained) and must hash to the
     store's sha256: text from any other teacher would live in another embedding space."""
-    from zeroseg.pipeline.teacher import load_store_teacher  # open_clip takes seconds to import; only embedding needs it
+    from zeroseg.pipeline.teacher import load_store_teacher  # open_clip: seconds to import; only embedding needs it
 
     store = FeatureStore.open(store_url, mode="r+")
     teacher = load_store_teacher(store)
