@@ -210,13 +210,13 @@ def scenarios(work: Path) -> list[Scenario]:
 
 def prepare_data(work: Path) -> None:
     """Scenes to extract and evaluate on, the store every later verb reads (with a vocabulary)."""
-    from zeroseg.demo.scenes import CLASSES
+    from zeroseg.segment.datasets import SCENE_CLASSES
 
     if (work / "store.zarr").exists():
         return
     for split, n, where in (("train", 160, work / "scenes"), ("heldout", 8, work / "heldout")):
         check(run(zeroseg("scenes", where, "--n", n, "--split", split, "--size", 64)), "scenes")
-    (work / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (work / "classes.txt").write_text("\n".join(SCENE_CLASSES) + "\n")
     check(run(zeroseg("extract", work / "scenes" / "images", work / "store.zarr", "--grids", "1,2",
                       "--view-size", "32", "--chunk-images", "8", "--batch", "40", "--workers", "0")), "extract")
     check(run(zeroseg("text", work / "store.zarr", "--vocab", "demo", "--classes", work / "classes.txt")), "text")

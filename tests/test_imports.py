@@ -55,7 +55,7 @@ ALLOWED = {
     "trainer": BOTTOM | {"stores"},
     "segment": BOTTOM | {"stores", "trainer"},
     "experiments": BOTTOM | {"stores", "pipeline", "trainer", "segment"},
-    "cli": {"errors"},  # each verb imports its room when called
+    "cli": {"errors", "ui"},  # each verb imports its room when called; ui (progress, summaries) sits beside it
 }
 
 
