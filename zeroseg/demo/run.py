@@ -102,7 +102,7 @@ def make_scenes(cfg: DemoConfig, out: Path) -> dict[str, Path]:
 def extract(cfg: DemoConfig, teacher_ckpt: Path, train_scenes: Path, out: Path) -> str:
     """The train scenes' crop features and pixels, in a store named after the teacher (a new
     teacher means a new store); the extraction job itself skips chunks already done."""
-    from zeroseg.pipeline.extract import ExtractConfig, run_extract
+    from zeroseg.pipeline.runner import ExtractConfig, run_extract
 
     url = str(out / "cache" / f"{teacher_ckpt.stem}-v{cfg.view_size}-n{cfg.n_train}.zarr")
     config = ExtractConfig(
