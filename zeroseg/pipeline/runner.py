@@ -179,9 +179,10 @@ def run_extract(
     refused: a resumed store is bit-identical to an uninterrupted one."""
     if url.startswith("memory://") and config.workers != 0:
         raise UserError("a memory:// store lives inside one process: use --workers 0 with it")
-    # In this process the driver's teacher does the work; for Ray it only names the teacher.
+    # In this process the driver's teacher does the work; for Ray it only names the teacher
+    # (loaded on the CPU: each actor builds its own from `spec`).
     spec = TeacherSpec(config.teacher, config.pretrained, config.seed, config.device)
-    teacher = (spec if config.workers == 0 else dataclasses.replace(spec, device="cpu")).load()
+    teacher = spec.load() if config.workers == 0 else dataclasses.replace(spec, device="cpu").load()
     paths = list_images(images)
     # The order that never writes into what is not ours: look at STORE first (a foreign folder
     # is refused before even our lock file goes in), make the folder if there is none, take the
@@ -197,7 +198,8 @@ def run_extract(
         pending = store.pending_chunks() if store else None
         if pending == []:
             return summarize(store)
-        cluster = stack.enter_context(extract_cluster(config.address, config.device)) if config.workers != 0 else None
+        on_ray = config.workers != 0
+        cluster = stack.enter_context(extract_cluster(config.address, config.device)) if on_ray else None
         recorded = Compute.recorded(store.extract_options) if store else None
         if store and recorded is None:
             notify(f"note: {url} does not record its threads, device and precision (schema version 1): "
