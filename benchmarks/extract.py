@@ -32,8 +32,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from zeroseg.decode import decode_image  # noqa: E402
 from zeroseg.experiments.scenes import generate_scenes  # noqa: E402
 from zeroseg.geometry import cut_crops, grid_boxes  # noqa: E402
-from zeroseg.pipeline.extract import ExtractConfig, images_per_batch, run_extract  # noqa: E402
-from zeroseg.pipeline.sources import list_images  # noqa: E402
+from zeroseg.pipeline.mapper import images_per_batch  # noqa: E402
+from zeroseg.pipeline.reader import list_images  # noqa: E402
+from zeroseg.pipeline.runner import ExtractConfig, run_extract  # noqa: E402
 from zeroseg.pipeline.teacher import load_teacher  # noqa: E402
 from zeroseg.stores.inspect import store_info  # noqa: E402
 

@@ -18,7 +18,7 @@ import zarr
 from images import write_good
 from zeroseg.errors import UserError
 from zeroseg.experiments.ablate import run_trial, trial_key
-from zeroseg.pipeline.extract import ExtractConfig, run_extract
+from zeroseg.pipeline.runner import ExtractConfig, run_extract
 from zeroseg.stores.features import FeatureStore, Status, StoreConfig
 from zeroseg.stores.lock import LOCK_NAME, LockedError, StoreLock
 

@@ -21,8 +21,11 @@ from images import write_bad_and_odd, write_good
 from zeroseg.cli import main
 from zeroseg.errors import UserError
 from zeroseg.geometry import cut_crops, grid_boxes, training_view
-from zeroseg.pipeline.extract import ChunkWorker, ExtractConfig, embed_chunk, run_extract
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig
+from zeroseg.pipeline.mapper import embed_chunk
+from zeroseg.pipeline.reader import read_views
+from zeroseg.pipeline.runner import ExtractConfig, run_extract
+from zeroseg.pipeline.writer import ChunkWorker
+from zeroseg.stores.features import FeatureStore, Status
 from zeroseg.stores.lock import LOCK_NAME, LockedError, StoreLock
 
 GRIDS = (1, 2)
@@ -217,9 +220,8 @@ def test_resume_after_a_partial_chunk_is_bit_identical(tmp_path, tiny_teacher):
 
 def test_embed_chunk_batches_whole_images(tmp_path, tiny_teacher):
     paths = [str(p) for p in write_good(tmp_path, 3)]
-    store_config = StoreConfig(teacher=tiny_teacher.info, grids=GRIDS, view_size=32, chunk_images=4)
-    one = embed_chunk(tiny_teacher, paths, store_config, batch=5, boxes=grid_boxes(GRIDS))  # 1 image per forward
-    three = embed_chunk(tiny_teacher, paths, store_config, batch=1000, boxes=grid_boxes(GRIDS))
+    one = embed_chunk(tiny_teacher, read_views(paths, 32, GRIDS), 3, 32, batch=5, boxes=grid_boxes(GRIDS))  # 1 image per forward
+    three = embed_chunk(tiny_teacher, read_views(paths, 32, GRIDS), 3, 32, batch=1000, boxes=grid_boxes(GRIDS))
     np.testing.assert_allclose(one.features.astype(np.float32), three.features.astype(np.float32), atol=2e-3)
     assert one.views.shape == (3, 32, 32, 3) and (one.status == Status.OK).all()
 
@@ -331,7 +333,7 @@ def test_a_worker_whose_job_lost_the_lock_writes_nothing(tmp_path, tiny_teacher)
     run_extract(str(tmp_path / "imgs"), url, SMALL, notify=quiet)
     FeatureStore.open(url, mode="r+").group["images/status"][:] = 0
     with StoreLock(url):  # a new job holds the store; the old job's worker has another token
-        worker = ChunkWorker(url, SMALL, batch=20, teacher=tiny_teacher, lock_token="old-job")
+        worker = ChunkWorker(url, tiny_teacher, batch=20, lock_token="old-job")
         with pytest.raises(LockedError, match="lost the lock before writing chunk 0"):
             worker.process(0)
     assert FeatureStore.open(url).pending_chunks() == [0]

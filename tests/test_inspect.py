@@ -5,7 +5,7 @@ import pytest
 
 from images import write_bad_and_odd, write_good
 from test_extract import SMALL, quiet, zeroseg
-from zeroseg.pipeline.extract import run_extract
+from zeroseg.pipeline.runner import run_extract
 from zeroseg.stores.features import FeatureStore
 from zeroseg.stores.inspect import store_info, verify_store
 

@@ -11,8 +11,8 @@ from PIL import Image
 from images import png_header_only, tiff_raising_type_error, write_bad_and_odd, write_good
 from zeroseg.errors import UserError
 from zeroseg.decode import decode_image, to_rgb
-from zeroseg.pipeline.extract import ExtractConfig, run_extract
-from zeroseg.pipeline.sources import list_images
+from zeroseg.pipeline.runner import ExtractConfig, run_extract
+from zeroseg.pipeline.reader import list_images
 
 GRIDS = (1, 2)
 

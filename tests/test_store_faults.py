@@ -11,7 +11,7 @@ import pytest
 
 from images import write_good
 from test_extract import SMALL, assert_same_store, one_thread, quiet  # noqa: F401 (fixture)
-from zeroseg.pipeline.extract import ExtractConfig, run_extract
+from zeroseg.pipeline.runner import ExtractConfig, run_extract
 from zeroseg.stores.features import FeatureStore, Status, StoreWriteError
 
 ROOT = Path(__file__).resolve().parent.parent

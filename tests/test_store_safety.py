@@ -11,7 +11,7 @@ import zarr
 from images import write_good
 from test_extract import SMALL, assert_same_store, quiet, tree_digest, zeroseg
 from zeroseg.errors import UserError
-from zeroseg.pipeline.extract import ExtractConfig, run_extract
+from zeroseg.pipeline.runner import ExtractConfig, run_extract
 from zeroseg.stores.features import CREATING_MARKER, FeatureStore, Status, StoreError
 from zeroseg.stores.inspect import verify_store
 

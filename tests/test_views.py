@@ -12,7 +12,7 @@ from images import save_exif_jpeg, upright_picture, write_photos
 from zeroseg.decode import decode_image, open_image
 from zeroseg.errors import UserError
 from zeroseg.geometry import training_view
-from zeroseg.pipeline.extract import ExtractConfig, run_extract
+from zeroseg.pipeline.runner import ExtractConfig, run_extract
 from zeroseg.segment.datasets import LabelledDataset
 from zeroseg.segment.neighbours import Neighbour, QueryResult, render_contact_sheet
 from zeroseg.stores.features import FeatureStore, Status

@@ -44,7 +44,7 @@ def scenes(
     print(manifest)
 
 
-# ---- extract and store (pipeline/extract.py, stores/inspect.py) ------------------------------
+# ---- extract and store (pipeline/runner.py, stores/inspect.py) ------------------------------
 
 store_app = typer.Typer(no_args_is_help=True, help="Inspect a feature store.")
 app.add_typer(store_app, name="store")
@@ -77,7 +77,8 @@ def extract(
     device: str = typer.Option("cpu", help="where the teacher runs: cpu | cuda | auto (cuda where there is one)"),
 ) -> None:
     """Embed the grid crops of every image into STORE; re-run the same command to resume."""
-    from zeroseg.pipeline.extract import ExtractConfig, extract_with_progress
+    from zeroseg.pipeline.runner import ExtractConfig
+    from zeroseg.ui import extract_with_progress
 
     config = ExtractConfig(
         teacher=teacher, pretrained=pretrained, seed=seed, grids=_grids(grids), view_size=view_size,

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from zeroseg.errors import UserError
 from zeroseg.outputs import canonical_location, claim_output_dir, output_kind, write_atomic
+from zeroseg.pipeline.distributor import ray_cluster
 from zeroseg.segment.evaluate import run_eval
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer.checkpoint import latest_checkpoint
@@ -348,13 +349,9 @@ def _run_jobs(trial_fn: TrialFn, jobs: list[dict[str, Any]], parallel: int | Non
         return rows
     import ray
 
-    own = not ray.is_initialized()
-    if own:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=None if address else 256 * 2**20)
-    try:
+    with ray_cluster(address) as (cpus, _):
         remote = ray.remote(num_cpus=1, max_retries=0)(run_trial)
-        limit = parallel or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        limit = parallel or max(1, cpus)
         queue, in_flight, results = list(enumerate(jobs)), {}, {}
         while queue or in_flight:
             while queue and len(in_flight) < limit:
@@ -364,6 +361,3 @@ def _run_jobs(trial_fn: TrialFn, jobs: list[dict[str, Any]], parallel: int | Non
             results[in_flight.pop(ref)] = ray.get(ref)
             done()
         return [results[i] for i in range(len(jobs))]
-    finally:
-        if own:
-            ray.shutdown()

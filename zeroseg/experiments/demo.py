@@ -39,7 +39,7 @@ from zeroseg.experiments import scenes
 from zeroseg.experiments.toy_teacher import PRESETS as TEACHER_PRESETS
 from zeroseg.experiments.toy_teacher import ToyTeacherConfig, ensure_toy_teacher
 from zeroseg.outputs import claim_output_dir, write_atomic
-from zeroseg.pipeline.extract import ExtractConfig, run_extract
+from zeroseg.pipeline.runner import ExtractConfig, run_extract
 from zeroseg.pipeline.teacher import load_store_teacher
 from zeroseg.segment import render
 from zeroseg.segment.datasets import SCENE_CLASSES, load_dataset

@@ -1,25 +1,15 @@
-"""IMAGES -> the list of image paths a store will hold, one row per listed path.
-
-IMAGES is one of:
-- a folder: every file under it (recursively) with an image extension, sorted;
-- a glob (`photos/**/*.jpg`): every file it matches, sorted, whatever the extension;
-- one image file;
-- a manifest file (any other file): one path or URL per line (blank lines and `# comments` skipped), or a
-  `.jsonl` manifest whose objects carry an `image` key (what `zeroseg scenes` writes). A
-  manifest's order is kept: the user chose it, and row i of the store is line i.
-Relative paths in a manifest are relative to the manifest's folder. Local paths are made absolute
-so a store can be resumed from any working directory. Duplicates are kept: the same file listed
-twice is two rows.
-"""
+"""Images in: IMAGES -> the list of paths a store will hold, and each path decoded once."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator, Sequence
 
-from zeroseg.decode import is_url
+from zeroseg.decode import Decoded, decode_image, is_url
 from zeroseg.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -27,8 +17,16 @@ GLOB_CHARS = set("*?[")
 
 
 def list_images(images: str) -> list[str]:
-    """The paths IMAGES names (see the module docstring). Raises UserError for a path that does
-    not exist or lists nothing."""
+    """The paths IMAGES names, one row of the store per listed path. IMAGES is one of:
+    - a folder: every file under it (recursively) with an image extension, sorted;
+    - a glob (`photos/**/*.jpg`): every file it matches, sorted, whatever the extension;
+    - one image file;
+    - a manifest file (any other file): one path or URL per line (blank lines and `# comments`
+      skipped), or a `.jsonl` manifest whose objects carry an `image` key (what `zeroseg scenes`
+      writes). A manifest's order is kept: the user chose it, and row i of the store is line i.
+    Relative paths in a manifest are relative to the manifest's folder. Local paths are made
+    absolute so a store can be resumed from any working directory. Duplicates are kept: the same
+    file listed twice is two rows. Raises UserError for a path that does not exist or lists nothing."""
     path = Path(images)
     if path.is_dir():
         paths = sorted(
@@ -49,6 +47,14 @@ def list_images(images: str) -> list[str]:
     if not paths:
         raise UserError(what)
     return paths
+
+
+def read_views(paths: Sequence[str], view_size: int, grids: Sequence[int],
+               decoder: ThreadPoolExecutor | None = None) -> Iterator[Decoded]:
+    """Each path's training view (or why it has none), in order. With a `decoder` thread,
+    decoding runs ahead of whoever consumes the views."""
+    decode = lambda path: decode_image(path, view_size, grids)  # noqa: E731
+    return decoder.map(decode, paths) if decoder else map(decode, paths)
 
 
 def _read_manifest(manifest: Path) -> list[str]:

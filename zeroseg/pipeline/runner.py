@@ -1,0 +1,255 @@
+"""The extract job: open or create the store under its lock, do the pending chunks, summarise."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from zeroseg.errors import UserError
+from zeroseg.pipeline.distributor import extract_cluster, run_in_process, run_on_ray
+from zeroseg.pipeline.reader import list_images
+from zeroseg.pipeline.writer import ChunkResult, ChunkWorker, TeacherSpec, resolve_device
+from zeroseg.stores.features import (
+    FeatureStore,
+    Status,
+    StoreConfig,
+    StoreNotFoundError,
+    check_location,
+    make_store_folder,
+)
+from zeroseg.stores.lock import StoreLock
+
+DEFAULT_CHUNK_IMAGES = 64
+DEFAULT_BATCH = 256
+PRECISION = "fp32"  # the teacher's only precision today
+
+
+@dataclass
+class ExtractConfig:
+    """The options of one extraction job. None means: the store's value when resuming, else the
+    default (chunk_images 64, pixels off, batch 256)."""
+
+    teacher: str = "zeroseg-tiny"
+    pretrained: str = "random"
+    seed: int = 0  # of the random init, when pretrained is "random"
+    grids: tuple[int, ...] = (1, 2, 3, 4)
+    view_size: int = 224
+    batch: int | None = None  # crops per teacher forward, rounded down to whole images
+    chunk_images: int | None = None
+    pixels: bool | None = None
+    workers: int | None = None  # None: one per CPU (or GPU, on cuda) of the Ray cluster; 0: this process
+    device: str = "cpu"  # where the teacher runs: cpu | cuda | auto (cuda when there is one)
+    address: str | None = None  # a Ray cluster to join; None starts a local one
+
+
+@dataclass
+class Summary:
+    """The store's state after a job (all chunks, not only this run's)."""
+
+    n_images: int
+    ok: int
+    failed: int
+    pending: int
+    reasons: dict[str, int]  # kind of failure ("corrupt", "too small", ...) -> count
+    done_this_run: int = 0
+    seconds: float = 0.0
+    lost_chunks: dict[int, str] = field(default_factory=dict)  # chunk -> why it is still pending
+
+    @property
+    def images_per_s(self) -> float:
+        return self.done_this_run / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Compute:
+    """What changes a feature's last bits, recorded in the store's `extract` attributes; a resume
+    runs with the same values or is refused."""
+
+    device: str  # cpu | cuda (resolved)
+    precision: str
+    threads_per_worker: int  # torch threads of each worker (Ray actor, or this process)
+    batch: int  # crops per teacher forward
+
+    KEYS = ("device", "precision", "threads_per_worker", "batch")
+
+    @classmethod
+    def recorded(cls, options: dict) -> Compute | None:
+        """The store's record; None for a store that predates it (schema version 1)."""
+        if not all(k in options for k in cls.KEYS):
+            return None
+        return cls(**{k: options[k] for k in cls.KEYS})
+
+    def describe(self) -> str:
+        t = self.threads_per_worker
+        return f"{t} torch thread{'s' if t != 1 else ''} per worker on {self.device}, {self.precision}, batch {self.batch}"
+
+
+def _store_config(config: ExtractConfig, teacher_info) -> StoreConfig:
+    return StoreConfig(
+        teacher=teacher_info, grids=tuple(config.grids), view_size=config.view_size,
+        chunk_images=config.chunk_images or DEFAULT_CHUNK_IMAGES, pixels=bool(config.pixels),
+    )
+
+
+def open_existing(url: str, images: str, paths: list[str], config: ExtractConfig, teacher_info) -> FeatureStore | None:
+    """The job's store if there is one (None: create it). An existing one must have been made the
+    same way (teacher, grids, view size, chunking, pixels) and from the same paths, or this ends in
+    a one-line error and the store is not touched."""
+    try:
+        store = FeatureStore.open(url, mode="r", expect=_store_config(config, teacher_info))
+    except StoreNotFoundError:
+        return None
+    have = store.config
+    for name, value in dict(chunk_images=config.chunk_images, pixels=config.pixels).items():
+        if value is not None and value != getattr(have, name):
+            raise UserError(f"{url} was made with {name} {getattr(have, name)}, asked {value}")
+    stored = [str(p) for p in store.paths()]
+    if stored != paths:
+        raise UserError(f"{url} holds {len(stored)} images from its first listing; {images} now lists "
+                        f"{len(paths)} ({_first_difference(stored, paths)}): give the same IMAGES or a new STORE")
+    return store
+
+
+def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None,
+                 cluster: tuple[int, int] | None) -> tuple[Compute, int]:
+    """(how this run computes, how many workers): a new store's from the options and the machine,
+    a resumed store's from its record. `cluster` is the Ray cluster's (CPUs, GPUs); None runs in
+    this process. Threads per worker are never derived from the number of pending chunks."""
+    batch = config.batch or (recorded.batch if recorded else DEFAULT_BATCH)
+    if cluster is None:  # in this process: the record's thread count, else this process's
+        device = resolve_device(config.device)
+        threads = recorded.threads_per_worker if recorded else torch.get_num_threads()
+        workers, hint = 1, ""  # never differs: this process takes the recorded count
+    else:
+        cpus, gpus = cluster
+        device = "cuda" if gpus else "cpu"
+        if config.workers or not recorded:
+            workers = config.workers or gpus or cpus
+            threads = max(1, cpus // workers)
+        else:  # a plain resume: as many workers as give the recorded threads each
+            threads = recorded.threads_per_worker
+            workers = gpus or max(1, cpus // threads)
+        fitting = gpus or max(1, cpus // recorded.threads_per_worker) if recorded else 0
+        hint = f"--workers {fitting}" if recorded and max(1, cpus // fitting) == recorded.threads_per_worker else "no --workers"
+    run = Compute(device, PRECISION, threads, batch)
+    if recorded is None:
+        return run, workers
+    phrase = {"device": f"device {run.device}", "precision": run.precision,
+              "threads_per_worker": f"{run.threads_per_worker} threads per worker", "batch": f"batch {run.batch}"}
+    fixes = {"device": f"--device {recorded.device}", "batch": f"--batch {recorded.batch} (or no --batch)",
+             "threads_per_worker": hint, "precision": f"precision {recorded.precision}"}
+    differs = [name for name in Compute.KEYS if getattr(run, name) != getattr(recorded, name)]
+    if differs:
+        how = " and ".join(fixes[name] for name in differs if fixes[name])
+        raise UserError(f"{url} was made with {recorded.describe()}; this run would use "
+                        f"{', '.join(phrase[name] for name in differs)}, which changes the features' last bits: "
+                        + (f"re-run with {how} or use a new STORE" if how else "use a new STORE"))
+    return run, workers
+
+
+def _first_difference(a: list[str], b: list[str]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"row {i}: {x} vs {y}"
+    return f"row {min(len(a), len(b))} onwards"
+
+
+def run_extract(
+    images: str,
+    url: str,
+    config: ExtractConfig,
+    notify: Callable[[str], None] = print,
+    progress: Callable[[ChunkResult], None] | None = None,
+    started: Callable[[FeatureStore, int], None] | None = None,
+) -> Summary:
+    """The whole job: list, lock, open or create the store, do the pending chunks, summarise.
+    `started(store, n_pending_images)` and `progress(result)` let a caller draw a progress bar.
+
+    Resume: a chunk is written features first, status last, so a killed job leaves whole chunks
+    pending and a re-run of the same command does only those. Features of a chunk depend only on
+    the chunk's images (batches never span chunks) and on what the store records as `Compute`
+    (device, precision, torch threads per worker, batch: the thread count changes a GEMM's
+    summation order, hence the last bits), so a resume runs with the recorded values or is
+    refused: a resumed store is bit-identical to an uninterrupted one."""
+    if url.startswith("memory://") and config.workers != 0:
+        raise UserError("a memory:// store lives inside one process: use --workers 0 with it")
+    # In this process the driver's teacher does the work; for Ray it only names the teacher
+    # (loaded on the CPU: each actor builds its own from `spec`).
+    spec = TeacherSpec(config.teacher, config.pretrained, config.seed, config.device)
+    teacher = spec.load() if config.workers == 0 else dataclasses.replace(spec, device="cpu").load()
+    paths = list_images(images)
+    # The order that never writes into what is not ours: look at STORE first (a foreign folder
+    # is refused before even our lock file goes in), make the folder if there is none, take the
+    # lock inside it, then open or create the store under the lock (check_location again there:
+    # the lock file is the one entry it allows beside a new store).
+    if check_location(url) == "new":
+        make_store_folder(url)
+    t0 = time.perf_counter()
+    done = 0
+    threads_before = torch.get_num_threads()
+    with StoreLock(url, notify=notify) as lock, contextlib.ExitStack() as stack:
+        store = open_existing(url, images, paths, config, teacher.info)
+        pending = store.pending_chunks() if store else None
+        if pending == []:
+            return summarize(store)
+        on_ray = config.workers != 0
+        cluster = stack.enter_context(extract_cluster(config.address, config.device)) if on_ray else None
+        recorded = Compute.recorded(store.extract_options) if store else None
+        if store and recorded is None:
+            notify(f"note: {url} does not record its threads, device and precision (schema version 1): "
+                   "the resumed chunks may differ in the last bits")
+        compute, n_workers = plan_compute(url, config, recorded, cluster)
+        if store is None:
+            options = {**dataclasses.asdict(config), "grids": list(config.grids),
+                       "chunk_images": config.chunk_images or DEFAULT_CHUNK_IMAGES, "pixels": bool(config.pixels),
+                       "source": images}
+            for runtime_only in ("workers", "address"):  # how it ran, not what it made
+                options.pop(runtime_only)
+            options.update(dataclasses.asdict(compute))
+            FeatureStore.create(url, _store_config(config, teacher.info), paths, extract=options)
+        store = FeatureStore.open(url, mode="r+")
+        pending = store.pending_chunks()
+        todo = sum(_len(store.chunk_slice(c)) for c in pending)
+        if started:
+            started(store, todo)
+
+        def finished(result: ChunkResult) -> None:
+            nonlocal done
+            done += result.n_images
+            if progress:
+                progress(result)
+
+        try:
+            if cluster is None:
+                # the driver's teacher serves; the token: a job that took the store over stops us too
+                worker = ChunkWorker(url, teacher, compute.batch, compute.threads_per_worker, lock_token=lock.token)
+                lost = run_in_process(worker, pending, finished)
+            else:
+                del teacher  # the actors build their own
+                lost = run_on_ray(url, spec, compute.batch, compute.threads_per_worker, min(n_workers, len(pending)),
+                                  cluster, pending, teacher_sha=store.config.teacher.sha256, lock_token=lock.token,
+                                  finished=finished, notify=notify)
+        finally:
+            torch.set_num_threads(threads_before)  # the in-process worker set the store's count
+    return summarize(FeatureStore.open(url), done, time.perf_counter() - t0, lost)
+
+
+def _len(sl: slice) -> int:
+    return sl.stop - sl.start
+
+
+def summarize(store: FeatureStore, done: int = 0, seconds: float = 0.0, lost: dict | None = None) -> Summary:
+    status = store.status()
+    failed = status == Status.FAILED
+    kinds = collections.Counter(str(e).split(":")[0] for e in store.errors()[failed])
+    return Summary(
+        n_images=len(status), ok=int((status == Status.OK).sum()), failed=int(failed.sum()),
+        pending=int((status == Status.PENDING).sum()), reasons=dict(kinds.most_common()),
+        done_this_run=done, seconds=seconds, lost_chunks=dict(lost or {}),
+    )
