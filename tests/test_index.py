@@ -5,14 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zeroseg.segment.neighbours import (
-    OUTLINE,
-    BuildConfig,
-    build_index,
-    query_index,
-    sheet_size,
-    text_vector,
-)
+from zeroseg.segment.neighbours import BuildConfig, build_index, query_index, text_vector
+from zeroseg.segment.render import OUTLINE, sheet_size
 from zeroseg.stores.features import FeatureStore, Status, StoreConfig, TeacherInfo
 from zeroseg.stores.index import (
     INDEX_FILE,
