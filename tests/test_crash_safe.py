@@ -18,7 +18,8 @@ import zarr
 from images import write_good
 from zeroseg.errors import UserError
 from zeroseg.pipeline.extract import ExtractConfig, run_extract
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status, StoreConfig
 from zeroseg.stores.lock import LOCK_NAME, LockedError, StoreLock
 from zeroseg.trainer.ablate import run_trial, trial_key
 

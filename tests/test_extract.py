@@ -22,7 +22,8 @@ from zeroseg.cli import main
 from zeroseg.errors import UserError
 from zeroseg.geometry import cut_crops, grid_boxes, training_view
 from zeroseg.pipeline.extract import ChunkWorker, ExtractConfig, embed_chunk, run_extract
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status, StoreConfig
 from zeroseg.stores.lock import LOCK_NAME, LockedError, StoreLock
 
 GRIDS = (1, 2)

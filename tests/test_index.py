@@ -7,7 +7,8 @@ from PIL import Image
 
 from zeroseg.segment.neighbours import BuildConfig, build_index, query_index, text_vector
 from zeroseg.segment.render import OUTLINE, sheet_size
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig, TeacherInfo
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status, StoreConfig, TeacherInfo
 from zeroseg.stores.index import (
     INDEX_FILE,
     META_FILE,

@@ -11,7 +11,8 @@ import torch
 
 from zeroseg.cli import main
 from zeroseg.errors import UserError
-from zeroseg.stores.features import FeatureStore, Status
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status
 from zeroseg.trainer.checkpoint import load_student, sha256_file
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.loader import Batches, MemorySource, Plan, StoreSource, select_columns

@@ -15,7 +15,8 @@ from zeroseg.geometry import training_view
 from zeroseg.pipeline.extract import ExtractConfig, run_extract
 from zeroseg.segment.datasets import LabelledDataset
 from zeroseg.segment.neighbours import Neighbour, QueryResult, draw_contact_sheet
-from zeroseg.stores.features import FeatureStore, Status
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status
 from zeroseg.stores.views import row_views
 from zeroseg.trainer.loader import Batches, Plan, StoreSource, select_columns
 

@@ -292,7 +292,7 @@ def scene_object_accuracy(teacher, cfg: ToyTeacherConfig) -> float:
 def _accuracy_now(model: torch.nn.Module, cfg: ToyTeacherConfig) -> float:
     """zero_shot_accuracy of a model still in training (wrapped as a Teacher, unhashed)."""
     from zeroseg.pipeline.teacher import Teacher
-    from zeroseg.stores.features import TeacherInfo
+    from zeroseg.stores.schema import TeacherInfo
 
     pp = model.visual.preprocess_cfg
     size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]

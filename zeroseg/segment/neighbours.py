@@ -21,7 +21,8 @@ from rich.table import Table
 from zeroseg.errors import UserError
 from zeroseg.outputs import check_output_dir, claim_output_dir
 from zeroseg.segment.render import contact_sheet
-from zeroseg.stores.features import FeatureStore, Status, StoreError, TeacherInfo
+from zeroseg.stores.features import FeatureStore, StoreError
+from zeroseg.stores.schema import Status, TeacherInfo
 from zeroseg.stores.index import (
     IndexMeta,
     NeighbourIndex,
