@@ -14,7 +14,7 @@ from zeroseg.errors import UserError
 from zeroseg.stores.features import FeatureStore
 from zeroseg.stores.schema import Status
 from zeroseg.trainer.checkpoint import load_student, sha256_file
-from zeroseg.trainer.config import TrainConfig
+from zeroseg.trainer.config import TrainConfig, recipe
 from zeroseg.trainer.loader import Batches, MemorySource, Plan, StoreSource, select_columns
 from zeroseg.trainer.model import preset
 from zeroseg.trainer.synthetic import synthetic_store
@@ -32,8 +32,9 @@ def store_url(tmp_path_factory, tiny_teacher):
 
 
 def tiny_config(**kw) -> TrainConfig:
-    defaults = dict(model=preset("tiny"), preset="tiny", steps=8, batch=6, log_every=1, checkpoint_every=4, lr=2e-3, threads=1)
-    return TrainConfig(**{**defaults, **kw})
+    # The paper recipe: the plain grouping and losses these tests were written against.
+    defaults = dict(steps=8, batch=6, log_every=1, checkpoint_every=4, lr=2e-3, threads=1)
+    return dataclasses.replace(recipe("paper", "tiny"), **{**defaults, **kw})
 
 
 def all_batches(source, plan, batch, start_step, n):

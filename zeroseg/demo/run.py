@@ -44,6 +44,7 @@ from zeroseg.segment.datasets import load_dataset
 from zeroseg.segment.dense import DensePredictor
 from zeroseg.segment.evaluate import evaluate, load_vocabulary, save_calibration, store_teacher
 from zeroseg.segment.zeroshot import GridPredictor, StudentPredictor, TruthSegmentsPredictor, calibrate_threshold
+from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
 
 VOCAB = "scenes"
 
@@ -56,8 +57,8 @@ class DemoConfig:
     n_train: int = 600
     n_heldout: int = 100
     extract_workers: int | None = None  # None: a local Ray pool, one actor per core
-    student_preset: str = "small"
-    recipe: str = "localised"  # trainer.config.RECIPES; the no-match baseline is the same with match off
+    student_preset: str = DEFAULT_PRESET
+    recipe: str = DEFAULT_RECIPE  # trainer/recipes/; the no-match baseline is the same with match off
     steps: int = 300
     batch: int = 32
     lr: float = 1e-3

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from zeroseg.errors import UserError
 from zeroseg.outputs import canonical_location, claim_output_dir, output_kind, write_atomic
 from zeroseg.stores.features import FeatureStore
+from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
 
 # The paper's ablation tables (PAPER.md, tables 3-5), as specs. "scales" rows are the 1x1 view
 # plus one finer grid, then all; "losses" rows switch multi-scale distillation (all crops vs the
@@ -298,7 +299,7 @@ def plan_jobs(
 
 def run_ablation(
     store_url: str, spec: str, out: Path, dataset: str, vocab: str, *, steps: int = 300,
-    seeds: list[int] = (0,), preset: str = "small", recipe_name: str = "localised", batch: int = 32,
+    seeds: list[int] = (0,), preset: str = DEFAULT_PRESET, recipe_name: str = DEFAULT_RECIPE, batch: int | None = None,
     calibrate_on: str | None = None, threshold: float | None = None, parallel: int | None = None,
     address: str | None = None, online_ratio: float = 191.0, progress: bool = True,
 ) -> AblationReport:
@@ -308,7 +309,8 @@ def run_ablation(
 
     store = FeatureStore.open(store_url)
     trials = expand(load_spec(spec))
-    base = recipe(recipe_name, preset, steps=steps, batch=batch, grids=store.config.grids, threads=1).to_dict()
+    batch_given = {} if batch is None else {"batch": batch}  # else TrainConfig's
+    base = recipe(recipe_name, preset, steps=steps, grids=store.config.grids, threads=1, **batch_given).to_dict()
     claim_output_dir(out, "ablation")  # ours is resumed; anyone else's folder is refused untouched
     jobs = plan_jobs(trials, list(seeds), base, store, dataset, out)
     trial_fn = functools.partial(train_and_evaluate, store=store_url, dataset=dataset, vocab=vocab,
