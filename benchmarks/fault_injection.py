@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zeroseg.stores.features import FeatureStore, Status, StoreError  # noqa: E402
+from zeroseg.stores.features import FeatureStore, StoreError  # noqa: E402
+from zeroseg.stores.schema import Status  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 

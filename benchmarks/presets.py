@@ -21,7 +21,7 @@ from zeroseg.trainer.model import ZeroSegStudent
 
 name, batch, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(threads)
-config = recipe("localised", name)
+config = recipe(preset_name=name)  # the default recipe, as `zeroseg train`
 model = ZeroSegStudent(replace(config.model, out_dim=128))
 size = model.config.image_size
 optimizer = torch.optim.AdamW(model.parameters(), foreach=True)

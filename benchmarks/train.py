@@ -28,7 +28,8 @@ import torch
 
 from zeroseg.pipeline.teacher import load_teacher
 from zeroseg.stores.features import FeatureStore
-from zeroseg.trainer.config import RECIPES, recipe
+from zeroseg.trainer.config import recipe
+from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE, RECIPE_NAMES
 from zeroseg.trainer.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' in-process store maker
@@ -57,8 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--view", type=int, default=224, help="store view size (the crops' source)")
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--recipe", default="localised", choices=list(RECIPES), help="as `zeroseg train --recipe`")
+    ap.add_argument("--preset", default=DEFAULT_PRESET)
+    ap.add_argument("--recipe", default=DEFAULT_RECIPE, choices=RECIPE_NAMES, help="as `zeroseg train --recipe`")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--online-steps", type=int, default=6, help="online steps are slow: fewer of them")

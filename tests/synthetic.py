@@ -13,7 +13,8 @@ from PIL import Image
 
 from zeroseg.geometry import cut_crops
 from zeroseg.pipeline.teacher import Teacher
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status, StoreConfig
 
 
 def blocky_views(rng: np.random.Generator, n: int, size: int) -> np.ndarray:

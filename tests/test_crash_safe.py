@@ -19,7 +19,8 @@ from images import write_good
 from zeroseg.errors import UserError
 from zeroseg.experiments.ablate import run_trial, trial_key
 from zeroseg.pipeline.runner import ExtractConfig, run_extract
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status, StoreConfig
 from zeroseg.stores.lock import LOCK_NAME, LockedError, StoreLock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,11 +216,10 @@ def test_a_resumed_runs_metrics_survive_a_failed_rewrite(tmp_path, tiny_teacher)
     code = f"""
 import resource, signal, sys
 sys.path[:0] = [{str(ROOT)!r}]
-from zeroseg.trainer.config import TrainConfig
-from zeroseg.trainer.model import preset
+from zeroseg.trainer.config import recipe
 from zeroseg.trainer.train import train
 if sys.argv[1] == "first":
-    config = TrainConfig(model=preset("tiny"), preset="tiny", steps=120, batch=4, log_every=1, checkpoint_every=60, threads=1)
+    config = recipe("paper", "tiny", steps=120, batch=4, log_every=1, checkpoint_every=60, threads=1)
     train({url!r}, {str(run)!r}, config, stop_after=60, progress=False)
 else:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -247,13 +247,12 @@ else:
 def test_a_checkpoint_whose_weights_changed_is_refused(tmp_path, tiny_teacher):
     from synthetic import synthetic_store
     from zeroseg.trainer.checkpoint import MODEL_FILE, find_checkpoint, load_student
-    from zeroseg.trainer.config import TrainConfig
-    from zeroseg.trainer.model import preset
+    from zeroseg.trainer.config import recipe
     from zeroseg.trainer.train import train
 
     url = str(tmp_path / "store.zarr")
     synthetic_store(url, tiny_teacher, 8)
-    config = TrainConfig(model=preset("tiny"), preset="tiny", steps=1, batch=4, threads=1)
+    config = recipe("paper", "tiny", steps=1, batch=4, threads=1)
     train(url, tmp_path / "run", config, progress=False)
     weights = find_checkpoint(tmp_path / "run") / MODEL_FILE
     data = bytearray(weights.read_bytes())

@@ -105,7 +105,8 @@ def test_eval_on_a_voc_folder(demo, tmp_path):
 
 def test_a_student_is_refused_with_another_teachers_vocabulary(demo, tmp_path, tiny_teacher):
     from zeroseg.segment.text import cache_vocabulary
-    from zeroseg.stores.features import FeatureStore, StoreConfig
+    from zeroseg.stores.features import FeatureStore
+    from zeroseg.stores.schema import StoreConfig
 
     out, summary = demo
     other = str(tmp_path / "other.zarr")

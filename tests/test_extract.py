@@ -25,7 +25,8 @@ from zeroseg.pipeline.mapper import embed_chunk
 from zeroseg.pipeline.reader import read_views
 from zeroseg.pipeline.runner import ExtractConfig, run_extract
 from zeroseg.pipeline.writer import ChunkWorker
-from zeroseg.stores.features import FeatureStore, Status
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status
 from zeroseg.stores.lock import LOCK_NAME, LockedError, StoreLock
 
 GRIDS = (1, 2)

@@ -13,7 +13,8 @@ import pytest
 
 from images import write_good
 from test_extract import assert_same_store
-from zeroseg.stores.features import FeatureStore, Status, StoreError
+from zeroseg.stores.features import FeatureStore, StoreError
+from zeroseg.stores.schema import Status
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,15 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zeroseg.segment.neighbours import (
-    OUTLINE,
-    BuildConfig,
-    build_index,
-    query_index,
-    sheet_size,
-    text_vector,
-)
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig, TeacherInfo
+from zeroseg.segment.neighbours import BuildConfig, build_index, query_index, text_vector
+from zeroseg.segment.render import OUTLINE, sheet_size
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status, StoreConfig, TeacherInfo
 from zeroseg.stores.index import (
     INDEX_FILE,
     META_FILE,
@@ -317,14 +312,13 @@ def test_text_query_finds_planted_crops(tmp_path, tiny_teacher, monkeypatch, cap
 @pytest.fixture(scope="module")
 def tiny_student(tmp_path_factory):
     """A tiny student trained a few steps on a random store: (store url, run dir)."""
-    from zeroseg.trainer.config import TrainConfig
-    from zeroseg.trainer.model import preset
+    from zeroseg.trainer.config import recipe
     from zeroseg.trainer.train import train
 
     root = tmp_path_factory.mktemp("student")
     make_store(root / "s", n=24)
-    config = TrainConfig(model=preset("tiny"), preset="tiny", steps=4, batch=8, grids=(1, 2),
-                         checkpoint_every=4, log_every=2, workers=1, prefetch=2)
+    config = recipe("paper", "tiny", steps=4, batch=8, grids=(1, 2), checkpoint_every=4, log_every=2, workers=1,
+                    prefetch=2)
     train(str(root / "s"), root / "run", config, progress=False)
     return str(root / "s"), root / "run"
 
@@ -378,15 +372,14 @@ def test_segments_index_maps_back_to_tokens(tiny_student, tmp_path, monkeypatch,
 
 
 def test_segments_index_refuses_another_checkpoint(tiny_student, tmp_path):
-    from zeroseg.trainer.config import TrainConfig
-    from zeroseg.trainer.model import preset
+    from zeroseg.trainer.config import recipe
     from zeroseg.trainer.train import train
 
     store_url, run = tiny_student
     build_index(store_url, tmp_path / "ix", BuildConfig(source="segments", checkpoint=str(run)))
     other = tmp_path / "other"
-    train(store_url, other, TrainConfig(model=preset("tiny"), preset="tiny", steps=1, batch=8, grids=(1, 2),
-                                        seed=1, checkpoint_every=1, workers=1, prefetch=2), progress=False)
+    train(store_url, other, recipe("paper", "tiny", steps=1, batch=8, grids=(1, 2), seed=1, checkpoint_every=1,
+                                   workers=1, prefetch=2), progress=False)
     with pytest.raises(NeighbourIndexError, match=r"built from checkpoint .*run.*, given .*other"):
         query_index(tmp_path / "ix", image=0, token=0, checkpoint=str(other))
     with pytest.raises(Exception, match="needs --checkpoint"):

@@ -4,7 +4,8 @@ import pytest
 import zarr
 
 from zeroseg.geometry import grid_boxes
-from zeroseg.stores.features import CREATING_MARKER, FeatureStore, Status, StoreConfig, StoreError, StoreNotFoundError, TeacherInfo
+from zeroseg.stores.features import FeatureStore, StoreError, StoreNotFoundError
+from zeroseg.stores.schema import CREATING_MARKER, Status, StoreConfig, TeacherInfo
 
 TEACHER = TeacherInfo("zeroseg-tiny", "random:0", "ab" * 32, 64, (0.5,) * 3, (0.25,) * 3, 16)
 

@@ -12,7 +12,8 @@ import pytest
 from images import write_good
 from test_extract import SMALL, assert_same_store, one_thread, quiet  # noqa: F401 (fixture)
 from zeroseg.pipeline.runner import ExtractConfig, run_extract
-from zeroseg.stores.features import FeatureStore, Status, StoreWriteError
+from zeroseg.stores.features import FeatureStore, StoreWriteError
+from zeroseg.stores.schema import Status
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--grids", "1,2", "--view-size", "32", "--chunk-images", "4", "--batch", "20", "--pixels", "--workers", "0"]

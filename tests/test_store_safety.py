@@ -12,7 +12,8 @@ from images import write_good
 from test_extract import SMALL, assert_same_store, quiet, tree_digest, zeroseg
 from zeroseg.errors import UserError
 from zeroseg.pipeline.runner import ExtractConfig, run_extract
-from zeroseg.stores.features import CREATING_MARKER, FeatureStore, Status, StoreError
+from zeroseg.stores.features import FeatureStore, StoreError
+from zeroseg.stores.schema import CREATING_MARKER, Status
 from zeroseg.stores.inspect import verify_store
 
 EXTRACT_ARGS = ["--grids", "1,2", "--view-size", "32", "--chunk-images", "4", "--batch", "20", "--workers", "0"]

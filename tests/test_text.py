@@ -6,7 +6,8 @@ from typer.testing import CliRunner
 
 from zeroseg.cli import app
 from zeroseg.segment.text import TEMPLATES, cache_vocabulary, embed_classes, parse_classes
-from zeroseg.stores.features import FeatureStore, StoreConfig, StoreError
+from zeroseg.stores.features import FeatureStore, StoreError
+from zeroseg.stores.schema import StoreConfig
 
 
 def make_store(path, info):

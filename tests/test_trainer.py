@@ -12,9 +12,10 @@ import torch
 from synthetic import synthetic_store
 from zeroseg.cli import main
 from zeroseg.errors import UserError
-from zeroseg.stores.features import FeatureStore, Status, StoreConfig, StoreError
+from zeroseg.stores.features import FeatureStore, StoreError
+from zeroseg.stores.schema import Status, StoreConfig
 from zeroseg.trainer.checkpoint import load_student, load_student_for, sha256_file
-from zeroseg.trainer.config import TrainConfig
+from zeroseg.trainer.config import TrainConfig, recipe
 from zeroseg.trainer.loader import Batches, MemorySource, Plan, StoreSource, select_columns
 from zeroseg.trainer.model import preset
 from zeroseg.trainer.train import train
@@ -31,8 +32,9 @@ def store_url(tmp_path_factory, tiny_teacher):
 
 
 def tiny_config(**kw) -> TrainConfig:
-    defaults = dict(model=preset("tiny"), preset="tiny", steps=8, batch=6, log_every=1, checkpoint_every=4, lr=2e-3, threads=1)
-    return TrainConfig(**{**defaults, **kw})
+    # The paper recipe: the plain grouping and losses these tests were written against.
+    defaults = dict(steps=8, batch=6, log_every=1, checkpoint_every=4, lr=2e-3, threads=1)
+    return dataclasses.replace(recipe("paper", "tiny"), **{**defaults, **kw})
 
 
 def all_batches(source, plan, batch, start_step, n):

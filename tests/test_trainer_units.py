@@ -1,6 +1,9 @@
 """The student model and the losses on hand-made tensors (no store)."""
 
+import dataclasses
+import json
 import math
+
 import numpy as np
 
 import pytest
@@ -236,3 +239,83 @@ def test_recipes_set_the_model_and_losses_from_the_paper_defaults():
     assert TrainConfig.from_dict(local.to_dict()) == local  # the recipe's name is saved with the run
     with pytest.raises(UserError, match="unknown recipe"):
         recipe("hungarian")
+
+
+# TrainConfig.to_dict() of recipe("paper") and recipe("localised") (preset small) as the code before
+# the recipes became JSON files computed it (trainer/config.py's RECIPES dict), written out here once:
+# paper in full, localised as what differs from it.
+TODAY = {
+    "paper": {
+        "model": {
+            "image_size": 64, "patch_size": 8, "width": 128, "depth": 4, "heads": 4, "mlp_ratio": 4.0,
+            "head_depths": [1, 1, 1], "group_tokens": [16, 8], "decoder_width": 96, "decoder_depth": 1,
+            "decoder_heads": 4, "out_dim": 0, "gumbel_noise": 1.0, "assign_scale": 1.0,
+            "group_residual": True, "center_logits": False,
+        },
+        "losses": {
+            "distill": 1.0, "multiscale": True, "match": 1.0, "cover": 0.0, "mae": 1.0, "region": 0.0,
+            "assign": 0.0, "assign_tau": 0.1, "target_norm": "l2",
+        },
+        "preset": "small", "recipe": "paper", "steps": 1000, "batch": 32, "lr": 0.001, "min_lr": 0.0,
+        "warmup": 0.25, "weight_decay": 0.05, "betas": [0.9, 0.95], "grad_clip": 1.0, "mask_ratio": 0.6,
+        "grids": [1, 2, 3, 4], "targets": "cached", "precision": "fp32", "seed": 0, "log_every": 10,
+        "checkpoint_every": 200, "buffer_chunks": 4, "prefetch": 8, "workers": 2, "threads": 0,
+        "device": "cpu",
+    },
+}
+TODAY["localised"] = {
+    **TODAY["paper"], "recipe": "localised",
+    "model": {**TODAY["paper"]["model"], "gumbel_noise": 0.0, "center_logits": True},
+    "losses": {**TODAY["paper"]["losses"], "cover": 1.0, "region": 1.0, "assign": 1.0},
+}
+
+# Knobs removed since (no recipe, ablation, test or benchmark set them): their only value.
+REMOVED = {"model": {"assign_scale": 1.0}, "train": {"min_lr": 0.0}}
+
+
+def without_removed(d: dict) -> dict:
+    d = {k: v for k, v in d.items() if k not in REMOVED["train"]}
+    d["model"] = {k: v for k, v in d["model"].items() if k not in REMOVED["model"]}
+    return d
+
+
+@pytest.mark.parametrize("name", ["paper", "localised"])
+def test_the_json_recipes_give_the_configs_of_before(name):
+    from zeroseg.trainer.config import TrainConfig, recipe
+
+    before = TODAY[name]
+    assert all(before["model"][k] == v for k, v in REMOVED["model"].items())  # removed knobs held their only value
+    assert all(before[k] == v for k, v in REMOVED["train"].items())
+    config = recipe(name)
+    assert json.loads(json.dumps(config.to_dict())) == without_removed(before)
+    # a config saved by the code before (removed knobs and all) still loads, as the same config
+    assert TrainConfig.from_dict(before) == config
+
+
+def test_a_saved_config_that_turned_a_removed_knob_is_refused():
+    from zeroseg.trainer.config import TrainConfig
+
+    for where, knob in [("model", "assign_scale"), ("train", "min_lr")]:
+        saved = json.loads(json.dumps(TODAY["localised"]))
+        (saved["model"] if where == "model" else saved)[knob] = 0.5
+        with pytest.raises(UserError, match=f"{knob} = 0.5, a setting this zeroseg no longer has"):
+            TrainConfig.from_dict(saved)
+
+
+def test_one_default_recipe_and_every_recipe_says_everything():
+    from zeroseg.trainer.config import TrainConfig, recipe
+    from zeroseg.trainer.recipes import DEFAULT_RECIPE, RECIPE_NAMES, load_recipe
+
+    assert DEFAULT_RECIPE == "localised" and TrainConfig() == recipe(DEFAULT_RECIPE)
+    assert set(RECIPE_NAMES) >= {"paper", "localised"}
+    grouping = {"gumbel_noise", "group_residual", "center_logits"}
+    for name in RECIPE_NAMES:
+        r = load_recipe(name)
+        assert set(r["model"]) == grouping and set(r["losses"]) == {f.name for f in dataclasses.fields(LossConfig)}
+
+
+def test_printing_the_model_shows_its_grouping_settings():
+    from zeroseg.trainer.config import recipe
+
+    text = repr(ZeroSegStudent(dataclasses.replace(recipe("localised", "tiny").model, out_dim=8)))
+    assert "GroupingBlock(\n" in text and "gumbel_noise=0.0, residual=True, center=True\n" in text

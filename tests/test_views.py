@@ -14,8 +14,9 @@ from zeroseg.errors import UserError
 from zeroseg.geometry import training_view
 from zeroseg.pipeline.runner import ExtractConfig, run_extract
 from zeroseg.segment.datasets import LabelledDataset
-from zeroseg.segment.neighbours import Neighbour, QueryResult, render_contact_sheet
-from zeroseg.stores.features import FeatureStore, Status
+from zeroseg.segment.neighbours import Neighbour, QueryResult, draw_contact_sheet
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status
 from zeroseg.stores.views import row_views
 from zeroseg.trainer.loader import Batches, Plan, StoreSource, select_columns
 
@@ -98,7 +99,7 @@ def test_the_contact_sheet_draws_the_embedded_view(photos, tmp_path):
     rows = list(names(with_pixels))
     result = QueryResult(source="crops", query={"image": rows[0], "crop": 0}, k=len(rows))
     result.neighbours = [Neighbour(rank, row, 0, 1.0, "") for rank, row in enumerate(rows)]
-    sheets = [np.asarray(Image.open(render_contact_sheet(result, store, tmp_path / f"{store.has_pixels}.png")))
+    sheets = [np.asarray(Image.open(draw_contact_sheet(result, store, tmp_path / f"{store.has_pixels}.png")))
               for store in (with_pixels, without)]
     np.testing.assert_array_equal(sheets[0], sheets[1])
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from zeroseg.errors import UserError
+from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE, RECIPE_NAMES  # json only: cheap to import
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 # User text (paths, notices, error messages) never goes into Rich markup unescaped: a path like
@@ -135,21 +136,22 @@ def store_verify(
 def train(
     store: str = typer.Argument(..., help="feature store (path or fsspec URL)"),
     out: Path = typer.Option(..., "--out", help="run dir: config, metrics, curves, checkpoint"),
-    preset: str = typer.Option("small", help="student size: tiny | small | base"),
-    steps: int = typer.Option(None, help="optimizer steps (default 1000)"),
+    # Every option below left out keeps the recipe's or TrainConfig's value (zeroseg/trainer/config.py).
+    preset: str = typer.Option(None, help=f"student size: tiny | small | base [default: {DEFAULT_PRESET}]"),
+    steps: int = typer.Option(None, help="optimizer steps"),
     epochs: float = typer.Option(None, help="passes over the store's ok images (instead of --steps)"),
-    batch: int = typer.Option(32, help="images per step"),
-    lr: float = typer.Option(1e-3, help="peak learning rate (warm-up then cosine)"),
+    batch: int = typer.Option(None, help="images per step"),
+    lr: float = typer.Option(None, help="peak learning rate (warm-up then cosine)"),
     grids: str = typer.Option(None, help="crop grids to distil, e.g. 1,2,3 (default: all the store's)"),
-    mask_ratio: float = typer.Option(0.6, "--mask-ratio", help="MAE masking ratio in training"),
-    recipe: str = typer.Option("localised", help="localised (trains on a small budget) | paper (PAPER.md's grouping and losses)"),
+    mask_ratio: float = typer.Option(None, "--mask-ratio", help="MAE masking ratio in training"),
+    recipe: str = typer.Option(None, help=f"{' | '.join(RECIPE_NAMES)} (trainer/recipes/*.json) [default: {DEFAULT_RECIPE}]"),
     loss: str = typer.Option(None, help="replace the recipe's loss terms [=weight]: distill, match, mae, cover, region, assign"),
-    multiscale: bool = typer.Option(True, "--multiscale/--single-scale", help="distil z to every crop, or the 1x1 only"),
-    target_norm: str = typer.Option("l2", "--target-norm", help="l2 | none: teacher features as targets"),
-    targets: str = typer.Option("cached", help="cached (read the store) | online (run the teacher)"),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast)"),
-    seed: int = typer.Option(0, help="the run is a pure function of the seed and the store"),
-    threads: int = typer.Option(0, help="torch compute threads (0: one per core; 1 on a busy machine)"),
+    multiscale: bool = typer.Option(None, "--multiscale/--single-scale", help="distil z to every crop, or the 1x1 only [default: the recipe's]"),
+    target_norm: str = typer.Option(None, "--target-norm", help="l2 | none: teacher features as targets [default: the recipe's]"),
+    targets: str = typer.Option(None, help="cached (the default: read the store) | online (run the teacher)"),
+    precision: str = typer.Option(None, help="fp32 (the default) | bf16 (autocast)"),
+    seed: int = typer.Option(None, help="the run is a pure function of the seed and the store"),
+    threads: int = typer.Option(None, help="torch compute threads (default: one per core; 1 on a busy machine)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out with its own config"),
     stop_after: int = typer.Option(None, "--stop-after", help="leave (with a checkpoint) after N steps of this call"),
 ) -> None:
@@ -157,9 +159,10 @@ def train(
     from zeroseg.trainer.train import run_train
 
     result = run_train(
-        store, out, preset_name=preset, steps=steps, epochs=epochs, batch=batch, lr=lr, grids=_grids(grids) if grids else None,
-        mask_ratio=mask_ratio, recipe_name=recipe, loss=loss, multiscale=multiscale, target_norm=target_norm,
-        targets=targets, precision=precision, seed=seed, threads=threads, resume=resume, stop_after=stop_after,
+        store, out, preset_name=preset, recipe_name=recipe, epochs=epochs, grids=_grids(grids) if grids else None,
+        loss=loss, multiscale=multiscale, target_norm=target_norm, resume=resume, stop_after=stop_after,
+        steps=steps, batch=batch, lr=lr, mask_ratio=mask_ratio, targets=targets, precision=precision, seed=seed,
+        threads=threads,
     )
     print(f"step {result['step']}: {result.get('checkpoint', 'no new checkpoint')}  loss {result['metrics'].get('loss', '-')}")
 
@@ -175,16 +178,16 @@ def ablate(
     vocab: str = typer.Option(..., help="the store's text vocabulary to classify segments with"),
     grid: str = typer.Option(None, help="a YAML/JSON spec (file or inline): {grid: {field: [values]}} or {trials: [...]}"),
     preset: str = typer.Option(None, help="one of the paper's tables: scales | losses | mask-ratio | tokens"),
-    steps: int = typer.Option(300, help="optimizer steps per trial"),
-    seeds: str = typer.Option("0", help="comma-separated seeds; every trial runs once per seed"),
-    student: str = typer.Option("small", help="student preset: tiny | small | base"),
-    recipe: str = typer.Option("localised", help="the base every trial changes: localised | paper"),
-    batch: int = typer.Option(32, help="images per step"),
+    steps: int = typer.Option(None, help="optimizer steps per trial [default: 300]"),
+    seeds: str = typer.Option(None, help="comma-separated seeds; every trial runs once per seed [default: 0]"),
+    student: str = typer.Option(None, help=f"student preset: tiny | small | base [default: {DEFAULT_PRESET}]"),
+    recipe: str = typer.Option(None, help=f"the base every trial changes: {' | '.join(RECIPE_NAMES)} [default: {DEFAULT_RECIPE}]"),
+    batch: int = typer.Option(None, help="images per step"),
     calibrate_on: str = typer.Option(None, help="pick the background threshold on this (train) dataset"),
     bg_threshold: float = typer.Option(None, help="fixed background threshold (else calibrated or the paper's)"),
     trials_parallel: int = typer.Option(None, help="trials at once as Ray tasks [default: one per CPU]; 0 = in this process"),
     address: str = typer.Option(None, help="join this Ray cluster"),
-    online_ratio: float = typer.Option(191.0, help="cached/online speed ratio for the cost estimate (benchmarks/train.py)"),
+    online_ratio: float = typer.Option(None, help="cached/online speed ratio for the cost estimate (benchmarks/train.py)"),
 ) -> None:
     """Many short trainings over one store, then the paper-style tables; re-run to resume."""
     from zeroseg.experiments.ablate import run_ablation
@@ -192,13 +195,14 @@ def ablate(
     if (grid is None) == (preset is None):
         raise UserError("give one of --grid SPEC or --preset NAME")
     try:
-        seed_list = [int(s) for s in seeds.split(",")]
+        seed_list = [int(s) for s in seeds.split(",")] if seeds is not None else None
     except ValueError:
         raise UserError(f"--seeds takes comma-separated integers, not {seeds!r}")
+    # Options left out keep run_ablation's defaults (and TrainConfig's, through the recipe).
+    given = dict(steps=steps, seeds=seed_list, preset=student, recipe_name=recipe, batch=batch, online_ratio=online_ratio)
     report = run_ablation(
-        store, grid or preset, out, eval_dataset, vocab, steps=steps, seeds=seed_list, preset=student,
-        recipe_name=recipe, batch=batch, calibrate_on=calibrate_on, threshold=bg_threshold, parallel=trials_parallel,
-        address=address, online_ratio=online_ratio,
+        store, grid or preset, out, eval_dataset, vocab, calibrate_on=calibrate_on, threshold=bg_threshold,
+        parallel=trials_parallel, address=address, **{k: v for k, v in given.items() if v is not None},
     )
     print(report.markdown)
 

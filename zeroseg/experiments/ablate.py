@@ -33,6 +33,7 @@ from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer.checkpoint import latest_checkpoint
 from zeroseg.trainer.config import TrainConfig, recipe
 from zeroseg.trainer.losses import TERMS
+from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
 from zeroseg.trainer.train import train
 
 # The paper's ablation tables (PAPER.md, tables 3-5), as specs. "scales" rows are the 1x1 view
@@ -298,7 +299,7 @@ def plan_jobs(
 
 def run_ablation(
     store_url: str, spec: str, out: Path, dataset: str, vocab: str, *, steps: int = 300,
-    seeds: list[int] = (0,), preset: str = "small", recipe_name: str = "localised", batch: int = 32,
+    seeds: list[int] = (0,), preset: str = DEFAULT_PRESET, recipe_name: str = DEFAULT_RECIPE, batch: int | None = None,
     calibrate_on: str | None = None, threshold: float | None = None, parallel: int | None = None,
     address: str | None = None, online_ratio: float = 191.0, progress: bool = True,
 ) -> AblationReport:
@@ -306,7 +307,8 @@ def run_ablation(
     time; 0 runs them one by one in this process), resumable, then the tables, plot and cost."""
     store = FeatureStore.open(store_url)
     trials = expand(load_spec(spec))
-    base = recipe(recipe_name, preset, steps=steps, batch=batch, grids=store.config.grids, threads=1).to_dict()
+    batch_given = {} if batch is None else {"batch": batch}  # else TrainConfig's
+    base = recipe(recipe_name, preset, steps=steps, grids=store.config.grids, threads=1, **batch_given).to_dict()
     claim_output_dir(out, "ablation")  # ours is resumed; anyone else's folder is refused untouched
     jobs = plan_jobs(trials, list(seeds), base, store, dataset, out)
     trial_fn = functools.partial(train_and_evaluate, store=store_url, dataset=dataset, vocab=vocab,

@@ -50,6 +50,7 @@ from zeroseg.segment.zeroshot import GridPredictor, StudentPredictor, TruthSegme
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer.checkpoint import latest_checkpoint, load_student_for, read_state
 from zeroseg.trainer.config import recipe
+from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
 from zeroseg.trainer.train import train
 
 VOCAB = "scenes"
@@ -63,8 +64,8 @@ class DemoConfig:
     n_train: int = 600
     n_heldout: int = 100
     extract_workers: int | None = None  # None: a local Ray pool, one actor per core
-    student_preset: str = "small"
-    recipe: str = "localised"  # trainer.config.RECIPES; the no-match baseline is the same with match off
+    student_preset: str = DEFAULT_PRESET
+    recipe: str = DEFAULT_RECIPE  # trainer/recipes/; the no-match baseline is the same with match off
     steps: int = 300
     batch: int = 32
     lr: float = 1e-3

@@ -49,7 +49,7 @@ from zeroseg.geometry import box_pixels, cut_crops, grid_boxes, training_view
 from zeroseg.pipeline.teacher import MODEL_CONFIGS, Teacher, create_model, load_teacher
 from zeroseg.segment.datasets import SCENE_CLASSES
 from zeroseg.segment.text import TEMPLATES, embed_classes
-from zeroseg.stores.features import TeacherInfo
+from zeroseg.stores.schema import TeacherInfo
 
 OBJECT_CLASSES = SCENE_CLASSES[1:]  # what the zero-shot check classifies (background has no look)
 

@@ -11,7 +11,7 @@ import torch
 from zeroseg.decode import Decoded
 from zeroseg.geometry import cut_crops
 from zeroseg.pipeline.teacher import Teacher
-from zeroseg.stores.features import Status
+from zeroseg.stores.schema import Status
 
 
 @dataclass

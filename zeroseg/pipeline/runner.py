@@ -15,14 +15,8 @@ from zeroseg.errors import UserError
 from zeroseg.pipeline.distributor import extract_cluster, run_in_process, run_on_ray
 from zeroseg.pipeline.reader import list_images
 from zeroseg.pipeline.writer import ChunkResult, ChunkWorker, TeacherSpec, resolve_device
-from zeroseg.stores.features import (
-    FeatureStore,
-    Status,
-    StoreConfig,
-    StoreNotFoundError,
-    check_location,
-    make_store_folder,
-)
+from zeroseg.stores.features import FeatureStore, StoreNotFoundError, check_location, make_store_folder
+from zeroseg.stores.schema import Status, StoreConfig
 from zeroseg.stores.lock import StoreLock
 
 DEFAULT_CHUNK_IMAGES = 64

@@ -18,7 +18,8 @@ import open_clip
 import torch
 
 from zeroseg.errors import UserError
-from zeroseg.stores.features import FeatureStore, StoreError, TeacherInfo
+from zeroseg.stores.features import FeatureStore, StoreError
+from zeroseg.stores.schema import TeacherInfo
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)

@@ -13,7 +13,8 @@ from zeroseg.errors import UserError
 from zeroseg.pipeline.mapper import embed_chunk
 from zeroseg.pipeline.reader import read_views
 from zeroseg.pipeline.teacher import Teacher, load_teacher
-from zeroseg.stores.features import FeatureStore, Status
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status
 from zeroseg.stores.lock import LockedError, lock_holder
 
 

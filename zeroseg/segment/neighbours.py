@@ -1,9 +1,10 @@
-"""Build and query the neighbour index (the format lives in zeroseg.stores.index).
+"""The neighbour index's vectors and queries (the format and the out-of-core build live in
+zeroseg.stores.index, the pictures in zeroseg.segment.render).
 
 "Which crops does the text 'red circle' match?", "which segments elsewhere look like this one?":
-`build_index` turns a store's crop features (or a student's segment tokens) into an index folder,
-out of core and in bounded batches; `query_index` finds the neighbours of a crop, a token or a
-text and `render_contact_sheet` draws them.
+`build_index` feeds a store's crop features (`CropVectors`) or a student's segment tokens
+(`SegmentVectors`) to an index folder; `query_index` finds the neighbours of a crop, a token or a
+text and, when asked, has their contact sheet drawn.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from zeroseg.errors import UserError
 from zeroseg.outputs import check_output_dir, claim_output_dir
+from zeroseg.segment.render import contact_sheet
 from zeroseg.segment.text import embed_classes
-from zeroseg.stores.features import FeatureStore, Status, StoreError
+from zeroseg.stores.features import FeatureStore, StoreError
+from zeroseg.stores.schema import Status
 from zeroseg.stores.index import (
     IndexMeta,
     NeighbourIndex,
@@ -127,19 +129,6 @@ class SegmentVectors:
         return encode_ids(sl.start + ok[image], token, self.stride), tokens[image, token]
 
 
-def _training_sample(vectors, n: int, seed: int) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """About n vectors from randomly chosen whole chunks (reads only what it keeps), and those
-    chunks' (ids, vectors), so that the add pass does not read them (or run the student) again."""
-    order = np.random.default_rng(seed).permutation(vectors.store.n_chunks)
-    chunks, have = {}, 0
-    for i in order.tolist():
-        chunks[i] = vectors.chunk(i)
-        have += len(chunks[i][1])
-        if have >= n:
-            break
-    return np.concatenate([x for _, x in chunks.values()])[:n], chunks
-
-
 def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMeta:
     """Index the store's crops (or the student's segment tokens) into folder `out`."""
     if config.kind not in KINDS:
@@ -168,33 +157,13 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
         grids=list(vectors.grids) if vectors.grids else None,
     )
     index = NeighbourIndex.new(spec, meta)
-    console = Console(stderr=True)
-    sampled = {}
-    if index.needs_training:
-        with console.status(f"training {spec.factory} on {spec.train_size} {vectors.source} vectors"):
-            sample, sampled = _training_sample(vectors, spec.train_size, config.seed)
-            index.train(sample)
-
-    pending_ids, pending_x, pending_n = [], [], 0
-
-    def flush() -> None:
-        nonlocal pending_ids, pending_x, pending_n
-        if pending_n:
-            index.add(np.concatenate(pending_x), np.concatenate(pending_ids))
-        pending_ids, pending_x, pending_n = [], [], 0
-
+    indexing = f"indexing {vectors.source} ({spec.kind})"
+    first = f"training {spec.factory} on {spec.train_size} vectors, then {indexing}" if index.needs_training else indexing
     columns = TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(f"indexing {vectors.source} ({spec.kind})", total=store.n_chunks)
-        for i in range(store.n_chunks):
-            ids, x = sampled.pop(i) if i in sampled else vectors.chunk(i)
-            pending_ids.append(ids)
-            pending_x.append(x)
-            pending_n += len(ids)
-            if pending_n >= config.batch_vectors:
-                flush()
-            progress.advance(task)
-        flush()
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task(first, total=store.n_chunks)
+        index.fill(vectors.chunk, store.n_chunks, batch_vectors=config.batch_vectors, seed=config.seed,
+                   on_chunk=lambda: progress.update(task, advance=1, description=indexing))
     claim_output_dir(out, "index")  # a folder of ours is rebuilt; anyone else's was refused above
     index.save(out)
     return index.meta
@@ -355,17 +324,26 @@ def query_index(
     itself = rows.pop(0) if self_id is not None else None
     result = QueryResult(source=meta.source, query=query, k=k, itself=itself, neighbours=rows)
     if sheet is not None:
-        masks = _segment_masks(student, result) if student is not None else None
-        result.sheet = str(render_contact_sheet(result, store, sheet, masks))
+        result.sheet = str(draw_contact_sheet(result, store, sheet, student))
     return result
 
 
-def _segment_masks(student: SegmentVectors, result: QueryResult) -> dict[int, np.ndarray]:
-    """Each row's segment (the query's and the neighbours') as a (h, w) bool mask on the
-    student's patch grid, by rank."""
+def draw_contact_sheet(result: QueryResult, store: FeatureStore, out: str | Path,
+                       student: SegmentVectors | None = None) -> Path:
+    """The query (a text tile, or its own crop or token) then each of the k neighbours, on the
+    views the teacher saw: crop boxes outlined, or with `student` each row's segment; rank and
+    score under each."""
     rows = result.rows()
-    _, assignment = student.segment(row_views(student.store, [n.image for n in rows]))  # (n, h, w)
-    return {n.rank: assignment[j] == n.sub for j, n in enumerate(rows)}
+    views = row_views(store, [n.image for n in rows])
+    masks = None
+    if student is not None:  # each row's segment as a (h, w) bool mask on the student's patch grid
+        _, assignment = student.segment(views)  # (n, h, w)
+        masks = [assignment[j] == n.sub for j, n in enumerate(rows)]
+    what = "crop" if result.source == "crops" else "token"
+    captions = [f"{'query' if n.rank == 0 else f'#{n.rank}  {n.score:.3f}'}\n"
+                f"img {n.image} {what} {n.sub}  {Path(n.path).name[:16]}" for n in rows]
+    return contact_sheet(out, views, captions, boxes=[n.box for n in rows], masks=masks,
+                         text=result.query.get("text"))
 
 
 def neighbours_table(result: QueryResult) -> Table:
@@ -380,79 +358,3 @@ def neighbours_table(result: QueryResult) -> Table:
         table.add_row("query" if n.rank == 0 else str(n.rank), f"{n.score:.4f}", str(n.image), sub, n.path,
                       end_section=n.rank == 0)  # a rule sets the query apart from its k neighbours
     return table
-
-
-# ---- contact sheet -----------------------------------------------------------------------
-
-TILE = 192  # pixels per image tile
-CAPTION = 34  # pixels of text under each tile
-COLUMNS = 6
-OUTLINE = (0, 255, 255)  # cyan inside a black rim: visible on any object colour
-RIM = (0, 0, 0)
-
-
-def sheet_size(n_tiles: int) -> tuple[int, int]:
-    """(width, height) of a contact sheet of n_tiles tiles."""
-    cols = min(COLUMNS, n_tiles)
-    rows = -(-n_tiles // COLUMNS)
-    return cols * TILE, rows * (TILE + CAPTION)
-
-
-def _tile(view: np.ndarray, box: list[float] | None, mask: np.ndarray | None) -> Image.Image:
-    """A TILE x TILE tile of a view with the crop box or the mask's outline drawn on it."""
-    tile = Image.fromarray(view).resize((TILE, TILE), Image.BILINEAR)
-    if mask is not None:
-        m = Image.fromarray(mask.astype(np.uint8) * 255).resize((TILE, TILE), Image.NEAREST)
-        m = np.pad(np.asarray(m) > 0, 3)  # outside the image counts as outside the mask
-        inner = np.asarray(Image.fromarray(m).filter(ImageFilter.MinFilter(5)))[3:-3, 3:-3]  # eroded 2 px
-        rim = np.asarray(Image.fromarray(m).filter(ImageFilter.MaxFilter(3)))[3:-3, 3:-3]  # dilated 1 px
-        m = m[3:-3, 3:-3]
-        px = np.asarray(tile).copy()
-        px[~m] = px[~m] // 2  # dim the rest of the image: the segment stands out
-        px[rim & ~inner] = RIM
-        px[m & ~inner] = OUTLINE
-        tile = Image.fromarray(px)
-    if box is not None:
-        x0, y0, x1, y1 = (round(v * TILE) for v in box)
-        draw = ImageDraw.Draw(tile)
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=RIM, width=4)
-        draw.rectangle((x0 + 1, y0 + 1, x1 - 2, y1 - 2), outline=OUTLINE, width=2)
-    return tile
-
-
-def _text_tile(text: str, font) -> Image.Image:
-    tile = Image.new("RGB", (TILE, TILE), (245, 245, 245))
-    ImageDraw.Draw(tile).multiline_text((TILE // 2, TILE // 2), f'text:\n"{text}"', fill=(0, 0, 0),
-                                        font=font, anchor="mm", align="center")
-    return tile
-
-
-def render_contact_sheet(
-    result: QueryResult, store: FeatureStore, out: str | Path, masks: dict[int, np.ndarray] | None = None
-) -> Path:
-    """The query (a text tile, or its own crop or token) then each of the k neighbours, crop box
-    (or segment mask, by rank in `masks`) outlined, rank and score under it; written as a PNG
-    of sheet_size(tiles)."""
-    font = ImageFont.load_default(size=12)
-    tiles, captions = [], []
-    if "text" in result.query:
-        tiles.append(_text_tile(result.query["text"], font))
-        captions.append("query")
-    rows = result.rows()
-    views = row_views(store, [n.image for n in rows])  # as the teacher saw them
-    for n, view in zip(rows, views):
-        tiles.append(_tile(view, n.box, (masks or {}).get(n.rank)))
-        what = f"crop {n.sub}" if result.source == "crops" else f"token {n.sub}"
-        head = "query" if n.rank == 0 else f"#{n.rank}  {n.score:.3f}"
-        captions.append(f"{head}\nimg {n.image} {what}  {Path(n.path).name[:16]}")
-    width, height = sheet_size(len(tiles))
-    sheet = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (tile, caption) in enumerate(zip(tiles, captions)):
-        x, y = (i % COLUMNS) * TILE, (i // COLUMNS) * (TILE + CAPTION)
-        sheet.paste(tile, (x, y))
-        draw.multiline_text((x + 4, y + TILE + 3), caption, fill=(0, 0, 0), font=font, spacing=2)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out

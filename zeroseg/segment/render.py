@@ -1,12 +1,13 @@
-"""PNGs people look at: palette masks, overlays with a legend, confusion matrices."""
+"""PNGs people look at: palette masks, overlays with a legend, confusion matrices, contact sheets."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from zeroseg.segment.metrics import IGNORE
 
@@ -111,3 +112,80 @@ def save_confusion(counts: np.ndarray, names: list[str], path: Path, title: str)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ---- contact sheet: tiles of views with a crop box or a segment outlined ------------------
+
+TILE = 192  # pixels per image tile
+CAPTION = 34  # pixels of text under each tile
+COLUMNS = 6
+OUTLINE = (0, 255, 255)  # cyan inside a black rim: visible on any object colour
+RIM = (0, 0, 0)
+
+
+def sheet_size(n_tiles: int) -> tuple[int, int]:
+    """(width, height) of a contact sheet of n_tiles tiles."""
+    cols = min(COLUMNS, n_tiles)
+    rows = -(-n_tiles // COLUMNS)
+    return cols * TILE, rows * (TILE + CAPTION)
+
+
+def _tile(view: np.ndarray, box: Sequence[float] | None, mask: np.ndarray | None) -> Image.Image:
+    """A TILE x TILE tile of a view with the crop box or the mask's outline drawn on it."""
+    tile = Image.fromarray(view).resize((TILE, TILE), Image.BILINEAR)
+    if mask is not None:
+        m = Image.fromarray(mask.astype(np.uint8) * 255).resize((TILE, TILE), Image.NEAREST)
+        m = np.pad(np.asarray(m) > 0, 3)  # outside the image counts as outside the mask
+        inner = np.asarray(Image.fromarray(m).filter(ImageFilter.MinFilter(5)))[3:-3, 3:-3]  # eroded 2 px
+        rim = np.asarray(Image.fromarray(m).filter(ImageFilter.MaxFilter(3)))[3:-3, 3:-3]  # dilated 1 px
+        m = m[3:-3, 3:-3]
+        px = np.asarray(tile).copy()
+        px[~m] = px[~m] // 2  # dim the rest of the image: the segment stands out
+        px[rim & ~inner] = RIM
+        px[m & ~inner] = OUTLINE
+        tile = Image.fromarray(px)
+    if box is not None:
+        x0, y0, x1, y1 = (round(v * TILE) for v in box)
+        draw = ImageDraw.Draw(tile)
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=RIM, width=4)
+        draw.rectangle((x0 + 1, y0 + 1, x1 - 2, y1 - 2), outline=OUTLINE, width=2)
+    return tile
+
+
+def _text_tile(text: str, font) -> Image.Image:
+    tile = Image.new("RGB", (TILE, TILE), (245, 245, 245))
+    ImageDraw.Draw(tile).multiline_text((TILE // 2, TILE // 2), f'text:\n"{text}"', fill=(0, 0, 0),
+                                        font=font, anchor="mm", align="center")
+    return tile
+
+
+def contact_sheet(
+    out: str | Path,
+    views: Sequence[np.ndarray],
+    captions: Sequence[str],
+    boxes: Sequence[Sequence[float] | None] | None = None,
+    masks: Sequence[np.ndarray | None] | None = None,
+    text: str | None = None,
+) -> Path:
+    """A PNG of sheet_size(tiles) tiles, COLUMNS a row: first a tile of `text` when given (captioned
+    "query"), then each view (S, S, 3) uint8 with its fractional box (x0, y0, x1, y1) or its
+    (h, w) bool mask outlined and its caption (two lines at most) under it."""
+    font = ImageFont.load_default(size=12)
+    tiles, under = [], []
+    if text is not None:
+        tiles.append(_text_tile(text, font))
+        under.append("query")
+    for j, (view, caption) in enumerate(zip(views, captions)):
+        tiles.append(_tile(view, boxes[j] if boxes else None, masks[j] if masks else None))
+        under.append(caption)
+    width, height = sheet_size(len(tiles))
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (tile, caption) in enumerate(zip(tiles, under)):
+        x, y = (i % COLUMNS) * TILE, (i // COLUMNS) * (TILE + CAPTION)
+        sheet.paste(tile, (x, y))
+        draw.multiline_text((x + 4, y + TILE + 3), caption, fill=(0, 0, 0), font=font, spacing=2)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out

@@ -1,70 +1,34 @@
-"""The Zarr feature store: the one module that knows its schema (DESIGN.md, "Store schema").
-
-Layout of a version-2 store (a Zarr v3 group):
-
-    attrs                 schema_version, teacher{...}, grids, view_size, dtype, chunk_images,
-                          pixels, zeroseg_version, extract{...} (the job's own options, and what
-                          changes a feature's last bits: device, precision, threads_per_worker,
-                          batch; a resume must match them)
-    crops/features        (N, C, D) float16, one chunk = chunk_images whole images, Blosc zstd
-    crops/boxes           (C, 4) float32, fractional x0, y0, x1, y1 in the training view
-    images/path           (N,) str
-    images/status         (N,) uint8, Status
-    images/error          (N,) str, one line per failed image
-    images/size           (N, 2) int32, original height, width
-    images/pixels         (N, S, S, 3) uint8, optional: the student's input view
-    text/<vocab>          attrs {"current": <generation>}: the one vocabulary readers see
-    text/<vocab>/<generation>/names       (K,) str
-    text/<vocab>/<generation>/embeddings  (K, D) float32, templates and teacher in attrs
-
-Every per-image array is chunked along N by the same chunk_images, so a chunk index names the same
-images in all of them and a writer of chunk i touches no byte of chunk j. A chunk is written
-features first, status last: a chunk whose status is not pending is complete.
-
-Version 2 (this zeroseg writes it) adds a crc32c checksum after the compressor of every array, so
-that reading a damaged chunk fails instead of returning wrong numbers; reads go through
-`StoreArray`, which names the damaged chunk in one line. Version 1 stores (no checksums, no
-record of threads/device/precision) are still opened, read and resumed.
-
-zeroseg creates a store only where nothing is, or in an empty folder; `STORE/zeroseg.creating`
-is written first and removed last, so a folder holding it is an interrupted create of ours, redone
-by the next `create`. Anything else at STORE is refused and left untouched.
+"""The Zarr feature store: create and open a store, read its per-image arrays (naming a damaged
+chunk), write whole chunks, cache text vocabularies. Its layout, attributes and codecs are in
+zeroseg.stores.schema; the two modules together are the only code that knows the schema.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import json
 import uuid
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import fsspec
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 import zeroseg
 from zeroseg.errors import UserError
 from zeroseg.geometry import grid_boxes
 from zeroseg.stores.lock import LOCK_NAME, StoreLock
-
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-# Checksummed after compression: a flipped byte or a truncated chunk file fails the read.
-CHECKED = [Crc32cCodec()]
-COMPRESSED = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
-CREATING_MARKER = "zeroseg.creating"  # written first and removed last by FeatureStore.create
-# Everything `create` puts in a store folder (with the lock, which the job holds meanwhile).
-OUR_ENTRIES = {"zarr.json", "crops", "images", "text", CREATING_MARKER}
-PER_IMAGE_ARRAYS = ("crops/features", "images/pixels", "images/size", "images/error", "images/status", "images/path")
-
-
-class Status(enum.IntEnum):
-    PENDING = 0
-    OK = 1
-    FAILED = 2
+from zeroseg.stores.schema import (
+    CHECKED,
+    COMPRESSED,
+    CREATING_MARKER,
+    OUR_ENTRIES,
+    READABLE_VERSIONS,
+    Status,
+    StoreConfig,
+    TeacherInfo,
+    config_mismatches,
+)
 
 
 class StoreError(UserError):
@@ -81,74 +45,6 @@ class DamagedChunkError(StoreError):
 
 class StoreWriteError(StoreError):
     """Writing a chunk failed (disk full, permissions, a vanished mount): the chunk stays pending."""
-
-
-@dataclass(frozen=True)
-class TeacherInfo:
-    """What identifies the teacher that made the features."""
-
-    arch: str
-    pretrained: str
-    sha256: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    embed_dim: int
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TeacherInfo:
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """Everything that fixes the meaning of the stored features; two stores with equal configs
-    hold comparable features."""
-
-    teacher: TeacherInfo
-    grids: tuple[int, ...] = (1, 2, 3, 4)
-    view_size: int = 224
-    chunk_images: int = 64
-    pixels: bool = False
-
-    @property
-    def n_crops(self) -> int:
-        return sum(g * g for g in self.grids)
-
-    def to_attrs(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "teacher": dataclasses.asdict(self.teacher),
-            "grids": list(self.grids),
-            "view_size": self.view_size,
-            "chunk_images": self.chunk_images,
-            "pixels": self.pixels,
-            "dtype": "float16",
-            "zeroseg_version": zeroseg.__version__,
-        }
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> StoreConfig:
-        return cls(
-            teacher=TeacherInfo.from_dict(attrs["teacher"]),
-            grids=tuple(attrs["grids"]),
-            view_size=attrs["view_size"],
-            chunk_images=attrs["chunk_images"],
-            pixels=attrs["pixels"],
-        )
-
-
-def _mismatches(want: StoreConfig, have: StoreConfig) -> list[str]:
-    """Fields that change the meaning of the features ("teacher.arch: a != b"); chunking and
-    pixels don't, so they are not compared."""
-    pairs = [
-        ("teacher.arch", want.teacher.arch, have.teacher.arch),
-        ("teacher.pretrained", want.teacher.pretrained, have.teacher.pretrained),
-        ("teacher.sha256", want.teacher.sha256[:12], have.teacher.sha256[:12]),
-        ("grids", ",".join(map(str, want.grids)), ",".join(map(str, have.grids))),
-        ("view_size", want.view_size, have.view_size),
-    ]
-    return [f"{name}: asked {a}, store has {b}" for name, a, b in pairs if a != b]
 
 
 def _fs_root(url: str):
@@ -350,7 +246,7 @@ class FeatureStore:
             )
         fs = cls(group, url)
         if expect is not None:
-            problems = _mismatches(expect, fs.config)
+            problems = config_mismatches(expect, fs.config)
             if problems:
                 raise StoreError(f"{url} was made differently: " + "; ".join(problems))
         return fs

@@ -22,8 +22,9 @@ Kinds (FAISS index_factory strings; `auto` picks by the number of vectors, see `
                                               `auto` above 100k (recall@10 0.996, p50 0.6 ms
                                               at 1M x 512, one thread; 4 min to build)
 
-This module imports neither pipeline nor trainer: what the vectors are made of is
-zeroseg.segment.neighbours' business.
+This module imports neither pipeline nor trainer: it builds an index out of core from any
+`chunk(i) -> (ids, vectors)`; what the vectors are made of (crops, or a student's segment
+tokens) is zeroseg.segment.neighbours' business.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -211,12 +212,14 @@ class IndexMeta:
 
 
 class NeighbourIndex:
-    """A FAISS index over L2-normalised vectors with its meta. Build: `new`, `train` (when
-    `needs_training`), `add` in batches, `save`. Read: `open`, `check_store`, `search`."""
+    """A FAISS index over L2-normalised vectors with its meta. Build: `new`, then `fill` (or
+    `train` when `needs_training` and `add` in batches), `save`. Read: `open`, `check_store`,
+    `search`."""
 
-    def __init__(self, index: faiss.Index, meta: IndexMeta):
+    def __init__(self, index: faiss.Index, meta: IndexMeta, train_size: int = 0):
         self.index = index
         self.meta = meta
+        self.train_size = train_size  # vectors `fill` trains on (IndexSpec.train_size)
 
     @classmethod
     def new(cls, spec: IndexSpec, meta: IndexMeta) -> NeighbourIndex:
@@ -224,7 +227,7 @@ class NeighbourIndex:
         params = {**spec.build_params, **spec.search_params}
         if params:
             faiss.ParameterSpace().set_index_parameters(index, spec.parameter_string(params))
-        return cls(index, meta)
+        return cls(index, meta, spec.train_size)
 
     @property
     def needs_training(self) -> bool:
@@ -244,6 +247,48 @@ class NeighbourIndex:
         """Add one batch (n, D) with its int64 ids; the caller keeps batches small."""
         self.index.add_with_ids(self._normalised(vectors), np.ascontiguousarray(ids, dtype=np.int64))
         self.meta.count = int(self.index.ntotal)
+
+    def fill(
+        self,
+        chunk: Callable[[int], tuple[np.ndarray, np.ndarray]],
+        n_chunks: int,
+        *,
+        batch_vectors: int,
+        seed: int,
+        on_chunk: Callable[[], None] | None = None,
+    ) -> None:
+        """Out of core: train (when `needs_training`) on about `train_size` vectors from randomly
+        chosen whole chunks, then add every chunk, `chunk(i)` -> (ids (n,) int64, vectors (n, D)),
+        in batches of about `batch_vectors` (bounds memory). `on_chunk` is called after each chunk."""
+        sampled = self._train_on_sample(chunk, n_chunks, seed) if self.needs_training else {}
+        pending_ids, pending_x, pending_n = [], [], 0
+        for i in range(n_chunks):
+            ids, x = sampled.pop(i) if i in sampled else chunk(i)
+            pending_ids.append(ids)
+            pending_x.append(x)
+            pending_n += len(ids)
+            if pending_n >= batch_vectors:
+                self.add(np.concatenate(pending_x), np.concatenate(pending_ids))
+                pending_ids, pending_x, pending_n = [], [], 0
+            if on_chunk:
+                on_chunk()
+        if pending_n:
+            self.add(np.concatenate(pending_x), np.concatenate(pending_ids))
+
+    def _train_on_sample(self, chunk, n_chunks: int, seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Train on about train_size vectors from randomly chosen whole chunks (reads only what it
+        keeps); returns those chunks' (ids, vectors), so that the add pass does not read them (or
+        run the student) again."""
+        n = self.train_size
+        order = np.random.default_rng(seed).permutation(n_chunks)
+        chunks, have = {}, 0
+        for i in order.tolist():
+            chunks[i] = chunk(i)
+            have += len(chunks[i][1])
+            if have >= n:
+                break
+        self.train(np.concatenate([x for _, x in chunks.values()])[:n])
+        return chunks
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (q, D) -> cosine scores (q, k) float32, ids (q, k) int64 (-1 past the end)."""

@@ -16,13 +16,8 @@ import fsspec
 import numpy as np
 
 from zeroseg.geometry import grid_boxes
-from zeroseg.stores.features import (
-    PER_IMAGE_ARRAYS,
-    DamagedChunkError,
-    FeatureStore,
-    Status,
-    StoreArray,
-)
+from zeroseg.stores.features import DamagedChunkError, FeatureStore, StoreArray
+from zeroseg.stores.schema import PER_IMAGE_ARRAYS, Status
 from zeroseg.stores.lock import StoreLock
 
 

@@ -10,20 +10,25 @@ from typing import Any
 from zeroseg.errors import UserError
 from zeroseg.trainer.losses import LossConfig
 from zeroseg.trainer.model import ModelConfig, preset
+from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE, load_recipe
+
+# Fields that older zeroseg wrote and this one no longer has, with the one value they ever held:
+# a saved config holding exactly that value still loads (the knob was a no-op there); any other
+# value is refused, since this zeroseg cannot train or rebuild that student.
+REMOVED_FIELDS = {"model": {"assign_scale": 1.0}, "train": {"min_lr": 0.0}}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: ModelConfig = field(default_factory=lambda: preset("small"))
-    preset: str = "small"
-    recipe: str = "paper"  # the recipe the model and losses came from (a label: they are below)
-    losses: LossConfig = field(default_factory=LossConfig)
+    model: ModelConfig = field(default_factory=lambda: preset(DEFAULT_PRESET, **load_recipe(DEFAULT_RECIPE)["model"]))
+    preset: str = DEFAULT_PRESET
+    recipe: str = DEFAULT_RECIPE  # the recipe the model and losses came from (a label: they are below)
+    losses: LossConfig = field(default_factory=lambda: LossConfig(**load_recipe(DEFAULT_RECIPE)["losses"]))
     steps: int = 1000  # total optimizer steps (the CLI derives it from --epochs when given)
     batch: int = 32
     # Peak learning rate, absolute. The paper's 1.5e-4 is a base lr for batch 256 (MAE's rule
     # lr = base * batch / 256, batch 4096 -> 2.4e-3); short runs on small batches want more.
     lr: float = 1e-3
-    min_lr: float = 0.0
     warmup: float = 0.25  # fraction of the steps spent warming up linearly (paper: 20 of 80 epochs)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
@@ -66,32 +71,30 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A saved config (config.json, a checkpoint, an ablation trial), also one written by an
+        older zeroseg: see REMOVED_FIELDS."""
+        d = _without_removed(d, REMOVED_FIELDS["train"], "")
         return cls(**{
             **d,
-            "model": ModelConfig.from_dict(d["model"]),
+            "model": ModelConfig.from_dict(_without_removed(d["model"], REMOVED_FIELDS["model"], "model.")),
             "losses": LossConfig(**d["losses"]),
             "betas": tuple(d["betas"]),
             "grids": tuple(d["grids"]),
         })
 
 
-# Named recipes: what a run changes from the paper's model and losses (the dataclass defaults).
-# "localised" is what trains on the project's 2-core budget (README, "The student"): the paper's
-# recipe collapses there (every segment token alike, one group taking every patch).
-RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    "paper": {"model": {}, "losses": {}},
-    "localised": {
-        "model": {"gumbel_noise": 0.0, "center_logits": True},
-        "losses": {"cover": 1.0, "region": 1.0, "assign": 1.0},
-    },
-}
+def _without_removed(d: dict[str, Any], removed: dict[str, Any], prefix: str) -> dict[str, Any]:
+    for name, value in removed.items():
+        if name in d and d[name] != value:
+            raise UserError(f"this config sets {prefix}{name} = {d[name]}, a setting this zeroseg no longer has "
+                            f"(only {value} is supported): train it again, or use the zeroseg that wrote it")
+    return {k: v for k, v in d.items() if k not in removed}
 
 
-def recipe(name: str, preset_name: str = "small", **fields: Any) -> TrainConfig:
-    """A TrainConfig from a recipe and a student preset; `fields` set any other TrainConfig field."""
-    if name not in RECIPES:
-        raise UserError(f"unknown recipe {name!r} (have: {', '.join(RECIPES)})")
-    r = RECIPES[name]
+def recipe(name: str = DEFAULT_RECIPE, preset_name: str = DEFAULT_PRESET, **fields: Any) -> TrainConfig:
+    """A TrainConfig from a recipe (trainer/recipes/<name>.json) and a student preset; `fields`
+    set any other TrainConfig field."""
+    r = load_recipe(name)
     return TrainConfig(
         model=preset(preset_name, **r["model"]), preset=preset_name, recipe=name, losses=LossConfig(**r["losses"]), **fields,
     )

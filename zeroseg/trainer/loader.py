@@ -31,7 +31,8 @@ import torch
 
 from zeroseg.errors import UserError
 from zeroseg.geometry import grid_boxes
-from zeroseg.stores.features import FeatureStore, Status
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status
 from zeroseg.stores.views import row_views
 
 

@@ -60,8 +60,6 @@ class ModelConfig:
     # Scale of the Gumbel noise added to the assignment logits in training (1.0 = GroupViT's
     # gumbel_softmax, tau 1; 0 = the hard argmax with the soft straight-through gradient).
     gumbel_noise: float = 1.0
-    # Multiplies the assignment logits q.k / sqrt(W) (1.0 = GroupViT's scaling).
-    assign_scale: float = 1.0
     # GroupViT adds each group token to its gathered mean. With it an empty group's token can still
     # describe anything (its group token attended to the whole image), so the tokens need not come
     # from their patches and the hard assignment (the mask) is left untrained. False: a segment
@@ -181,9 +179,9 @@ class GroupingBlock(nn.Module):
     argmax.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, gumbel_noise: float = 1.0, assign_scale: float = 1.0, residual: bool = True, center: bool = False):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, gumbel_noise: float = 1.0, residual: bool = True, center: bool = False):
         super().__init__()
-        self.gumbel_noise, self.assign_scale, self.residual, self.center = gumbel_noise, assign_scale, residual, center
+        self.gumbel_noise, self.residual, self.center = gumbel_noise, residual, center
         self.norm_tokens, self.norm_groups = nn.LayerNorm(width), nn.LayerNorm(width)
         self.cross = Attention(width, heads)  # group tokens look at the tokens before assigning
         self.norm_cross = nn.LayerNorm(width)
@@ -192,12 +190,15 @@ class GroupingBlock(nn.Module):
         self.norm_out = nn.LayerNorm(width)
         self.mlp = Mlp(width, int(width * mlp_ratio))
 
+    def extra_repr(self) -> str:
+        return f"gumbel_noise={self.gumbel_noise}, residual={self.residual}, center={self.center}"
+
     def forward(self, tokens: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.norm_tokens(tokens)  # (B, n, W)
         g = self.norm_groups(groups)  # (B, G, W)
         g = g + self.cross(g, x)
         g = self.norm_cross(g)
-        logits = self.q(g) @ self.k(x).transpose(1, 2) * (self.assign_scale / math.sqrt(x.shape[-1]))  # (B, G, n)
+        logits = self.q(g) @ self.k(x).transpose(1, 2) * (1.0 / math.sqrt(x.shape[-1]))  # (B, G, n)
         if self.center:
             logits = logits - logits.mean(dim=2, keepdim=True)
         soft = logits.float().softmax(dim=1)  # (B, G, n), before any noise
@@ -256,7 +257,7 @@ class ZeroSegStudent(nn.Module):
         self.stages = nn.ModuleList(
             nn.ModuleList(Block(w, c.heads, c.mlp_ratio) for _ in range(d)) for d in c.head_depths
         )
-        self.grouping = nn.ModuleList(GroupingBlock(w, c.heads, c.mlp_ratio, c.gumbel_noise, c.assign_scale, c.group_residual, c.center_logits) for _ in c.group_tokens)
+        self.grouping = nn.ModuleList(GroupingBlock(w, c.heads, c.mlp_ratio, c.gumbel_noise, c.group_residual, c.center_logits) for _ in c.group_tokens)
         self.segment_norm = nn.LayerNorm(w)
         self.segment_proj = nn.Linear(w, c.out_dim)
         # each encoded patch in the teacher's space, for the region and assignment losses

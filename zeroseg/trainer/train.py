@@ -32,17 +32,18 @@ from zeroseg.trainer.config import TrainConfig, recipe
 from zeroseg.trainer.loader import Batches, Columns, MemorySource, Plan, StoreSource, select_columns
 from zeroseg.trainer.losses import TERMS, LossConfig, box_membership, zeroseg_losses
 from zeroseg.trainer.model import PRESETS, ZeroSegStudent
+from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
 
 METRICS = ["step", "epoch", "lr", "loss", *TERMS, "steps_per_s"]
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up from 0 over the first `warmup` of the steps, then cosine down to min_lr."""
+    """Linear warm-up from 0 over the first `warmup` of the steps, then cosine down to 0."""
     warmup = int(config.warmup * config.steps)
     if step < warmup:
         return config.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, config.steps - warmup)
-    return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def steps_for_epochs(epochs: float, n_ok: int, batch: int) -> int:
@@ -255,27 +256,29 @@ def train(
 
 
 def run_train(
-    store_url: str, out: str | Path, *, preset_name: str = "small", steps: int | None = None,
-    epochs: float | None = None, batch: int = 32, lr: float = 1e-3, grids: tuple[int, ...] | None = None,
-    mask_ratio: float = 0.6, recipe_name: str = "localised", loss: str | None = None, multiscale: bool = True,
-    target_norm: str = "l2", targets: str = "cached", precision: str = "fp32", seed: int = 0,
-    threads: int = 0, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+    store_url: str, out: str | Path, *, preset_name: str | None = None, recipe_name: str | None = None,
+    epochs: float | None = None, grids: tuple[int, ...] | None = None, loss: str | None = None,
+    multiscale: bool | None = None, target_norm: str | None = None, resume: bool = False,
+    stop_after: int | None = None, progress: bool = True, **fields: Any,
 ) -> dict[str, Any]:
     """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own).
-    `loss` ("distill,match=0.5") replaces the recipe's loss terms."""
+    Every option left None keeps the recipe's or TrainConfig's value; `fields` are TrainConfig
+    fields (steps, batch, lr, mask_ratio, targets, precision, seed, threads). `loss`
+    ("distill,match=0.5") replaces the recipe's loss terms."""
     if resume:
         return train(store_url, out, resume=True, stop_after=stop_after, progress=progress)
+    preset_name = preset_name or DEFAULT_PRESET
     if preset_name not in PRESETS:
         raise UserError(f"unknown preset {preset_name!r} (have: {', '.join(PRESETS)})")
-    if steps is not None and epochs is not None:
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if "steps" in fields and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
     store = FeatureStore.open(store_url)
+    config = recipe(recipe_name or DEFAULT_RECIPE, preset_name, grids=grids or store.config.grids, **fields)
     if epochs is not None:
-        steps = steps_for_epochs(epochs, int((store.status() == 1).sum()), batch)
-    config = recipe(
-        recipe_name, preset_name, steps=steps or 1000, batch=batch, lr=lr, mask_ratio=mask_ratio,
-        grids=grids or store.config.grids, targets=targets, precision=precision, seed=seed, threads=threads,
-    )
+        config = dataclasses.replace(config, steps=steps_for_epochs(epochs, int((store.status() == 1).sum()), config.batch))
+    multiscale = config.losses.multiscale if multiscale is None else multiscale
+    target_norm = target_norm or config.losses.target_norm
     losses = (
         LossConfig.parse(loss, target_norm, multiscale) if loss
         else dataclasses.replace(config.losses, target_norm=target_norm, multiscale=multiscale)
