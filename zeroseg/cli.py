@@ -152,6 +152,7 @@ def train(
     precision: str = typer.Option(None, help="fp32 (the default) | bf16 (autocast)"),
     seed: int = typer.Option(None, help="the run is a pure function of the seed and the store"),
     threads: int = typer.Option(None, help="torch compute threads (default: one per core; 1 on a busy machine)"),
+    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="steps between checkpoints (default 200)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out with its own config"),
     stop_after: int = typer.Option(None, "--stop-after", help="leave (with a checkpoint) after N steps of this call"),
 ) -> None:
@@ -162,7 +163,7 @@ def train(
         store, out, preset_name=preset, recipe_name=recipe, epochs=epochs, grids=_grids(grids) if grids else None,
         loss=loss, multiscale=multiscale, target_norm=target_norm, resume=resume, stop_after=stop_after,
         steps=steps, batch=batch, lr=lr, mask_ratio=mask_ratio, targets=targets, precision=precision, seed=seed,
-        threads=threads,
+        threads=threads, checkpoint_every=checkpoint_every,
     )
     print(f"step {result['step']}: {result.get('checkpoint', 'no new checkpoint')}  loss {result['metrics'].get('loss', '-')}")
 
