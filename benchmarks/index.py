@@ -1,7 +1,7 @@
 """Neighbour index benchmark: build time, memory, recall@10 against exact search and one-thread
 query latency for each index kind, on random-but-clustered vectors.
 
-    PYTHONPATH=. python benchmarks/index.py --n 1000000          # the README figures
+    PYTHONPATH=. python benchmarks/index.py --n 1000000          # the figures in benchmarks/README.md
     PYTHONPATH=. python benchmarks/index.py --n 100000 --sweep   # also sweep search parameters
 
 The data: `--clusters` centres on the unit sphere; each vector is its centre plus a spread in a

@@ -66,8 +66,8 @@ class ToyTeacherConfig:
     min_cover: float = 0.06  # an object is named in a crop's caption if it covers this share of
     min_own: float = 0.5  # the crop, or this share of its own visible area lies inside it
     # Also one square crop around each scene object (its box enlarged 1.1-1.6x, captioned like any
-    # crop): what a student's segment shows. Measured (H200, one seed each), scene-object accuracy
-    # without / with: 0.54 / 0.46 at 500 steps, 0.70 / 0.75 at 2000; steps matter far more (README).
+    # crop): what a student's segment shows. Off: an earlier one-seed GPU sweep (its code was not
+    # committed, docs/results.md) found more steps helped far more than these crops.
     object_crops: bool = False
     steps: int = 500
     batch: int = 256
