@@ -4,10 +4,8 @@ import json
 import pytest
 
 from zeroseg.errors import UserError
-from zeroseg.experiments.ablate import (
-    PRESETS, Trial, apply_overrides, expand, load_spec, render_tables, run_trial, trial_key,
-    varied_fields, write_results,
-)
+from zeroseg.experiments.ablate import PRESETS, Trial, apply_overrides, expand, load_spec, run_trial, trial_key, varied_fields
+from zeroseg.experiments.ablation_results import render_tables, write_results
 
 BASE = {"grids": [1, 2, 3, 4], "mask_ratio": 0.6, "losses": {"match": 1.0, "mae": 1.0}, "seed": 0}
 
