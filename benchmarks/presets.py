@@ -16,7 +16,8 @@ import torch
 from zeroseg.geometry import grid_boxes
 from zeroseg.trainer.config import recipe
 from zeroseg.trainer.loader import select_columns
-from zeroseg.trainer.losses import box_membership, zeroseg_losses
+from zeroseg.geometry import box_membership
+from zeroseg.trainer.losses import zeroseg_losses
 from zeroseg.trainer.model import ZeroSegStudent
 
 name, batch, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

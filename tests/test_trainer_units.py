@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from zeroseg.errors import UserError
+from zeroseg.geometry import box_membership
 from zeroseg.trainer.losses import (
-    LossConfig, assign_loss, box_membership, coverage_loss, matching_loss, mae_loss, prepare_targets, region_loss,
+    LossConfig, assign_loss, coverage_loss, matching_loss, mae_loss, prepare_targets, region_loss,
     zeroseg_losses,
 )
 from zeroseg.trainer.model import PRESETS, GroupingBlock, StudentOutput, ZeroSegStudent, hard_gumbel_softmax, preset

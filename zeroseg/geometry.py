@@ -1,5 +1,5 @@
 """The geometry of a training view (PAPER.md: center crop, no augmentation): the view itself,
-the grid boxes and the crops cut from it. At the bottom of the house: every room imports it, it
+the grid boxes and levels, the crops cut from it, and which student patches lie in each box. At the bottom of the house: every room imports it, it
 imports nothing of zeroseg.
 
 An image is decoded once into the training view (resize the shorter side, center crop); the grid
@@ -53,3 +53,20 @@ def cut_crops(views: torch.Tensor, boxes: np.ndarray, out_size: int) -> torch.Te
         cell = x[:, :, y0:y1, x0:x1]
         crops.append(F.interpolate(cell, size=(out_size, out_size), mode="bilinear", antialias=True, align_corners=False))
     return torch.stack(crops, dim=1).reshape(b * len(boxes), 3, out_size, out_size)
+
+
+def grid_levels(grids) -> list[tuple[int, slice]]:
+    """(g, slice of the crop axis) for each grid level."""
+    out, start = [], 0
+    for g in grids:
+        out.append((g, slice(start, start + g * g)))
+        start += g * g
+    return out
+
+
+def box_membership(boxes: np.ndarray, grid: int) -> torch.Tensor:
+    """(C, 4) fractional boxes -> (C, grid*grid) float, 1 where the patch's centre is in the box."""
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    cy, cx = (c.reshape(-1) for c in torch.meshgrid(centres, centres, indexing="ij"))  # (N,) each
+    b = torch.as_tensor(boxes, dtype=torch.float32)[:, :, None]  # (C, 4, 1)
+    return ((cx >= b[:, 0]) & (cx < b[:, 2]) & (cy >= b[:, 1]) & (cy < b[:, 3])).float()

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from zeroseg.errors import UserError
+from zeroseg.geometry import grid_levels
 from zeroseg.outputs import check_output_dir, claim_output_dir
 from zeroseg.segment.render import contact_sheet
 from zeroseg.segment.text import embed_classes
@@ -64,11 +65,10 @@ class CropVectors:
         missing = [g for g in grids if g not in have]
         if missing:
             raise UserError(f"store has grids {','.join(map(str, have))}, not {','.join(map(str, missing))}")
-        level = np.repeat(np.array(have), [g * g for g in have])  # grid of each crop (C,)
         self.store = store
         self.ok = store.status() == Status.OK  # read once: one byte per image
         self.grids = grids
-        self.crops = np.flatnonzero(np.isin(level, grids))  # crop indices indexed
+        self.crops = np.concatenate([np.arange(c.start, c.stop) for g, c in grid_levels(have) if g in grids])
         self.stride = store.n_crops
         self.checkpoint = None
 

@@ -15,7 +15,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from zeroseg.geometry import grid_boxes
+from zeroseg.geometry import grid_boxes, grid_levels
 from zeroseg.stores.features import DamagedChunkError, FeatureStore, StoreArray
 from zeroseg.stores.schema import PER_IMAGE_ARRAYS, Status
 from zeroseg.stores.lock import StoreLock
@@ -58,15 +58,6 @@ def store_info(url: str) -> dict[str, Any]:
         "vocabularies": store.vocabularies(),
         "extract": store.extract_options,
     }
-
-
-def grid_levels(grids) -> list[tuple[int, slice]]:
-    """(g, slice of the crop axis) for each grid level."""
-    out, start = [], 0
-    for g in grids:
-        out.append((g, slice(start, start + g * g)))
-        start += g * g
-    return out
 
 
 @dataclass

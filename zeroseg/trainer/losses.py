@@ -98,14 +98,6 @@ def coverage_loss(segments: torch.Tensor, local_targets: torch.Tensor) -> torch.
     return token_crop_l1(segments, local_targets).min(dim=1).values.mean()
 
 
-def box_membership(boxes: np.ndarray, grid: int) -> torch.Tensor:
-    """(C, 4) fractional boxes -> (C, grid*grid) float, 1 where the patch's centre is in the box."""
-    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
-    cy, cx = (c.reshape(-1) for c in torch.meshgrid(centres, centres, indexing="ij"))  # (N,) each
-    b = torch.as_tensor(boxes, dtype=torch.float32)[:, :, None]  # (C, 4, 1)
-    return ((cx >= b[:, 0]) & (cx < b[:, 2]) & (cy >= b[:, 1]) & (cy < b[:, 3])).float()
-
-
 def region_loss(patches: torch.Tensor, keep: torch.Tensor, targets: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     """patches (B, V, D) at patch indices keep (B, V); targets (B, C, D); member (C, N): each
     crop's L1 to the mean of its visible patches, over the crops with any patch visible."""

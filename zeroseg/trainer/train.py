@@ -24,13 +24,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.tensorboard import SummaryWriter
 
 from zeroseg.errors import UserError
-from zeroseg.geometry import cut_crops
+from zeroseg.geometry import box_membership, cut_crops
 from zeroseg.outputs import claim_output_dir, write_atomic
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer import checkpoint as ckpt_io
 from zeroseg.trainer.config import TrainConfig, recipe
 from zeroseg.trainer.loader import Batches, Columns, MemorySource, Plan, StoreSource, select_columns
-from zeroseg.trainer.losses import TERMS, LossConfig, box_membership, zeroseg_losses
+from zeroseg.trainer.losses import TERMS, LossConfig, zeroseg_losses
 from zeroseg.trainer.model import PRESETS, ZeroSegStudent
 from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
 
