@@ -41,6 +41,7 @@ import faiss
 import numpy as np
 
 from zeroseg.errors import UserError
+from zeroseg.outputs import canonical_location
 from zeroseg.stores.features import FeatureStore
 
 FORMAT_VERSION = 1
@@ -144,8 +145,7 @@ def store_fingerprint(store: FeatureStore) -> dict[str, Any]:
         h.update(b"\0")
     fp = {**store.identity(), "paths_sha256": h.hexdigest(),
           "status_sha256": hashlib.sha256(store.status().tobytes()).hexdigest()}
-    if "://" not in fp["url"]:  # a local path: absolute, so a query from another folder finds it
-        fp["url"] = os.path.abspath(fp["url"])
+    fp["url"] = canonical_location(fp["url"])  # absolute: a query from another folder finds it
     return json.loads(json.dumps(fp))  # tuples -> lists: equal to itself after a save and load
 
 
