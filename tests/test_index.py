@@ -384,3 +384,80 @@ def test_segments_index_refuses_another_checkpoint(tiny_student, tmp_path):
         query_index(tmp_path / "ix", image=0, token=0, checkpoint=str(other))
     with pytest.raises(Exception, match="needs --checkpoint"):
         build_index(store_url, tmp_path / "ix2", BuildConfig(source="segments"))
+
+
+# ---- a photograph that is not in the store ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """A store extracted by the real job from 12 photographs (teacher zeroseg-tiny, random:0), and
+    its flat crops index: (root, photos)."""
+    from images import save_exif_jpeg, upright_picture, write_good
+    from test_extract import SMALL, quiet
+    from zeroseg.pipeline.runner import run_extract
+
+    root = tmp_path_factory.mktemp("photos")
+    photos = write_good(root / "imgs", 12, size=48)
+    run_extract(str(root / "imgs"), str(root / "s"), SMALL, notify=quiet)
+    build_index(str(root / "s"), root / "ix", BuildConfig(kind="flat"))
+    save_exif_jpeg(root / "rotated.jpg", upright_picture(), orientation=6)  # not in the store
+    return root, photos
+
+
+def test_a_photo_in_the_store_finds_itself_through_the_extractors_view_and_teacher(extracted):
+    root, photos = extracted
+    result = query_index(root / "ix", image_file=str(photos[5]), crop=3, k=4)
+    assert result.query == {"image_file": str(photos[5]), "crop": 3}
+    assert (result.itself.rank, result.itself.image, result.itself.sub) == (0, -1, 3)
+    best = result.neighbours[0]
+    assert (best.image, best.sub) == (5, 3)  # the same crop of the same picture, embedded by `extract`
+    assert best.score == pytest.approx(1.0, abs=2e-3)  # float16 storage, another batch: close, not equal
+    assert [n.rank for n in result.neighbours] == [1, 2, 3, 4]
+
+
+def test_a_photo_not_in_the_store_gets_neighbours_and_a_sheet(extracted, monkeypatch, capsys):
+    root, _ = extracted
+    sheet = root / "photo-sheet.png"
+    report = query_json(monkeypatch, capsys, root / "ix", "--image-file", root / "rotated.jpg", "--k", 5,
+                        "--out", sheet)
+    assert report["query"] == {"image_file": str(root / "rotated.jpg"), "crop": 0}
+    assert report["itself"]["image"] == -1 and len(report["neighbours"]) == 5
+    assert all(n["image"] >= 0 for n in report["neighbours"])
+    with Image.open(sheet) as im:
+        assert im.size == sheet_size(6)  # the photograph and its 5 neighbours
+
+
+def test_a_photo_query_that_cannot_be_answered_is_one_line(extracted, monkeypatch, capsys):
+    root, _ = extracted
+    (root / "junk.jpg").write_bytes(b"not a picture")
+    for args, message in [
+        (["--image-file", root / "junk.jpg"], "cannot read .*junk.jpg"),
+        (["--image-file", root / "rotated.jpg", "--token", 0], "query a photograph with --crop"),
+        (["--image-file", root / "rotated.jpg", "--crop", 99], "crop 99 out of range"),
+        (["--image-file", root / "rotated.jpg", "--text", "x"], "--image-file queries alone"),
+    ]:
+        code, _, err = run_cli(monkeypatch, capsys, "query", root / "ix", *args)
+        assert code == 2, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and __import__("re").search(message, lines[0]), err
+
+
+def test_a_photo_queries_a_segments_index_with_its_largest_segment(tiny_student, tmp_path):
+    from images import save_exif_jpeg, upright_picture
+    from zeroseg.segment.neighbours import SegmentVectors, decode_photo
+    from zeroseg.stores.features import FeatureStore
+
+    store_url, run = tiny_student
+    build_index(store_url, tmp_path / "ix", BuildConfig(source="segments", checkpoint=str(run)))
+    save_exif_jpeg(tmp_path / "p.jpg", upright_picture(), orientation=3)
+    result = query_index(tmp_path / "ix", image_file=str(tmp_path / "p.jpg"), k=3, sheet=tmp_path / "p.png")
+    store = FeatureStore.open(store_url)
+    _, assignment = SegmentVectors(store, str(run)).segment(decode_photo(store, str(tmp_path / "p.jpg")).view[None])
+    largest = int(np.bincount(assignment[0].ravel()).argmax())
+    assert result.query["token"] == largest and result.itself.sub == largest and result.itself.image == -1
+    assert len(result.neighbours) == 3 and all(n.image >= 0 for n in result.neighbours)
+    with Image.open(result.sheet) as im:
+        assert im.size == sheet_size(4)
+    with pytest.raises(Exception, match="query a photograph with --token"):
+        query_index(tmp_path / "ix", image_file=str(tmp_path / "p.jpg"), crop=0)

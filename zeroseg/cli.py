@@ -238,16 +238,17 @@ def query(
     crop: int = typer.Option(None, help="query crop index within --image"),
     token: int = typer.Option(None, help="query segment token within --image"),
     text: str = typer.Option(None, help="query text, embedded by the store's teacher"),
+    image_file: str = typer.Option(None, help="a photograph not in the store: its --crop (default 0) by the store's teacher, or its --token (default: largest segment) by the student"),
     store: str = typer.Option(None, help="the feature store (default: the one the index records)"),
     checkpoint: str = typer.Option(None, help="the student (default: the one the index records)"),
     k: int = typer.Option(10, "--k", help="neighbours to return; a crop or token query is shown apart, not counted"),
     out: Path = typer.Option(None, "--out", help="contact sheet PNG to write"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """Nearest crops or segments of a crop, a token or a text; optionally a contact sheet PNG."""
+    """Nearest crops or segments of a crop, a token, a text or a photograph; optionally a contact sheet PNG."""
     from zeroseg.segment.neighbours import neighbours_table, query_index
 
-    result = query_index(index, image=image, crop=crop, token=token, text=text, store_url=store,
+    result = query_index(index, image=image, crop=crop, token=token, text=text, image_file=image_file, store_url=store,
                          checkpoint=checkpoint, k=k, sheet=out)
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))

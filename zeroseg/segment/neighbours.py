@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from zeroseg.decode import Decoded, decode_image
 from zeroseg.errors import UserError
 from zeroseg.geometry import grid_levels
 from zeroseg.outputs import check_output_dir, claim_output_dir
@@ -111,7 +112,7 @@ class SegmentVectors:
         tokens, assignment = [], []
         with torch.inference_mode():
             for i in range(0, len(views), self.batch_images):
-                seg = self.model.segment(torch.from_numpy(np.ascontiguousarray(views[i : i + self.batch_images])))
+                seg = self.model.segment(torch.from_numpy(np.array(views[i : i + self.batch_images])))  # a writable copy
                 tokens.append(seg.tokens.numpy())
                 assignment.append(seg.assignment.numpy())
         return np.concatenate(tokens), np.concatenate(assignment)
@@ -175,7 +176,7 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
 @dataclass
 class Neighbour:
     rank: int  # 1.. = neighbours; 0 = the query's own crop or token (QueryResult.itself)
-    image: int
+    image: int  # row of the store; -1 for a photograph queried from a file
     sub: int  # crop index or token index
     score: float  # cosine similarity to the query
     path: str
@@ -244,6 +245,26 @@ def text_vector(store: FeatureStore, text: str) -> np.ndarray:
     return embed_classes(teacher.encode_text, [text])[0]
 
 
+def photo_crops(store: FeatureStore, photo: str) -> tuple[np.ndarray, np.ndarray]:
+    """A photograph that is not in the store, made as `extract` makes a row: its training view
+    (S, S, 3) uint8 and the store's teacher's embedding of each of its crops (C, D) float32."""
+    from zeroseg.pipeline.mapper import embed_chunk  # open_clip: seconds to import; only photo queries need it
+    from zeroseg.pipeline.teacher import load_store_teacher
+
+    decoded = decode_photo(store, photo)
+    arrays = embed_chunk(load_store_teacher(store), [decoded], 1, store.config.view_size, store.n_crops, store.boxes)
+    return decoded.view, arrays.features[0].astype(np.float32)
+
+
+def decode_photo(store: FeatureStore, photo: str) -> Decoded:
+    """PHOTO decoded into its training view at the store's size, by the extractor's decoder; a
+    UserError naming the file if it has none."""
+    decoded = decode_image(photo, store.config.view_size, store.config.grids)
+    if decoded.view is None:
+        raise UserError(f"cannot read {photo}: {decoded.error}")
+    return decoded
+
+
 def _student_for(index: NeighbourIndex, store: FeatureStore, checkpoint: str | None) -> SegmentVectors:
     """The student a segments index was built with (the recorded one unless given), checked."""
     path = checkpoint or index.meta.checkpoint["path"]
@@ -269,16 +290,23 @@ def query_index(
     crop: int | None = None,
     token: int | None = None,
     text: str | None = None,
+    image_file: str | None = None,
     store_url: str | None = None,
     checkpoint: str | None = None,
     k: int = 10,
     sheet: str | Path | None = None,
 ) -> QueryResult:
-    """The k nearest neighbours of a crop (image, crop), a token (image, token) or a text, and
-    with `sheet` their contact sheet PNG. A crop or token query's own vector is never one of
-    the k: it is returned apart, as `itself` (rank 0, score 1)."""
-    if (text is None) == (image is None) or (image is not None and (crop is None) == (token is None)):
-        raise UserError("query one of: --image I --crop C, --image I --token T, --text TEXT")
+    """The k nearest neighbours of a crop (image, crop), a token (image, token), a text, or a
+    photograph that is not in the store (image_file, with crop or token: by default its whole-view
+    crop 0, or its largest segment), and with `sheet` their contact sheet PNG. The query's own
+    vector is never one of the k: it is returned apart, as `itself` (rank 0, score 1)."""
+    if image_file is not None:
+        if text is not None or image is not None:
+            raise UserError("--image-file queries alone: give it without --image or --text")
+        if crop is not None and token is not None:
+            raise UserError("--image-file takes --crop (a crop index) or --token (a segment index), not both")
+    elif (text is None) == (image is None) or (image is not None and (crop is None) == (token is None)):
+        raise UserError("query one of: --image I --crop C, --image I --token T, --text TEXT, --image-file PHOTO")
     if k < 1:
         raise UserError(f"--k must be at least 1, not {k}")
     index, store = open_for_query(index_dir, store_url)
@@ -286,9 +314,13 @@ def query_index(
     if checkpoint and meta.source == "crops":
         raise UserError(f"index {index_dir} holds crops, not segment tokens: it takes no --checkpoint")
     student = _student_for(index, store, checkpoint) if meta.source == "segments" else None
+    photo = None  # (view, Neighbour) of an image_file query: shown first, not in the store
     if text is not None:
         query, self_id = {"text": text}, None
         vector = text_vector(store, text)
+    elif image_file is not None:
+        query, self_id = {"image_file": str(image_file)}, None
+        vector, photo = _photo_query(store, meta, student, str(image_file), crop, token, query)
     else:
         wanted = "crop" if crop is not None else "token"
         if wanted != {"crops": "crop", "segments": "token"}[meta.source]:
@@ -321,27 +353,56 @@ def query_index(
         box = [round(float(v), 4) for v in boxes[sub]] if meta.source == "crops" else None
         rank = j if self_id is not None else j + 1
         rows.append(Neighbour(rank, image_j, sub, round(score, 4), str(paths[image_j]), box))
-    itself = rows.pop(0) if self_id is not None else None
+    itself = rows.pop(0) if self_id is not None else (photo[1] if photo else None)
     result = QueryResult(source=meta.source, query=query, k=k, itself=itself, neighbours=rows)
     if sheet is not None:
-        result.sheet = str(draw_contact_sheet(result, store, sheet, student))
+        result.sheet = str(draw_contact_sheet(result, store, sheet, student, photo[0] if photo else None))
     return result
 
 
+def _photo_query(store: FeatureStore, meta: IndexMeta, student: SegmentVectors | None, photo: str,
+                 crop: int | None, token: int | None, query: dict) -> tuple[np.ndarray, tuple[np.ndarray, Neighbour]]:
+    """The query vector of a photograph (a crop by the store's teacher, or a segment token by the
+    student) and its (view, row) for the table and the sheet; fills in `query`'s crop or token."""
+    if student is None:
+        if token is not None:
+            raise UserError("index holds crops: query a photograph with --crop (default 0, the whole view)")
+        crop = 0 if crop is None else crop
+        if not 0 <= crop < meta.stride:
+            raise UserError(f"crop {crop} out of range: images have {meta.stride} crops")
+        view, crops = photo_crops(store, photo)
+        query["crop"] = crop
+        box = [round(float(v), 4) for v in store.boxes[crop]]
+        return crops[crop], (view, Neighbour(0, -1, crop, 1.0, photo, box))
+    if crop is not None:
+        raise UserError("index holds segment tokens: query a photograph with --token (default: its largest segment)")
+    view = decode_photo(store, photo).view
+    tokens, assignment = student.segment(view[None])  # (1, K, D), (1, h, w)
+    sizes = np.bincount(assignment[0].ravel(), minlength=tokens.shape[1])
+    token = int(sizes.argmax()) if token is None else token
+    if not 0 <= token < len(sizes) or sizes[token] == 0:
+        owned = ", ".join(map(str, np.flatnonzero(sizes)))
+        raise UserError(f"token {token} owns no patch of {photo}; its segments: {owned}")
+    query["token"] = token
+    return tokens[0, token], (view, Neighbour(0, -1, token, 1.0, photo))
+
+
 def draw_contact_sheet(result: QueryResult, store: FeatureStore, out: str | Path,
-                       student: SegmentVectors | None = None) -> Path:
-    """The query (a text tile, or its own crop or token) then each of the k neighbours, on the
-    views the teacher saw: crop boxes outlined, or with `student` each row's segment; rank and
-    score under each."""
+                       student: SegmentVectors | None = None, query_view: np.ndarray | None = None) -> Path:
+    """The query (a text tile, its own crop or token, or the photograph's view) then each of the k
+    neighbours, on the views the teacher saw: crop boxes outlined, or with `student` each row's
+    segment; rank and score under each."""
     rows = result.rows()
-    views = row_views(store, [n.image for n in rows])
+    views = row_views(store, [n.image for n in rows if n.image >= 0])
+    if query_view is not None:  # an image_file query: its view is not in the store
+        views = np.concatenate([query_view[None], views])
     masks = None
     if student is not None:  # each row's segment as a (h, w) bool mask on the student's patch grid
         _, assignment = student.segment(views)  # (n, h, w)
         masks = [assignment[j] == n.sub for j, n in enumerate(rows)]
     what = "crop" if result.source == "crops" else "token"
     captions = [f"{'query' if n.rank == 0 else f'#{n.rank}  {n.score:.3f}'}\n"
-                f"img {n.image} {what} {n.sub}  {Path(n.path).name[:16]}" for n in rows]
+                f"{f'img {n.image}' if n.image >= 0 else 'photo'} {what} {n.sub}  {Path(n.path).name[:16]}" for n in rows]
     return contact_sheet(out, views, captions, boxes=[n.box for n in rows], masks=masks,
                          text=result.query.get("text"))
 
@@ -355,6 +416,6 @@ def neighbours_table(result: QueryResult) -> Table:
         table.add_column(col, justify="right" if col in ("rank", "score", "image") else "left")
     for n in result.rows():
         sub = f"{n.sub} ({', '.join(f'{v:.2f}' for v in n.box)})" if n.box else str(n.sub)
-        table.add_row("query" if n.rank == 0 else str(n.rank), f"{n.score:.4f}", str(n.image), sub, n.path,
+        table.add_row("query" if n.rank == 0 else str(n.rank), f"{n.score:.4f}", str(n.image) if n.image >= 0 else "-", sub, n.path,
                       end_section=n.rank == 0)  # a rule sets the query apart from its k neighbours
     return table
