@@ -1,6 +1,7 @@
 """The trainer against real (small) feature stores: loader, train loop, resume, online targets, CLI."""
 
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from zeroseg.stores.features import FeatureStore, StoreError
 from zeroseg.stores.schema import Status, StoreConfig
 from zeroseg.trainer.checkpoint import load_student, load_student_for, sha256_file
 from zeroseg.trainer.config import TrainConfig, recipe
-from zeroseg.trainer.loader import Batches, MemorySource, Plan, StoreSource, select_columns
+from zeroseg.trainer.loader import Batches, StoreDataset, select_columns
 from zeroseg.trainer.model import preset
 from zeroseg.trainer.train import train
 
@@ -37,8 +38,8 @@ def tiny_config(**kw) -> TrainConfig:
     return dataclasses.replace(recipe("paper", "tiny"), **{**defaults, **kw})
 
 
-def all_batches(source, plan, batch, start_step, n):
-    with Batches(source, plan, batch, start_step) as batches:
+def all_batches(dataset, batch, start_step, n):
+    with Batches(dataset, batch, start_step) as batches:
         return [next(batches) for _ in range(n)]
 
 
@@ -60,10 +61,10 @@ def test_grid_subset_selects_columns_by_box(store_url):
 
 def test_batches_carry_the_stored_rows_of_ok_images_once_per_epoch(store_url):
     store = FeatureStore.open(store_url)
-    cols = select_columns(store.boxes, store.config.grids, (1, 3))
-    plan = Plan(store.status(), store.config.chunk_images, seed=3, buffer_chunks=2)
-    assert plan.n_ok == N_IMAGES - len(FAILED)
-    batches = all_batches(StoreSource(store, cols), plan, 7, 0, 8)  # 56 positions = 2 epochs
+    dataset = StoreDataset(store, (1, 3), seed=3, buffer_chunks=2)
+    cols = dataset.columns
+    assert dataset.plan.n_ok == N_IMAGES - len(FAILED)
+    batches = all_batches(dataset, 7, 0, 8)  # 56 positions = 2 epochs
     index = torch.cat([b["index"] for b in batches]).numpy()
     ok = sorted(set(range(N_IMAGES)) - set(FAILED))
     assert sorted(index[:28]) == ok and sorted(index[28:56]) == ok  # each epoch: every ok image once
@@ -78,12 +79,10 @@ def test_batches_carry_the_stored_rows_of_ok_images_once_per_epoch(store_url):
 
 def test_resumed_order_is_the_continuation_and_preload_matches(store_url):
     store = FeatureStore.open(store_url)
-    cols = select_columns(store.boxes, store.config.grids, (1, 2))
-    plan = Plan(store.status(), store.config.chunk_images, seed=0, buffer_chunks=3)
-    source = StoreSource(store, cols)
-    straight = all_batches(source, plan, 5, 0, 9)
-    resumed = all_batches(source, plan, 5, 4, 5)
-    preloaded = all_batches(MemorySource(source, store.n_chunks), plan, 5, 0, 9)
+    dataset = StoreDataset(store, (1, 2), seed=0, buffer_chunks=3)
+    straight = all_batches(dataset, 5, 0, 9)
+    resumed = all_batches(dataset, 5, 4, 5)
+    preloaded = all_batches(StoreDataset(store, (1, 2), seed=0, buffer_chunks=3, preload=True), 5, 0, 9)
     for a, b in zip(straight[4:], resumed):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["features"], b["features"])
     for a, b in zip(straight, preloaded):
@@ -95,10 +94,41 @@ def test_store_without_pixels_decodes_image_paths(tmp_path, tiny_teacher, store_
     store = synthetic_store(url, tiny_teacher, 10, grids=(1, 2), pixels=False, image_dir=tmp_path / "img", chunk_images=4)
     assert not store.has_pixels
     with_pixels = FeatureStore.open(store_url)  # same seed: the same first 10 views
-    cols = select_columns(store.boxes, store.config.grids, (1, 2))
-    plan = Plan(store.status(), 4, seed=0, buffer_chunks=2)
-    (batch,) = all_batches(StoreSource(store, cols), plan, 10, 0, 1)
+    (batch,) = all_batches(StoreDataset(store, (1, 2), seed=0, buffer_chunks=2), 10, 0, 1)
     np.testing.assert_array_equal(batch["pixels"].numpy(), with_pixels.pixels[:10][batch["index"].numpy()])
+
+
+def test_shards_read_disjoint_chunks_and_together_the_whole_epoch(store_url):
+    dataset = StoreDataset(store_url, seed=5, buffer_chunks=1)
+    plan, n_shards = dataset.plan, 3  # 4 chunks over 3 shards: shards of unequal length
+    for epoch in (0, 1):
+        read = []
+        for shard in range(n_shards):
+            windows = dataset.windows(0, shard, n_shards)
+            for _ in range(sum(len(plan.epoch(e)[shard::n_shards]) for e in range(epoch))):
+                next(windows)  # this shard's earlier epochs
+            read += [c for _ in plan.epoch(epoch)[shard::n_shards] for c in next(windows)[0].chunks]
+        assert sorted(read) == list(range(FeatureStore.open(store_url).n_chunks))  # each chunk by one shard
+    # a shard's resumed stream is its continuation
+    shard = dict(seed=5, rank=1, world_size=2, buffer_chunks=2)
+    straight = [b["index"] for b in itertools.islice(StoreDataset(store_url, **shard), 40)]
+    resumed = [b["index"] for b in itertools.islice(StoreDataset(store_url, **shard, start=13), 27)]
+    assert resumed == straight[13:]
+    with pytest.raises(UserError, match="2 shards, but an epoch has only 1 windows of 4 chunks"):
+        next(iter(StoreDataset(store_url, rank=1, world_size=2)))
+
+
+def test_the_dataset_in_a_dataloader_gives_views_and_their_targets(store_url):
+    store = FeatureStore.open(store_url)
+    loader = torch.utils.data.DataLoader(StoreDataset(store_url, (1, 2), buffer_chunks=1), batch_size=4, num_workers=2)
+    seen = []
+    for batch in itertools.islice(loader, 7):  # 28 images: one epoch's worth from the two workers
+        rows = batch["index"].numpy()
+        assert batch["pixels"].shape == (4, 32, 32, 3) and batch["features"].shape == (4, 5, store.dim)
+        np.testing.assert_array_equal(batch["features"].numpy(), store.features[:][rows][:, :5])
+        np.testing.assert_array_equal(batch["pixels"].numpy(), store.pixels[:][rows])
+        seen += rows.tolist()
+    assert not set(seen) & set(FAILED)
 
 
 # ---- training ---------------------------------------------------------------------------------
@@ -109,8 +139,9 @@ def test_tiny_run_loss_falls_and_writes_its_run_dir(store_url, tmp_path):
     result = train(store_url, tmp_path / "run", config, progress=False)
     run = tmp_path / "run"
     rows = (run / "metrics.csv").read_text().splitlines()
-    assert rows[0].split(",") == ["step", "epoch", "lr", "loss", "distill", "match", "mae", "cover", "region", "assign", "steps_per_s"]
+    assert rows[0].split(",") == ["step", "epoch", "lr", "loss", "distill", "match", "mae", "cover", "region", "assign", "steps_per_s", "data_wait"]
     losses = [float(r.split(",")[3]) for r in rows[1:]]
+    assert all(0 <= float(r.split(",")[-1]) <= 1 for r in rows[1:])  # the share of time spent waiting for data
     assert len(losses) == 6
     assert losses[-1] < 0.8 * losses[0], losses
     assert (run / "loss_curve.png").stat().st_size > 0
@@ -140,8 +171,8 @@ def test_stop_and_resume_reaches_the_same_weights(store_url, tmp_path):
     opt_a = (tmp_path / "straight/checkpoint-0000010/optimizer.safetensors").read_bytes()
     opt_b = (tmp_path / "resumed/checkpoint-0000010/optimizer.safetensors").read_bytes()
     assert opt_a == opt_b
-    # the resumed run's metrics are the straight run's, row for row except the timing
-    strip = lambda p: [r.rsplit(",", 1)[0] for r in (p / "metrics.csv").read_text().splitlines()]
+    # the resumed run's metrics are the straight run's, row for row except the timings
+    strip = lambda p: [r.rsplit(",", 2)[0] for r in (p / "metrics.csv").read_text().splitlines()]
     assert strip(tmp_path / "straight") == strip(tmp_path / "resumed")
 
 

@@ -18,7 +18,7 @@ from zeroseg.segment.neighbours import Neighbour, QueryResult, draw_contact_shee
 from zeroseg.stores.features import FeatureStore
 from zeroseg.stores.schema import Status
 from zeroseg.stores.views import row_views
-from zeroseg.trainer.loader import Batches, Plan, StoreSource, select_columns
+from zeroseg.trainer.loader import Batches, StoreDataset
 
 GRIDS, SIZE = (1, 2), 32
 # Mean |difference| of a decoded view and the view of the picture the file was made from: JPEG
@@ -72,14 +72,12 @@ def test_each_photograph_becomes_its_upright_picture(photos):
 def loader_views(store: FeatureStore) -> np.ndarray:
     """Every row's pixels as the trainer's loader hands them to the student (and to the online
     teacher of `--targets online`), in row order; zeros for the failed row."""
-    columns = select_columns(store.boxes, store.config.grids, store.config.grids)
-    source = StoreSource(store, columns, features=False)
-    plan = Plan(store.status(), store.config.chunk_images, seed=0, buffer_chunks=8)
+    dataset = StoreDataset(store, targets=False, buffer_chunks=8)
     try:
-        with Batches(source, plan, batch=plan.n_ok) as batches:
+        with Batches(dataset, batch=dataset.plan.n_ok) as batches:
             batch = next(batches)
     finally:
-        source.close()
+        dataset.close()
     views = np.zeros((store.n_images, SIZE, SIZE, 3), np.uint8)
     views[batch["index"].numpy()] = batch["pixels"].numpy()
     return views

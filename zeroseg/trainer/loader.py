@@ -1,11 +1,15 @@
 """Cached-target loader: batches of (pixels, crop features) from a feature store, never reading
-single random rows.
+single random rows. `StoreDataset` is the store as a torch dataset (the trainer's, and a user's);
+`Batches` cuts its stream into the trainer's batches ahead of the train step.
 
 Order. Epochs are concatenated into one stream of status-ok images and batch s is positions
 [s*B, (s+1)*B) of that stream, so the data a step sees is a pure function of (seed, step): a
 resumed run fast-forwards by arithmetic, without reading anything it skips. Within an epoch the
 chunks are permuted (seed, epoch), then taken `buffer_chunks` at a time (a window), and the images
 of a window are shuffled together: whole-chunk reads, shuffled well enough for SGD.
+
+Shards. Data-parallel replicas and DataLoader workers each read their own windows of an epoch
+(window i goes to shard i % shards): no chunk is read twice in an epoch.
 
 Speed. A background thread cuts batches and keeps `prefetch` of them queued; the chunks of the next
 windows are read ahead by a pool of reader threads (zarr's Blosc decompression and PIL's decoding
@@ -133,11 +137,24 @@ class Plan:
             windows.append(Window(chunks, rows[rng.permutation(len(rows))]))
         return windows
 
-    def windows_from(self, position: int) -> Iterator[tuple[Window, int]]:
-        """From stream position on: (window, rows of it to skip), epoch after epoch, forever."""
-        epoch, offset = divmod(position, self.n_ok)
+    def windows_from(self, position: int, shard: int = 0, n_shards: int = 1) -> Iterator[tuple[Window, int]]:
+        """From stream position on: (window, rows of it to skip), epoch after epoch, forever. With
+        `n_shards`, this shard's stream: window i of an epoch belongs to shard i % n_shards, so the
+        shards read disjoint chunks and together read every chunk of an epoch once."""
+        n_windows = -(-len(self.ok_rows) // self.buffer_chunks)
+        if n_shards > n_windows:
+            raise UserError(f"{n_shards} shards, but an epoch has only {n_windows} windows of {self.buffer_chunks} "
+                            "chunks: use fewer ranks or DataLoader workers, or a smaller buffer_chunks")
+        epoch, offset = 0, position
+        if n_shards == 1:  # every epoch holds all ok rows: skip whole epochs by arithmetic
+            epoch, offset = divmod(position, self.n_ok)
+        empty = 0  # epochs in a row in which this shard's chunks held no ok image
         while True:
-            for window in self.epoch(epoch):
+            windows = self.epoch(epoch)[shard::n_shards]
+            empty = 0 if any(len(w.rows) for w in windows) else empty + 1
+            if empty > 100:
+                raise UserError(f"shard {shard} of {n_shards} gets no status-ok images: use fewer shards")
+            for window in windows:
                 if offset >= len(window.rows):
                     offset -= len(window.rows)
                     continue
@@ -145,17 +162,87 @@ class Plan:
                 offset = 0
             epoch += 1
 
+    def read_window(self, source, window: Window) -> dict[str, np.ndarray]:
+        """The window's images in its training order, arrays stacked, with their "index"."""
+        parts = [source.read(c) for c in window.chunks]
+        offsets, at = {}, 0
+        for c, part in zip(window.chunks, parts):
+            offsets[c] = at - c * self.chunk_images  # row r of chunk c sits at r + offsets[c]
+            at += len(next(iter(part.values())))
+        chunk_of = window.rows // self.chunk_images
+        where = np.array([offsets[c] + r for c, r in zip(chunk_of, window.rows)], dtype=np.int64)
+        return {k: np.concatenate([p[k] for p in parts])[where] for k in parts[0]} | {"index": window.rows}
+
+
+# ---- the cache as a dataset ----------------------------------------------------------------------
+
+
+class StoreDataset(torch.utils.data.IterableDataset):
+    """A feature store as a torch dataset, for the trainer and for a user's own training code.
+
+    Yields one dict per image: "pixels" (S, S, 3) uint8, the view the teacher embedded;
+    "features" (C', D) float16, the cached crop targets of `grids` (default: all the store's; none
+    with targets=False); "index", the image's row. The order is the trainer's (chunk-shuffled, a
+    pure function of seed and epoch); epochs follow each other forever. Sharded without overlap by
+    (rank, world_size) and by the DataLoader worker: each shard reads its own chunks. `start`
+    resumes a shard's stream after that many images (exact with at most one DataLoader worker per
+    rank: several workers each skip start // workers of their own streams)."""
+
+    def __init__(self, store: str | FeatureStore, grids: Sequence[int] | None = None, *, seed: int = 0,
+                 start: int = 0, rank: int = 0, world_size: int = 1, buffer_chunks: int = 4,
+                 targets: bool = True, decoders: int = 2, preload: bool = False):
+        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+        self.url, self.grids = store.url, tuple(grids or store.config.grids)
+        self.columns = select_columns(store.boxes, store.config.grids, self.grids)
+        self.plan = Plan(store.status(), store.config.chunk_images, seed, buffer_chunks)
+        self.start, self.rank, self.world_size = start, rank, world_size
+        self.targets, self.decoders, self.preload = targets, decoders, preload
+        self._store, self._source = store, None
+
+    @property
+    def source(self) -> StoreSource | MemorySource:
+        """The chunk reader, made in the process that reads (a DataLoader worker makes its own)."""
+        if self._source is None:
+            self._store = self._store or FeatureStore.open(self.url)
+            source = StoreSource(self._store, self.columns, features=self.targets, workers=self.decoders)
+            self._source = MemorySource(source, self._store.n_chunks) if self.preload else source
+        return self._source
+
+    def __getstate__(self) -> dict:  # what travels to a DataLoader worker: no open store, no threads
+        return {**self.__dict__, "_store": None, "_source": None}
+
+    def windows(self, position: int, shard: int = 0, n_shards: int = 1) -> Iterator[tuple[Window, int]]:
+        return self.plan.windows_from(position, shard, n_shards)
+
+    def read_window(self, window: Window) -> dict[str, np.ndarray]:
+        return self.plan.read_window(self.source, window)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor | int]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shard, n_shards = self.rank * workers + worker, self.world_size * workers
+        for window, skip in self.windows(self.start // workers, shard, n_shards):
+            data = self.read_window(window)
+            for i in range(skip, len(window.rows)):
+                yield {k: (torch.from_numpy(v[i]) if k != "index" else int(v[i])) for k, v in data.items()}
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.close()
+
 
 # ---- batches -----------------------------------------------------------------------------------
 
 
 class Batches:
-    """Iterator of batches from `start_step` on: dict of "pixels" (B, S, S, 3) uint8,
-    "features" (B, C', D) float16 (unless the source reads none), "index" (B,) int64 and
-    "epoch" (float: stream position / ok images). Call close() (or use as a context manager)."""
+    """Iterator of a dataset's batches from `start_step` on: dict of "pixels" (B, S, S, 3) uint8,
+    "features" (B, C', D) float16 (unless the dataset reads none), "index" (B,) int64 and
+    "epoch" (float: stream position / ok images). `pin`: page-locked batches, so that copies to a
+    GPU can be non-blocking. Call close() (or use as a context manager)."""
 
-    def __init__(self, source, plan: Plan, batch: int, start_step: int = 0, prefetch: int = 8, readers: int = 2, lookahead: int = 2):
-        self.source, self.plan, self.batch = source, plan, batch
+    def __init__(self, dataset: StoreDataset, batch: int, start_step: int = 0, prefetch: int = 8, readers: int = 2,
+                 lookahead: int = 2, pin: bool = False):
+        self.dataset, self.plan, self.batch, self.pin = dataset, dataset.plan, batch, pin
         self.position = start_step * batch
         self.queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
@@ -164,28 +251,16 @@ class Batches:
         self.thread = threading.Thread(target=self._produce, name="batches", daemon=True)
         self.thread.start()
 
-    def _read_window(self, window: Window) -> dict[str, np.ndarray]:
-        """The window's images in its training order, arrays stacked."""
-        parts = [self.source.read(c) for c in window.chunks]
-        starts = {c: c * self.plan.chunk_images for c in window.chunks}
-        offsets, at = {}, 0
-        for c, part in zip(window.chunks, parts):
-            offsets[c] = at
-            at += len(next(iter(part.values())))
-        chunk_of = window.rows // self.plan.chunk_images
-        where = np.array([offsets[c] + r - starts[c] for c, r in zip(chunk_of, window.rows)], dtype=np.int64)
-        return {k: np.concatenate([p[k] for p in parts])[where] for k in parts[0]} | {"index": window.rows}
-
     def _produce(self) -> None:
         try:
-            windows = self.plan.windows_from(self.position)
+            windows = self.dataset.windows(self.position)
             pending: deque[tuple[Future, int]] = deque()
             carry: dict[str, np.ndarray] | None = None
             position = self.position
             while not self.stop.is_set():
                 while len(pending) < self.lookahead:
                     window, skip = next(windows)
-                    pending.append((self.readers.submit(self._read_window, window), skip))
+                    pending.append((self.readers.submit(self.dataset.read_window, window), skip))
                 future, skip = pending.popleft()
                 data = {k: v[skip:] for k, v in future.result().items()}
                 if carry is not None:
@@ -193,6 +268,8 @@ class Batches:
                 n = len(data["index"])
                 for start in range(0, n - self.batch + 1, self.batch):
                     batch = {k: torch.from_numpy(np.ascontiguousarray(v[start : start + self.batch])) for k, v in data.items()}
+                    if self.pin:
+                        batch = {k: v.pin_memory() for k, v in batch.items()}
                     batch["epoch"] = position / self.plan.n_ok
                     position += self.batch
                     if not self._put(batch):

@@ -29,12 +29,13 @@ from zeroseg.outputs import claim_output_dir, write_atomic
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer import checkpoint as ckpt_io
 from zeroseg.trainer.config import TrainConfig, recipe
-from zeroseg.trainer.loader import Batches, Columns, MemorySource, Plan, StoreSource, select_columns
+from zeroseg.trainer.loader import Batches, Columns, StoreDataset, select_columns
 from zeroseg.trainer.losses import TERMS, LossConfig, zeroseg_losses
 from zeroseg.trainer.model import PRESETS, ZeroSegStudent
 from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
 
-METRICS = ["step", "epoch", "lr", "loss", *TERMS, "steps_per_s"]
+# data_wait: the share of the interval's wall time the loop waited for the next batch.
+METRICS = ["step", "epoch", "lr", "loss", *TERMS, "steps_per_s", "data_wait"]
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -112,7 +113,7 @@ class RunLog:
         self.rows.append(row)
         self.csv.writerow(row)
         self.file.flush()
-        for key in ("loss", "lr", "steps_per_s", *TERMS):
+        for key in ("loss", "lr", "steps_per_s", "data_wait", *TERMS):
             if row[key] != "":
                 self.tb.add_scalar(f"train/{key}", float(row[key]), int(row["step"]))
 
@@ -195,10 +196,8 @@ def train(
     member = box_membership(columns.boxes, config.model.grid).to(device)
     last_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
 
-    source = StoreSource(store, columns, features=teacher is None, workers=config.workers)
-    if preload:
-        source = MemorySource(source, store.n_chunks)
-    plan = Plan(store.status(), store.config.chunk_images, config.seed, config.buffer_chunks)
+    dataset = StoreDataset(store, config.grids, seed=config.seed, buffer_chunks=config.buffer_chunks,
+                           targets=teacher is None, decoders=config.workers, preload=preload)
     log = RunLog(run_dir, start_step)
     result: dict[str, Any] = {"step": start_step, "metrics": log.rows[-1] if log.rows else {}}
     with ExitStack() as stack:
@@ -206,20 +205,21 @@ def train(
             stack.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(config.threads)
         stack.callback(log.close)
-        stack.callback(source.close)
-        batches = stack.enter_context(
-            Batches(source, plan, config.batch, start_step, prefetch=config.prefetch, readers=config.workers)
-        )
+        stack.callback(dataset.close)
+        batches = stack.enter_context(Batches(dataset, config.batch, start_step, prefetch=config.prefetch,
+                                              readers=config.workers, pin=device.type == "cuda"))
         bar = stack.enter_context(Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not progress,
         ))
         task = bar.add_task("train", total=config.steps, completed=start_step, info="")
         sums: dict[str, float] = {}
-        tick, tick_step = time.perf_counter(), start_step
+        tick, tick_step, waited = time.perf_counter(), start_step, 0.0
         model.train()
         for step in range(start_step, last_step):
+            asked = time.perf_counter()
             batch = next(batches)
+            waited += time.perf_counter() - asked
             pixels = batch["pixels"].to(device, non_blocking=True)
             features = teacher.features(pixels) if teacher else batch["features"].to(device, non_blocking=True)
             lr = lr_at(step, config)
@@ -242,11 +242,13 @@ def train(
                 now = time.perf_counter()
                 n = done - tick_step
                 row = {k: f"{v / n:.6g}" for k, v in sums.items()}
-                row.update(step=done, epoch=f"{batch['epoch']:.4f}", lr=f"{lr:.6g}", steps_per_s=f"{n / (now - tick):.4g}")
+                row.update(step=done, epoch=f"{batch['epoch']:.4f}", lr=f"{lr:.6g}", steps_per_s=f"{n / (now - tick):.4g}",
+                           data_wait=f"{waited / (now - tick):.3f}")
                 log.add(row)
                 result["metrics"] = row
-                bar.update(task, info=f"loss {row['loss']}  {row['steps_per_s']} steps/s")
-                sums, tick, tick_step = {}, now, done
+                bar.update(task, info=f"loss {row['loss']}  {row['steps_per_s']} steps/s  "
+                                            f"waiting for data {float(row['data_wait']):.0%}")
+                sums, tick, tick_step, waited = {}, now, done, 0.0
             bar.update(task, completed=done)
             if done % config.checkpoint_every == 0 or done == last_step:
                 result["checkpoint"] = str(ckpt_io.save_checkpoint(run_dir, done, model, optimizer, config, store.identity()))
