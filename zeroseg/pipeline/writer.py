@@ -42,11 +42,30 @@ class TeacherSpec:
         return load_teacher(self.arch, self.pretrained, seed=self.seed, device=resolve_device(self.device))
 
 
+def decode_threads(device: str) -> int:
+    """Decoding threads per worker. On the CPU one: the teacher's torch threads already take the
+    worker's cores, and more decoders would only steal them (decoding runs ahead of the teacher
+    either way). On CUDA the teacher needs little CPU and a GPU eats images far faster than one
+    thread decodes them, so the worker's cores all decode (capped: past ~8 threads PIL decoding
+    stops scaling)."""
+    if device != "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, min(8, cores))
+
+
 @dataclass
 class ChunkResult:
     chunk: int
     n_images: int
     n_ok: int
+    waited_s: float = 0.0  # the teacher waiting for decoded images
+    seconds: float = 0.0  # decode + teacher for the chunk (the store write not included)
+
+    @property
+    def wait_share(self) -> float:
+        """The share of the chunk's time the teacher sat idle for want of decoded images."""
+        return self.waited_s / self.seconds if self.seconds > 0 else 0.0
 
 
 class ChunkWorker:
@@ -62,8 +81,11 @@ class ChunkWorker:
         self.store = FeatureStore.open(url, mode="r+")
         self.batch = batch
         self.paths = self.store.paths()  # the store's list is authoritative
+        # the teacher's precision as the store records it (the job refuses a run that differs)
+        self.precision = self.store.extract_options.get("precision", "fp32")
         self.boxes = self.store.boxes
-        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zeroseg-decode")
+        self.decoder = ThreadPoolExecutor(max_workers=decode_threads(self.teacher.device.type),
+                                          thread_name_prefix="zeroseg-decode")
         self.url, self.lock_token = url, lock_token
 
     def describe(self) -> dict:
@@ -75,7 +97,8 @@ class ChunkWorker:
         config = self.store.config
         paths = list(self.paths[sl])
         views = read_views(paths, config.view_size, config.grids, self.decoder)
-        arrays = embed_chunk(self.teacher, views, len(paths), config.view_size, self.batch, self.boxes)
+        arrays = embed_chunk(self.teacher, views, len(paths), config.view_size, self.batch, self.boxes,
+                             self.precision)
         if self.lock_token and (lock_holder(self.url) or {}).get("token") != self.lock_token:
             # Our driver died and a new job took the store over: leave the chunk to it.
             raise LockedError(f"{self.url}: lost the lock before writing chunk {chunk}")
@@ -83,4 +106,5 @@ class ChunkWorker:
             chunk, arrays.features, arrays.status, arrays.errors, arrays.sizes,
             arrays.views if self.store.has_pixels else None,
         )
-        return ChunkResult(chunk, sl.stop - sl.start, int((arrays.status == Status.OK).sum()))
+        return ChunkResult(chunk, sl.stop - sl.start, int((arrays.status == Status.OK).sum()),
+                           arrays.waited_s, arrays.seconds)
