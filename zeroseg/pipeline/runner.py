@@ -22,7 +22,9 @@ from zeroseg.stores.lock import StoreLock
 
 DEFAULT_CHUNK_IMAGES = 64
 DEFAULT_BATCH = 256
-DEFAULT_PRECISION = "fp32"  # bf16 autocast is slower than fp32 on a CPU without native bf16 (benchmarks/gpu.py --device cpu)
+# fp32: the reference features, the same on every CPU. bf16 autocast pays only where the hardware
+# has bf16 (a GPU, a CPU with AMX) and is several times slower where it has none (benchmarks/README.md).
+DEFAULT_PRECISION = "fp32"
 
 
 @dataclass
