@@ -13,7 +13,7 @@ from zeroseg.geometry import grid_boxes
 from zeroseg.pipeline.mapper import embed_chunk
 from zeroseg.pipeline.reader import read_views
 from zeroseg.pipeline.runner import ExtractConfig, run_extract
-from zeroseg.pipeline.writer import decode_threads
+from zeroseg.pipeline.writer import ChunkWorker, decode_threads
 from zeroseg.stores.features import FeatureStore
 
 CLI_SMALL = ["--grids", "1,2", "--view-size", "32", "--chunk-images", "4", "--workers", "0"]
@@ -107,3 +107,26 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys):
     for start in ("images: 3", "crops: 15 (5 per image)", "teacher FLOPs: ", "store on disk: ", "ETA: "):
         assert any(line.startswith(start) for line in lines), (start, result.output)
     assert "pixels" in result.output and "nothing written" in result.output
+
+
+def test_the_next_chunk_decodes_while_this_one_is_written(tmp_path, tiny_teacher):
+    """A worker told the next chunk decodes it ahead (during this chunk's write); the features are
+    those of a job that did not (run_in_process passes the next chunk: compare with one by one)."""
+    write_good(tmp_path / "imgs", 6)
+    job = str(tmp_path / "job.zarr")
+    run_extract(str(tmp_path / "imgs"), job, SMALL, notify=quiet)
+    done = FeatureStore.open(job)
+    alone = str(tmp_path / "alone.zarr")
+    FeatureStore.create(alone, done.config, list(done.paths()))
+    worker = ChunkWorker(alone, tiny_teacher, SMALL.batch)
+    worker.process(0)
+    worker.process(1)
+    ahead = str(tmp_path / "ahead.zarr")
+    FeatureStore.create(ahead, done.config, list(done.paths()))
+    worker = ChunkWorker(ahead, tiny_teacher, SMALL.batch)
+    worker.process(0, then=1)
+    assert list(worker.ahead) == [1]
+    worker.process(1)
+    assert worker.ahead == {}
+    for url in (alone, ahead):
+        assert FeatureStore.open(url).features[:].tobytes() == done.features[:].tobytes()

@@ -6,9 +6,11 @@ import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
+from zeroseg.decode import Decoded
 from zeroseg.errors import UserError
 from zeroseg.pipeline.mapper import embed_chunk
 from zeroseg.pipeline.reader import read_views
@@ -87,18 +89,29 @@ class ChunkWorker:
         self.decoder = ThreadPoolExecutor(max_workers=decode_threads(self.teacher.device.type),
                                           thread_name_prefix="zeroseg-decode")
         self.url, self.lock_token = url, lock_token
+        self.ahead: dict[int, Iterator[Decoded]] = {}  # chunk -> its views, decoding ahead of time
 
     def describe(self) -> dict:
         return {"sha256": self.teacher.info.sha256, "host": socket.gethostname(), "pid": os.getpid(),
                 "threads": torch.get_num_threads()}
 
-    def process(self, chunk: int) -> ChunkResult:
+    def _decode(self, chunk: int) -> Iterator[Decoded]:
+        """The chunk's views, decoding from now on in the pool (or already, if read ahead)."""
+        if chunk in self.ahead:
+            return self.ahead.pop(chunk)
+        config = self.store.config
+        return read_views(list(self.paths[self.store.chunk_slice(chunk)]), config.view_size, config.grids, self.decoder)
+
+    def process(self, chunk: int, then: int | None = None) -> ChunkResult:
+        """Embed and write one chunk. `then`, the chunk this worker does next if known, starts
+        decoding before this one's write, so the teacher does not wait at the next chunk's start."""
         sl = self.store.chunk_slice(chunk)
         config = self.store.config
-        paths = list(self.paths[sl])
-        views = read_views(paths, config.view_size, config.grids, self.decoder)
-        arrays = embed_chunk(self.teacher, views, len(paths), config.view_size, self.batch, self.boxes,
+        views = self._decode(chunk)
+        arrays = embed_chunk(self.teacher, views, sl.stop - sl.start, config.view_size, self.batch, self.boxes,
                              self.precision)
+        if then is not None:
+            self.ahead = {then: self._decode(then)}  # at most one chunk ahead: its views in memory
         if self.lock_token and (lock_holder(self.url) or {}).get("token") != self.lock_token:
             # Our driver died and a new job took the store over: leave the chunk to it.
             raise LockedError(f"{self.url}: lost the lock before writing chunk {chunk}")
