@@ -128,3 +128,9 @@ def test_the_next_chunk_decodes_while_this_one_is_written(tmp_path, tiny_teacher
         stores.append(FeatureStore.open(url))
     assert (stores[0].status() == Status.OK).all()
     assert stores[0].features[:].tobytes() == stores[1].features[:].tobytes()
+    # on an existing store: read only, its pending images named
+    assert zeroseg(capsys, "extract", tmp_path / "imgs", store, *CLI_SMALL).exit_code == 0
+    before = tree_digest(store)
+    result = zeroseg(capsys, "extract", tmp_path / "imgs", store, *CLI_SMALL, "--dry-run")
+    assert result.exit_code == 0 and "the store exists, 0 of its images pending" in result.output, result.output
+    assert tree_digest(store) == before

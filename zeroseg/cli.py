@@ -91,7 +91,7 @@ def extract(
     if dry_run:
         from zeroseg.pipeline.estimate import estimate, format_estimate
 
-        print(format_estimate(estimate(images, config), store))
+        print(format_estimate(estimate(images, store, config), store))
         return
     summary = extract_with_progress(images, store, config, plain)
     if summary.pending:

@@ -18,7 +18,7 @@ from zeroseg.pipeline.reader import list_images
 from zeroseg.pipeline.runner import DEFAULT_BATCH, DEFAULT_PRECISION, ExtractConfig, _store_config
 from zeroseg.pipeline.teacher import PRECISIONS, Teacher
 from zeroseg.pipeline.writer import ChunkWorker, TeacherSpec, resolve_device
-from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.features import FeatureStore, check_location
 
 SAMPLE_IMAGES = 8  # timed per run; the first n of IMAGES
 
@@ -36,6 +36,7 @@ class Estimate:
     device: str
     precision: str
     threads: int
+    pending: int | None = None  # images STORE still has to do, where it exists (None: a new store)
 
     @property
     def crops(self) -> int:
@@ -61,12 +62,17 @@ def teacher_flops(teacher: Teacher, n_crops: int, precision: str) -> float:
     return float(counter.get_total_flops())
 
 
-def estimate(images: str, config: ExtractConfig, sample_images: int = SAMPLE_IMAGES) -> Estimate:
+def estimate(images: str, url: str, config: ExtractConfig, sample_images: int = SAMPLE_IMAGES) -> Estimate:
     """Lists IMAGES, loads the teacher, and runs the first `sample_images` images twice (a warm-up,
-    then timed) through a ChunkWorker into a throw-away in-memory store."""
+    then timed) through a ChunkWorker into a throw-away in-memory store. STORE is only looked at
+    (read-only) to say how many of its images are still pending."""
     if config.precision not in (None, *PRECISIONS):
         raise UserError(f"--precision {config.precision}: choose {' | '.join(PRECISIONS)}")
     paths = list_images(images)
+    pending = None
+    if check_location(url) == "store":
+        store = FeatureStore.open(url)
+        pending = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in store.pending_chunks())
     device = resolve_device(config.device)
     precision = config.precision or DEFAULT_PRECISION
     teacher = TeacherSpec(config.teacher, config.pretrained, config.seed, device).load()
@@ -97,13 +103,15 @@ def estimate(images: str, config: ExtractConfig, sample_images: int = SAMPLE_IMA
         flops_per_image=teacher_flops(teacher, store_config.n_crops, precision),
         features_bytes_per_image=features, pixels_bytes_per_image=pixels,
         sample_images=k, sample_images_per_s=k / seconds, wait_share=result.wait_share,
-        device=device, precision=precision, threads=torch.get_num_threads(),
+        device=device, precision=precision, threads=torch.get_num_threads(), pending=pending,
     )
 
 
 def format_estimate(e: Estimate, url: str) -> str:
     return "\n".join([
-        f"{url}: dry run, nothing written",
+        f"{url}: dry run, nothing written"
+        + (f"; the store exists, {e.pending:,} of its images pending (the figures below are for all)"
+           if e.pending is not None else ""),
         f"images: {e.images:,}",
         f"crops: {e.crops:,} ({e.crops_per_image} per image)",
         f"teacher FLOPs: {e.flops_per_image * e.images:.3g} ({e.flops_per_image:.3g} per image, {e.precision})",
