@@ -76,6 +76,8 @@ def extract(
     workers: int = typer.Option(None, help="Ray actors [default: one per CPU]; 0 runs in this process without Ray"),
     address: str = typer.Option(None, help="join this Ray cluster instead of starting a local one"),
     device: str = typer.Option("cpu", help="where the teacher runs: cpu | cuda | auto (cuda where there is one)"),
+    precision: str = typer.Option(None, help="the teacher's forward: fp32 | bf16 | fp16 (autocast) [default: store's, or fp32]"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print images, crops, FLOPs, bytes on disk and an ETA from a timed sample; write nothing"),
 ) -> None:
     """Embed the grid crops of every image into STORE; re-run the same command to resume."""
     from zeroseg.pipeline.runner import ExtractConfig
@@ -84,8 +86,13 @@ def extract(
     config = ExtractConfig(
         teacher=teacher, pretrained=pretrained, seed=seed, grids=_grids(grids), view_size=view_size,
         batch=batch, chunk_images=chunk_images, pixels=pixels, workers=workers, address=address,
-        device=device,
+        device=device, precision=precision,
     )
+    if dry_run:
+        from zeroseg.pipeline.estimate import estimate, format_estimate
+
+        print(format_estimate(estimate(images, store, config), store))
+        return
     summary = extract_with_progress(images, store, config, plain)
     if summary.pending:
         raise typer.Exit(1)

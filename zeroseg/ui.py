@@ -15,10 +15,18 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:.1f} images/s" if task.speed else "- images/s", style="cyan")
 
 
+class _WaitColumn(ProgressColumn):
+    """The last chunk's share of time its teacher waited for decoded images."""
+
+    def render(self, task) -> Text:
+        wait = task.fields.get("wait")
+        return Text("" if wait is None else f"waited {wait:.0%}", style="dim")
+
+
 def extract_with_progress(images: str, url: str, config: ExtractConfig, console: Console) -> Summary:
     """run_extract with a progress bar (images/s, ETA) and a printed summary."""
     bar = Progress(
-        TextColumn("extract"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
+        TextColumn("extract"), BarColumn(), MofNCompleteColumn(), _RateColumn(), _WaitColumn(), TimeRemainingColumn(),
         console=console, transient=False,
     )
     task = None
@@ -33,7 +41,7 @@ def extract_with_progress(images: str, url: str, config: ExtractConfig, console:
 
     try:
         summary = run_extract(images, url, config, notify=console.print, started=started,
-                              progress=lambda r: bar.advance(task, r.n_images))
+                              progress=lambda r: bar.update(task, advance=r.n_images, wait=r.wait_share))
     finally:
         bar.stop()
     console.print(format_summary(summary))
@@ -42,7 +50,8 @@ def extract_with_progress(images: str, url: str, config: ExtractConfig, console:
 
 def format_summary(s: Summary) -> str:
     lines = [f"{s.ok} ok, {s.failed} failed, {s.pending} pending of {s.n_images} images"
-             f" ({s.done_this_run} this run in {s.seconds:.1f} s, {s.images_per_s:.1f} images/s)"]
+             f" ({s.done_this_run} this run in {s.seconds:.1f} s, {s.images_per_s:.1f} images/s"
+             + (f", teacher waited {s.wait_share:.0%} of its time for decoded images" if s.chunk_s else "") + ")"]
     if s.reasons:
         lines.append("failed: " + ", ".join(f"{n} {kind}" for kind, n in s.reasons.items()))
     for chunk, why in sorted(s.lost_chunks.items()):

@@ -51,8 +51,8 @@ def run_in_process(worker: ChunkWorker, pending: list[int],
                    finished: Callable[[ChunkResult], None]) -> dict[int, str]:
     """The pending chunks one after another by one worker here; nothing is lost (an error stops
     the job), so the chunks left pending with a reason are none."""
-    for chunk in pending:
-        finished(worker.process(chunk))
+    for chunk, then in zip(pending, [*pending[1:], None]):
+        finished(worker.process(chunk, then))
     return {}
 
 

@@ -14,6 +14,7 @@ import torch
 from zeroseg.errors import UserError
 from zeroseg.pipeline.distributor import extract_cluster, run_in_process, run_on_ray
 from zeroseg.pipeline.reader import list_images
+from zeroseg.pipeline.teacher import PRECISIONS
 from zeroseg.pipeline.writer import ChunkResult, ChunkWorker, TeacherSpec, resolve_device
 from zeroseg.stores.features import FeatureStore, StoreNotFoundError, check_location, make_store_folder
 from zeroseg.stores.schema import Status, StoreConfig
@@ -21,7 +22,9 @@ from zeroseg.stores.lock import StoreLock
 
 DEFAULT_CHUNK_IMAGES = 64
 DEFAULT_BATCH = 256
-PRECISION = "fp32"  # the teacher's only precision today
+# fp32: the reference features, the same on every CPU. bf16 autocast pays only where the hardware
+# has bf16 (a GPU, a CPU with AMX) and is several times slower where it has none (benchmarks/README.md).
+DEFAULT_PRECISION = "fp32"
 
 
 @dataclass
@@ -40,6 +43,7 @@ class ExtractConfig:
     workers: int | None = None  # None: one per CPU (or GPU, on cuda) of the Ray cluster; 0: this process
     device: str = "cpu"  # where the teacher runs: cpu | cuda | auto (cuda when there is one)
     address: str | None = None  # a Ray cluster to join; None starts a local one
+    precision: str | None = None  # the teacher's forward: fp32 | bf16 | fp16 (autocast); None: store's, or fp32
 
 
 @dataclass
@@ -54,10 +58,17 @@ class Summary:
     done_this_run: int = 0
     seconds: float = 0.0
     lost_chunks: dict[int, str] = field(default_factory=dict)  # chunk -> why it is still pending
+    waited_s: float = 0.0  # this run's chunks: time their teacher waited for decoded images ...
+    chunk_s: float = 0.0  # ... of their decode + teacher time, summed over chunks
 
     @property
     def images_per_s(self) -> float:
         return self.done_this_run / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def wait_share(self) -> float:
+        """The share of the teacher's time spent waiting for decoded images, over this run."""
+        return self.waited_s / self.chunk_s if self.chunk_s > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,7 @@ def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None,
     a resumed store's from its record. `cluster` is the Ray cluster's (CPUs, GPUs); None runs in
     this process. Threads per worker are never derived from the number of pending chunks."""
     batch = config.batch or (recorded.batch if recorded else DEFAULT_BATCH)
+    precision = config.precision or (recorded.precision if recorded else DEFAULT_PRECISION)
     if cluster is None:  # in this process: the record's thread count, else this process's
         device = resolve_device(config.device)
         threads = recorded.threads_per_worker if recorded else torch.get_num_threads()
@@ -131,13 +143,13 @@ def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None,
             workers = gpus or max(1, cpus // threads)
         fitting = gpus or max(1, cpus // recorded.threads_per_worker) if recorded else 0
         hint = f"--workers {fitting}" if recorded and max(1, cpus // fitting) == recorded.threads_per_worker else "no --workers"
-    run = Compute(device, PRECISION, threads, batch)
+    run = Compute(device, precision, threads, batch)
     if recorded is None:
         return run, workers
     phrase = {"device": f"device {run.device}", "precision": run.precision,
               "threads_per_worker": f"{run.threads_per_worker} threads per worker", "batch": f"batch {run.batch}"}
     fixes = {"device": f"--device {recorded.device}", "batch": f"--batch {recorded.batch} (or no --batch)",
-             "threads_per_worker": hint, "precision": f"precision {recorded.precision}"}
+             "threads_per_worker": hint, "precision": f"--precision {recorded.precision} (or no --precision)"}
     differs = [name for name in Compute.KEYS if getattr(run, name) != getattr(recorded, name)]
     if differs:
         how = " and ".join(fixes[name] for name in differs if fixes[name])
@@ -171,6 +183,8 @@ def run_extract(
     (device, precision, torch threads per worker, batch: the thread count changes a GEMM's
     summation order, hence the last bits), so a resume runs with the recorded values or is
     refused: a resumed store is bit-identical to an uninterrupted one."""
+    if config.precision not in (None, *PRECISIONS):
+        raise UserError(f"--precision {config.precision}: choose {' | '.join(PRECISIONS)}")
     if url.startswith("memory://") and config.workers != 0:
         raise UserError("a memory:// store lives inside one process: use --workers 0 with it")
     # In this process the driver's teacher does the work; for Ray it only names the teacher
@@ -185,7 +199,7 @@ def run_extract(
     if check_location(url) == "new":
         make_store_folder(url)
     t0 = time.perf_counter()
-    done = 0
+    done, waited, chunk_s = 0, 0.0, 0.0
     threads_before = torch.get_num_threads()
     with StoreLock(url, notify=notify) as lock, contextlib.ExitStack() as stack:
         store = open_existing(url, images, paths, config, teacher.info)
@@ -214,8 +228,9 @@ def run_extract(
             started(store, todo)
 
         def finished(result: ChunkResult) -> None:
-            nonlocal done
+            nonlocal done, waited, chunk_s
             done += result.n_images
+            waited, chunk_s = waited + result.waited_s, chunk_s + result.seconds
             if progress:
                 progress(result)
 
@@ -231,7 +246,8 @@ def run_extract(
                                   finished=finished, notify=notify)
         finally:
             torch.set_num_threads(threads_before)  # the in-process worker set the store's count
-    return summarize(FeatureStore.open(url), done, time.perf_counter() - t0, lost)
+    return dataclasses.replace(summarize(FeatureStore.open(url), done, time.perf_counter() - t0, lost),
+                               waited_s=waited, chunk_s=chunk_s)
 
 
 def _len(sl: slice) -> int:

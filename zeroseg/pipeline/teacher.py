@@ -25,6 +25,8 @@ MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIGS)
 
 RANDOM = "random"
+# --precision -> the dtype the teacher's forward autocasts to (None: plain fp32, no autocast)
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class _NoWeightsWarning(logging.Filter):
@@ -67,12 +69,18 @@ class Teacher:
     device: torch.device
 
     @torch.inference_mode()
-    def encode_images(self, crops: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, crops: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
         """crops (B, 3, S, S) float in [0, 1] at the input size -> (B, D) float32 embeddings,
-        not normalised (the store keeps what the teacher gives; readers normalise if they want)."""
+        not normalised (the store keeps what the teacher gives; readers normalise if they want).
+        `precision` bf16 | fp16 runs the forward under torch.autocast (fp32: no autocast at all)."""
         if crops.shape[-2:] != (self.info.input_size, self.info.input_size):
             raise ValueError(f"crops are {tuple(crops.shape[-2:])}, the teacher's input size {self.info.input_size}")
-        return self.model.encode_image(self.normalise(crops)).float()
+        dtype = PRECISIONS[precision]
+        pixels = self.normalise(crops)
+        if self.device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)  # the patch conv's fast layout on CUDA
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.model.encode_image(pixels).float()
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float in [0, 1] -> the tower's input, on its device: (x - mean) / std."""

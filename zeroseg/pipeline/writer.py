@@ -6,9 +6,11 @@ import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
+from zeroseg.decode import Decoded
 from zeroseg.errors import UserError
 from zeroseg.pipeline.mapper import embed_chunk
 from zeroseg.pipeline.reader import read_views
@@ -42,11 +44,30 @@ class TeacherSpec:
         return load_teacher(self.arch, self.pretrained, seed=self.seed, device=resolve_device(self.device))
 
 
+def decode_threads(device: str) -> int:
+    """Decoding threads per worker. On the CPU one: the teacher's torch threads already take the
+    worker's cores, and more decoders would only steal them (decoding runs ahead of the teacher
+    either way). On CUDA the teacher needs little CPU and a GPU eats images far faster than one
+    thread decodes them, so the worker's cores all decode (capped: past ~8 threads PIL decoding
+    stops scaling)."""
+    if device != "cuda":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(2, min(8, cores))
+
+
 @dataclass
 class ChunkResult:
     chunk: int
     n_images: int
     n_ok: int
+    waited_s: float = 0.0  # the teacher waiting for decoded images
+    seconds: float = 0.0  # decode + teacher for the chunk (the store write not included)
+
+    @property
+    def wait_share(self) -> float:
+        """The share of the chunk's time the teacher sat idle for want of decoded images."""
+        return self.waited_s / self.seconds if self.seconds > 0 else 0.0
 
 
 class ChunkWorker:
@@ -62,20 +83,35 @@ class ChunkWorker:
         self.store = FeatureStore.open(url, mode="r+")
         self.batch = batch
         self.paths = self.store.paths()  # the store's list is authoritative
+        # the teacher's precision as the store records it (the job refuses a run that differs)
+        self.precision = self.store.extract_options.get("precision", "fp32")
         self.boxes = self.store.boxes
-        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zeroseg-decode")
+        self.decoder = ThreadPoolExecutor(max_workers=decode_threads(self.teacher.device.type),
+                                          thread_name_prefix="zeroseg-decode")
         self.url, self.lock_token = url, lock_token
+        self.ahead: dict[int, Iterator[Decoded]] = {}  # chunk -> its views, decoding ahead of time
 
     def describe(self) -> dict:
         return {"sha256": self.teacher.info.sha256, "host": socket.gethostname(), "pid": os.getpid(),
                 "threads": torch.get_num_threads()}
 
-    def process(self, chunk: int) -> ChunkResult:
+    def _decode(self, chunk: int) -> Iterator[Decoded]:
+        """The chunk's views, decoding from now on in the pool (or already, if read ahead)."""
+        if chunk in self.ahead:
+            return self.ahead.pop(chunk)
+        config = self.store.config
+        return read_views(list(self.paths[self.store.chunk_slice(chunk)]), config.view_size, config.grids, self.decoder)
+
+    def process(self, chunk: int, then: int | None = None) -> ChunkResult:
+        """Embed and write one chunk. `then`, the chunk this worker does next if known, starts
+        decoding before this one's write, so the teacher does not wait at the next chunk's start."""
         sl = self.store.chunk_slice(chunk)
         config = self.store.config
-        paths = list(self.paths[sl])
-        views = read_views(paths, config.view_size, config.grids, self.decoder)
-        arrays = embed_chunk(self.teacher, views, len(paths), config.view_size, self.batch, self.boxes)
+        views = self._decode(chunk)
+        arrays = embed_chunk(self.teacher, views, sl.stop - sl.start, config.view_size, self.batch, self.boxes,
+                             self.precision)
+        if then is not None:
+            self.ahead = {then: self._decode(then)}  # at most one chunk ahead: its views in memory
         if self.lock_token and (lock_holder(self.url) or {}).get("token") != self.lock_token:
             # Our driver died and a new job took the store over: leave the chunk to it.
             raise LockedError(f"{self.url}: lost the lock before writing chunk {chunk}")
@@ -83,4 +119,5 @@ class ChunkWorker:
             chunk, arrays.features, arrays.status, arrays.errors, arrays.sizes,
             arrays.views if self.store.has_pixels else None,
         )
-        return ChunkResult(chunk, sl.stop - sl.start, int((arrays.status == Status.OK).sum()))
+        return ChunkResult(chunk, sl.stop - sl.start, int((arrays.status == Status.OK).sum()),
+                           arrays.waited_s, arrays.seconds)
