@@ -1,18 +1,21 @@
-"""How much the extraction job costs beyond the teacher itself, and how it scales with workers.
+"""How much the extraction job costs beyond the teacher itself, and what Ray costs and gives.
 
-On the same synthetic scenes and teacher, prints images/s of:
-  bare      the teacher alone on crops cut beforehand (only the forward passes are timed)
-  extract   `run_extract` in this process (decode, crops, teacher, store writes, all timed)
-  ray x1    `run_extract` through Ray, 1 actor x 1 torch thread on a 1-CPU local cluster
-  ray x2    `run_extract` through Ray, 2 actors x 1 torch thread on a 2-CPU local cluster
-and the ratios extract/bare (goal >= 0.9) and ray x2 / ray x1 (goal >= 1.8 on 2 cores), plus the
-store's bytes per image on disk against raw float16. Each Ray pool runs twice, over half the scenes
-and over all: besides the whole job's rate, the difference of the two gives its steady rate, with
-the pool's start-up (each worker loading its teacher, several seconds) cancelled out.
+On the same synthetic scenes and random-init teachers, prints the median images/s of:
+  bare          the teacher alone on crops cut beforehand (only the forward passes are timed)
+  job           `run_extract` in this process (decode, crops, teacher, store writes: timed
+                after listing and the teacher's load, as the bare teacher's load is not)
+and, over --ray-images scenes, the whole job with its start-up (for Ray: ray.init, the actors
+loading their teachers, ray.shutdown) of:
+  in-process xN `run_extract --workers 0` with N torch threads, N = 1, 2
+  ray xN        `run_extract` on a local N-CPU Ray, N actors x 1 torch thread
+with the ratios job/bare (goal >= 0.95), ray x2 / ray x1 (goal >= 1.8) and ray xN / in-process xN
+(goal >= 0.9: Ray is no tax). Every timed phase follows a warm-up call of its own kind (a small
+job, or a few forward passes), the phases of a table run in turn, --repeats rounds, each round
+in another order, and the median is printed: the machine may be shared, so the ratios of one run
+side by side mean more than the rates.
 
-    PYTHONPATH=. python benchmarks/extract.py --images 256 --teachers zeroseg-tiny
-    PYTHONPATH=. python benchmarks/extract.py --images 16 --teachers ViT-B-32
-    python benchmarks/extract.py --device cuda --no-ray --batch 1920 --teachers ViT-B-32   # on a GPU
+    PYTHONPATH=. python benchmarks/extract.py --images 256 --teachers zeroseg-tiny,ViT-B-32 --ray-images 2000
+    python benchmarks/extract.py --device cuda --ray-images 0 --batch 1920 --teachers ViT-B-32   # on a GPU
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,33 +44,65 @@ from zeroseg.pipeline.runner import ExtractConfig, run_extract  # noqa: E402
 from zeroseg.pipeline.teacher import load_teacher  # noqa: E402
 from zeroseg.stores.inspect import store_info  # noqa: E402
 
-GRIDS = (1, 2, 3, 4)
+WARM_UP_IMAGES = 32  # a warm-up job: imports, allocator, file cache, Ray's and torch's first calls
 
 
-def bare_teacher(arch: str, paths: list[str], view_size: int, batch: int, device: str) -> float:
-    """images/s of the teacher alone: crops are cut (as uint8, to fit memory) before the clock;
-    the embeddings come back to the CPU, as the job's do."""
-    teacher = load_teacher(arch, "random", device=device)
-    boxes = grid_boxes(GRIDS)
-    views = torch.from_numpy(np.stack([decode_image(p, view_size, GRIDS).view for p in paths]))
-    per = images_per_batch(batch, len(boxes))
-    groups = [cut_crops(views[i:i + per], boxes, teacher.info.input_size).mul(255).round().to(torch.uint8)
-              for i in range(0, len(views), per)]
-    start = time.perf_counter()
-    for crops in groups:
-        teacher.encode_images(crops.float().div_(255)).cpu()
-    return len(paths) / (time.perf_counter() - start)
+def manifest_of(paths: list[str], path: Path) -> str:
+    path.write_text("".join(f"{p}\n" for p in paths))
+    return str(path)
 
 
-def extract_rate(images: str, store: str, config: ExtractConfig, ray_cpus: int | None = None) -> tuple[int, float]:
-    """(images, seconds) of the job itself: after listing and the driver's teacher load, with the
-    Ray pool's start-up (each worker loading its teacher) included."""
+class Bare:
+    """The teacher alone: crops cut (as uint8, to fit memory) before the clock; the embeddings
+    come back to the CPU, as the job's do."""
+
+    def __init__(self, config: ExtractConfig, paths: list[str]):
+        self.teacher = load_teacher(config.teacher, "random", device=config.device)
+        boxes = grid_boxes(config.grids)
+        views = torch.from_numpy(np.stack([decode_image(p, config.view_size, config.grids).view for p in paths]))
+        per = images_per_batch(config.batch, len(boxes))
+        self.groups = [cut_crops(views[i:i + per], boxes, self.teacher.info.input_size).mul(255).round().to(torch.uint8)
+                       for i in range(0, len(views), per)]
+        self.n = len(paths)
+
+    def forward(self, groups) -> None:
+        for crops in groups:
+            self.teacher.encode_images(crops.float().div_(255)).cpu()
+
+    def rate(self) -> float:
+        self.forward(self.groups[:1])  # warm-up
+        start = time.perf_counter()
+        self.forward(self.groups)
+        return self.n / (time.perf_counter() - start)
+
+
+def job_rate(manifest: str, warm_up: str, work: Path, config: ExtractConfig, ray_cpus: int = 0, threads: int = 0,
+             whole: bool = True) -> float:
+    """images/s of the job, after a warm-up job of the same kind: `ray_cpus` > 0 runs it on a
+    local Ray of that many CPUs, started and shut down inside the timing; else in this process
+    with `threads` torch threads (0: as they are). `whole`: the whole call is timed, else the
+    job's own seconds (after listing and the driver's teacher load, as the bare teacher's)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        run_job(warm_up, work / "warm.zarr", config, ray_cpus)
+        start = time.perf_counter()
+        n, seconds = run_job(manifest, work / "timed.zarr", config, ray_cpus)
+        return n / ((time.perf_counter() - start) if whole else seconds)
+    finally:
+        torch.set_num_threads(before)
+        for name in ("warm.zarr", "timed.zarr"):
+            shutil.rmtree(work / name, ignore_errors=True)
+
+
+def run_job(manifest: str, store: Path, config: ExtractConfig, ray_cpus: int) -> tuple[int, float]:
     if ray_cpus:
         import ray
 
         ray.init(num_cpus=ray_cpus, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
     try:
-        summary = run_extract(images, store, config, notify=lambda _: None)
+        summary = run_extract(manifest, str(store), dataclasses.replace(config, workers=ray_cpus), notify=lambda _: None)
     finally:
         if ray_cpus:
             ray.shutdown()
@@ -72,53 +110,67 @@ def extract_rate(images: str, store: str, config: ExtractConfig, ray_cpus: int |
     return summary.done_this_run, summary.seconds
 
 
-def pool_rates(manifests: tuple[str, str], work: Path, config: ExtractConfig, workers: int) -> tuple[float, float]:
-    """images/s of a Ray pool of `workers` over the half and the whole listing: the whole job's,
-    and the steady rate (images - half's) / (seconds - half's), in which start-up cancels."""
-    runs = [
-        extract_rate(m, str(work / f"{config.teacher}-ray{workers}-{i}.zarr"), dataclasses.replace(config, workers=workers), ray_cpus=workers)
-        for i, m in enumerate(manifests)
-    ]
-    (n_half, s_half), (n, s) = runs
-    return n / s, (n - n_half) / (s - s_half)
+def medians(phases: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Each phase once per round, every round in another order (rotated); the median of each."""
+    names = list(phases)
+    seen: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            seen[name].append(phases[name]())
+    return {name: statistics.median(rates) for name, rates in seen.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--images", type=int, default=256, help="scenes of the bare-vs-job table")
     parser.add_argument("--teachers", default="zeroseg-tiny,ViT-B-32")
     parser.add_argument("--view-size", type=int, default=224)
+    parser.add_argument("--grids", default="1,2,3,4")
     parser.add_argument("--batch", type=int, default=256, help="crops per forward (whole images)")
-    parser.add_argument("--chunk-images", type=int, default=16)
+    parser.add_argument("--chunk-images", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu | cuda: where the teacher runs")
-    parser.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True, help="also time the Ray pool")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of each table's phases")
+    parser.add_argument("--ray-images", type=int, default=2000, help="scenes of the Ray table (tiny teacher); 0: no Ray table")
+    parser.add_argument("--ray-teacher", default="zeroseg-tiny")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="zeroseg-bench-"))
-    manifest = generate_scenes(work / "scenes", n=args.images, split="train", seed=0, size=args.view_size)
-    paths = list_images(str(manifest))
-    half = work / "half.txt"  # the first half of the scenes: a second, smaller job for pool_rates
-    half.write_text("".join(f"{p}\n" for p in paths[: len(paths) // 2]))
+    grids = tuple(int(g) for g in args.grids.split(","))
+    n_scenes = max(args.images, args.ray_images, WARM_UP_IMAGES)
+    paths = list_images(str(generate_scenes(work / "scenes", n=n_scenes, split="train", seed=0, size=args.view_size)))
+    warm_up = manifest_of(paths[:WARM_UP_IMAGES], work / "warm.txt")
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPUs"
-    print(f"{len(paths)} synthetic scenes ({args.view_size} px), grids {GRIDS}, batch {args.batch} crops, "
-          f"chunk {args.chunk_images} images, torch threads {torch.get_num_threads()}, teacher on {where}")
-    for arch in args.teachers.split(","):
-        config = ExtractConfig(teacher=arch, grids=GRIDS, view_size=args.view_size, batch=args.batch,
-                               chunk_images=args.chunk_images, device=args.device)
-        bare = bare_teacher(arch, paths, args.view_size, args.batch, args.device)
-        n, seconds = extract_rate(str(manifest), str(work / f"{arch}-local.zarr"), dataclasses.replace(config, workers=0))
-        local = n / seconds
-        info = store_info(str(work / f"{arch}-local.zarr"))["bytes"]
-        print(f"\n{arch}")
-        print(f"  bare teacher      {bare:8.2f} images/s")
-        print(f"  extract (local)   {local:8.2f} images/s   extract/bare = {local / bare:.2f}  (goal >= 0.9)")
-        if args.ray:
-            one, two = (pool_rates((str(half), str(manifest)), work, config, w) for w in (1, 2))
-            print("                    job images/s  steady images/s (start-up cancelled)")
-            print(f"  ray 1 worker x1t  {one[0]:8.2f}      {one[1]:8.2f}")
-            print(f"  ray 2 workers x1t {two[0]:8.2f}      {two[1]:8.2f}")
-            print(f"  2 vs 1 workers: job {two[0] / one[0]:.2f}x, steady {two[1] / one[1]:.2f}x  (goal >= 1.8)")
-        print(f"  features on disk  {info['features_per_image']} B/image vs raw float16 {info['raw_float16_per_image']} B/image"
-              f" ({info['features_per_image'] / info['raw_float16_per_image']:.2f}); whole store {info['per_image']} B/image")
+    print(f"synthetic scenes ({args.view_size} px), grids {grids}, batch {args.batch} crops, chunk {args.chunk_images} "
+          f"images, torch threads {torch.get_num_threads()}, teacher on {where}; median of {args.repeats} rounds")
+
+    def config_of(arch: str) -> ExtractConfig:
+        return ExtractConfig(teacher=arch, grids=grids, view_size=args.view_size, batch=args.batch,
+                             chunk_images=args.chunk_images, device=args.device)
+
+    table = manifest_of(paths[:args.images], work / "table.txt")
+    print(f"\n{args.images} images | bare teacher | job (in-process) | job / bare (goal >= 0.95) | features B/image vs raw fp16")
+    for arch in filter(None, args.teachers.split(",")):
+        config = dataclasses.replace(config_of(arch), workers=0)
+        bare = Bare(config, paths[:args.images])
+        rates = medians({"bare": bare.rate, "job": lambda: job_rate(table, warm_up, work, config, whole=False)}, args.repeats)
+        run_job(table, work / "sizes.zarr", config, 0)
+        info = store_info(str(work / "sizes.zarr"))["bytes"]
+        shutil.rmtree(work / "sizes.zarr")
+        print(f"{arch:>12} | {rates['bare']:8.2f} | {rates['job']:8.2f} | {rates['job'] / rates['bare']:.2f} | "
+              f"{info['features_per_image']} vs {info['raw_float16_per_image']} "
+              f"({info['features_per_image'] / info['raw_float16_per_image']:.2f})")
+
+    if args.ray_images:
+        manifest = manifest_of(paths[:args.ray_images], work / "ray.txt")
+        config = config_of(args.ray_teacher)
+        phases = {f"in-process x{n}": (lambda n=n: job_rate(manifest, warm_up, work, config, threads=n)) for n in (1, 2)}
+        phases |= {f"ray x{n}": (lambda n=n: job_rate(manifest, warm_up, work, config, ray_cpus=n)) for n in (1, 2)}
+        rates = medians(phases, args.repeats)
+        print(f"\n{args.ray_teacher}, {args.ray_images} images, whole job with start-up (images/s):")
+        print(" | ".join(f"{name} {rate:.2f}" for name, rate in rates.items()))
+        print(f"ray x2 / ray x1 {rates['ray x2'] / rates['ray x1']:.2f} (goal >= 1.8) | "
+              f"ray x1 / in-process x1 {rates['ray x1'] / rates['in-process x1']:.2f} | "
+              f"ray x2 / in-process x2 {rates['ray x2'] / rates['in-process x2']:.2f} (goal >= 0.9)")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

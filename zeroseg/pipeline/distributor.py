@@ -15,6 +15,10 @@ if TYPE_CHECKING:
 # Each actor's calls queue in order; a second call in flight means the actor never waits on the
 # driver between chunks.
 IN_FLIGHT_PER_WORKER = 2
+# A chunk whose worker dies this many times stays pending (it may be what kills them).
+MAX_TRIES_PER_CHUNK = 3
+# How long a job whose live workers are all gone waits for a replacement to come up.
+REPLACEMENT_WAIT_S = 120
 
 
 @contextlib.contextmanager
@@ -60,58 +64,110 @@ def run_on_ray(url: str, teacher: TeacherSpec, batch: int, threads: int, n_worke
                cluster: tuple[int, int], pending: list[int], teacher_sha: str, lock_token: str,
                finished: Callable[[ChunkResult], None], notify: Callable[[str], None]) -> dict[int, str]:
     """Keep every actor busy with IN_FLIGHT_PER_WORKER chunks until none are left. An actor that
-    dies is restarted by Ray and its calls retried (max_restarts / max_task_retries); a chunk whose
-    retries run out stays pending for the next run. Returns those chunks with the reason. A failed
-    write (disk full) stops the job at once: every later write would fail the same way."""
+    dies (its process, or its whole node) hands its chunks back to the queue for the live actors,
+    and a replacement is started that serves once it is up (on a node that is gone it never is); a
+    chunk whose worker died MAX_TRIES_PER_CHUNK times stays pending for the next run. Returns the
+    chunks left pending with the reason. A failed write (disk full) stops the job at once: every
+    later write would fail the same way."""
     import ray  # here, not at the top: see ray_cluster
     from ray.exceptions import RayActorError, RayTaskError
 
     # Here too: the worker's imports (open_clip, seconds) would slow every user of ray_cluster (ablate).
     from zeroseg.pipeline.writer import ChunkWorker
 
+    class RayChunkWorker(ChunkWorker):
+        def describe(self) -> dict:  # and its Ray node: two nodes can share a host
+            return {**ChunkWorker.describe(self), "node": ray.get_runtime_context().get_node_id()}
+
     cpus, gpus = cluster
     share = cpus / n_workers  # CPUs per actor; Ray wants whole numbers above 1
     notify(f"{n_workers} Ray workers x {threads} torch threads ({cpus} CPUs, {gpus} GPUs in the cluster)")
+    # No Ray restarts: a restarted actor whose node is gone would wait for room forever, and its
+    # retried calls with it. The loop below moves a dead actor's chunks to the live ones instead.
     actor_class = ray.remote(num_cpus=share if share < 1 else min(threads, int(share)), num_gpus=gpus / n_workers,
-                             max_restarts=2, max_task_retries=2)(ChunkWorker)
-    # Actors can outlive a SIGKILLed driver for a moment: with the job's lock token, each
-    # checks before writing a chunk that no new job has taken the store over.
-    actors = [actor_class.remote(url, teacher, batch, threads, lock_token=lock_token) for _ in range(n_workers)]
-    try:
-        infos = ray.get([a.describe.remote() for a in actors])
-        for info in infos:
-            if info["sha256"] != teacher_sha:
-                raise UserError(f"worker pid {info['pid']} on {info['host']} loaded a different "
-                                f"{teacher.arch} ({info['sha256'][:12]}, store has {teacher_sha[:12]})")
-        notify("workers: " + ", ".join(f"pid {i['pid']} on {i['host']}" for i in infos))
-        queue = collections.deque(pending)
-        in_flight: dict = {}
-        lost: dict[int, str] = {}
+                             max_restarts=0)(RayChunkWorker)
+    every_actor: list = []  # killed on the way out, whatever their state
+    starting: dict = {}  # describe() call -> an actor not serving yet
+    live: list = []  # actors serving chunks
+    load: dict[int, int] = {}  # id(actor) -> its chunks in flight
+    in_flight: dict = {}  # process() call -> (actor, chunk)
+    queue = collections.deque(pending)
+    tries: collections.Counter = collections.Counter()  # chunk -> deaths of the worker doing it
+    lost: dict[int, str] = {}
+    replacements = 2 * n_workers
 
-        def submit(actor) -> None:
-            if queue:
+    def start_actor() -> None:
+        # Actors can outlive a SIGKILLed driver for a moment: with the job's lock token, each
+        # checks before writing a chunk that no new job has taken the store over.
+        actor = actor_class.remote(url, teacher, batch, threads, lock_token=lock_token)
+        every_actor.append(actor)
+        starting[actor.describe.remote()] = actor
+
+    def serve(actor, info: dict) -> None:
+        if info["sha256"] != teacher_sha:
+            raise UserError(f"worker pid {info['pid']} on {info['host']} loaded a different "
+                            f"{teacher.arch} ({info['sha256'][:12]}, store has {teacher_sha[:12]})")
+        live.append(actor)
+        load[id(actor)] = 0
+
+    def fill() -> None:
+        for actor in live:
+            while queue and load[id(actor)] < IN_FLIGHT_PER_WORKER:
                 chunk = queue.popleft()
                 in_flight[actor.process.remote(chunk)] = (actor, chunk)
+                load[id(actor)] += 1
 
-        for actor in actors:
-            for _ in range(IN_FLIGHT_PER_WORKER):
-                submit(actor)
-        while in_flight:
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            actor, chunk = in_flight.pop(ref)
-            try:
-                finished(ray.get(ref))
-                submit(actor)
-            except RayActorError as e:  # the actor is gone for good: its chunks stay pending
-                lost[chunk] = f"worker died: {str(e).strip().splitlines()[0]}"
-            except RayTaskError as e:
-                if isinstance(e.cause, StoreWriteError):  # disk full: the next writes would fail too
-                    raise StoreWriteError(str(e.cause)) from None
-                lost[chunk] = f"worker error: {str(e).strip().splitlines()[-1]}"  # a bug, not bad data
-                submit(actor)
+    def named(info: dict) -> str:
+        return f"pid {info['pid']} on {info['host']} node {info['node'][:8]}"
+
+    try:
+        for _ in range(n_workers):
+            start_actor()
+        first = list(starting.items())
+        infos = ray.get([ref for ref, _ in first])
+        starting.clear()
+        for (_, actor), info in zip(first, infos):
+            serve(actor, info)
+        notify("workers: " + ", ".join(named(i) for i in infos))
+        fill()
+        while in_flight or (queue and starting):
+            # with nothing in flight, only replacements are awaited: a while, not forever
+            ready, _ = ray.wait([*in_flight, *starting], num_returns=1, timeout=None if in_flight else REPLACEMENT_WAIT_S)
+            if not ready:
+                break
+            [ref] = ready
+            if ref in starting:
+                actor = starting.pop(ref)
+                try:
+                    info = ray.get(ref)
+                except RayActorError:  # died while starting
+                    continue
+                serve(actor, info)
+                notify(f"worker replaced: {named(info)}")
+            else:
+                actor, chunk = in_flight.pop(ref)
+                load[id(actor)] -= 1
+                try:
+                    finished(ray.get(ref))
+                except RayActorError as e:  # the actor is gone: its chunks go to the live ones
+                    if actor in live:
+                        live.remove(actor)
+                        if replacements:
+                            replacements -= 1
+                            start_actor()
+                    tries[chunk] += 1
+                    if tries[chunk] < MAX_TRIES_PER_CHUNK:
+                        queue.appendleft(chunk)
+                    else:
+                        lost[chunk] = f"worker died: {str(e).strip().splitlines()[0]}"
+                except RayTaskError as e:
+                    if isinstance(e.cause, StoreWriteError):  # disk full: the next writes would fail too
+                        raise StoreWriteError(str(e.cause)) from None
+                    lost[chunk] = f"worker error: {str(e).strip().splitlines()[-1]}"  # a bug, not bad data
+            fill()
         for chunk in queue:
             lost[chunk] = "no live worker left"
         return lost
     finally:
-        for actor in actors:  # none writes after the job ends (nor could: the lock goes with it)
+        for actor in every_actor:  # none writes after the job ends (nor could: the lock goes with it)
             ray.kill(actor)
