@@ -63,7 +63,7 @@ def _grids(text: str) -> tuple[int, ...]:
 
 @app.command()
 def extract(
-    images: str = typer.Argument(..., help="a folder (recursive), a glob, an image or a manifest (one path per line, or .jsonl with 'image')"),
+    images: str = typer.Argument(..., help="a folder (recursive), a glob, an image or a manifest (one path per line, or .jsonl with 'image'); WebDataset shards; a table (see --input-format)"),
     store: str = typer.Argument(..., help="the feature store: a path or an fsspec URL (file://, memory://, s3://...)"),
     teacher: str = typer.Option("zeroseg-tiny", help="open_clip architecture"),
     pretrained: str = typer.Option("random", help="open_clip tag, a local checkpoint, or 'random'"),
@@ -78,6 +78,8 @@ def extract(
     device: str = typer.Option("cpu", help="where the teacher runs: cpu | cuda | auto (cuda where there is one)"),
     precision: str = typer.Option(None, help="the teacher's forward: fp32 | bf16 | fp16 (autocast) [default: store's, or fp32]"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print images, crops, FLOPs, bytes on disk and an ETA from a timed sample; write nothing"),
+    input_format: str = typer.Option("auto", help="files | webdataset (tar shards: shards/{00000..00009}.tar, a glob or a manifest of shards) | table (.parquet/.csv) | auto (by IMAGES' name)"),
+    path_column: str = typer.Option("path", help="a table's column holding the image paths"),
 ) -> None:
     """Embed the grid crops of every image into STORE; re-run the same command to resume."""
     from zeroseg.pipeline.runner import ExtractConfig
@@ -86,7 +88,7 @@ def extract(
     config = ExtractConfig(
         teacher=teacher, pretrained=pretrained, seed=seed, grids=_grids(grids), view_size=view_size,
         batch=batch, chunk_images=chunk_images, pixels=pixels, workers=workers, address=address,
-        device=device, precision=precision,
+        device=device, precision=precision, input_format=input_format, path_column=path_column,
     )
     if dry_run:
         from zeroseg.pipeline.estimate import estimate, format_estimate

@@ -21,10 +21,18 @@ Rules (each a choice the paper leaves open):
 - Memory: the file is opened, not read; PIL reads the header from it, and an image over
   `max_pixels` (PIL's default cap, ~89 Mpx) is refused from that header, before any pixel is
   decoded, as is a file that is no image at all. A 2 GB file named .jpg is never loaded.
+- A member of a tar shard (WebDataset) is named by its member key `SHARD#MEMBER@OFFSET+SIZE`
+  (`member_key`): the shard's path or URL, the member's name, and where its bytes lie in the
+  shard. It is read with one ranged read of the member's tar header and data (the header must
+  still be that member's: a shard rewritten since it was listed is refused, not misread); a
+  member over MAX_MEMBER_BYTES is refused unread.
 """
 
 from __future__ import annotations
 
+import io
+import re
+import tarfile
 import warnings
 from dataclasses import dataclass
 from typing import IO, Sequence
@@ -39,10 +47,18 @@ from zeroseg.geometry import training_view
 MIN_CELL_PIXELS = 4
 EXIF_ORIENTATION = 0x0112
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+MAX_MEMBER_BYTES = 1 << 30  # a tar member is read whole: a bigger one is no photograph
+TAR_BLOCK = 512
+MEMBER_KEY = re.compile(r"^(?P<shard>.+)#(?P<member>[^#]+)@(?P<offset>\d+)\+(?P<size>\d+)$")
 
 
 def is_url(path: str) -> bool:
     return "://" in path
+
+
+def member_key(shard: str, member: str, offset: int, size: int) -> str:
+    """The key of a tar member whose data starts at byte `offset` of `shard` (see the docstring)."""
+    return f"{shard}#{member}@{offset}+{size}"
 
 
 @dataclass
@@ -96,6 +112,8 @@ def read_upright(
     Refused, for anything wrong with the file."""
     try:
         file = _open(path)
+    except Refused:
+        raise
     except FileNotFoundError:
         raise Refused("missing: file not found (moved or deleted after listing?)")
     except Exception as e:  # permissions, a folder, a URL that does not answer...
@@ -153,7 +171,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _open(path: str) -> IO[bytes]:
     """A seekable binary file object: PIL reads what it needs from it, nothing more."""
+    member = MEMBER_KEY.match(path)
+    if member:
+        return _read_member(member["shard"], member["member"], int(member["offset"]), int(member["size"]))
     return fsspec.open(path, "rb").open() if is_url(path) else open(path, "rb")
+
+
+def _read_member(shard: str, member: str, offset: int, size: int) -> IO[bytes]:
+    """A tar member's bytes, from one ranged read of its header block and data."""
+    if size > MAX_MEMBER_BYTES:
+        raise Refused(f"too large: member of {size} bytes over the {MAX_MEMBER_BYTES} byte cap")
+    if offset < TAR_BLOCK:
+        raise Refused(f"unreadable: no tar header before byte {offset} of {shard}")
+    with (fsspec.open(shard, "rb").open() if is_url(shard) else open(shard, "rb")) as f:
+        f.seek(offset - TAR_BLOCK)
+        data = f.read(TAR_BLOCK + size)
+    if len(data) < TAR_BLOCK + size:
+        raise Refused(f"truncated: the shard ends {TAR_BLOCK + size - len(data)} bytes into member {member}")
+    try:
+        header = tarfile.TarInfo.frombuf(data[:TAR_BLOCK], "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        header = None
+    named = len(member.encode()) > 100 or (header is not None and header.name == member)  # longer: pax/GNU names
+    if header is None or header.size != size or not named:
+        raise Refused(f"unreadable: {shard} changed since it was listed (no header of {member} at byte {offset})")
+    return io.BytesIO(data[TAR_BLOCK:])
 
 
 def _one_line(e: BaseException) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from zeroseg.errors import UserError
-from zeroseg.pipeline.reader import list_images
+from zeroseg.pipeline.reader import list_inputs
 from zeroseg.pipeline.runner import DEFAULT_BATCH, DEFAULT_PRECISION, ExtractConfig, _store_config
 from zeroseg.pipeline.teacher import PRECISIONS, Teacher
 from zeroseg.pipeline.writer import ChunkWorker, TeacherSpec, resolve_device
@@ -68,7 +68,7 @@ def estimate(images: str, url: str, config: ExtractConfig, sample_images: int = 
     (read-only) to say how many of its images are still pending."""
     if config.precision not in (None, *PRECISIONS):
         raise UserError(f"--precision {config.precision}: choose {' | '.join(PRECISIONS)}")
-    paths = list_images(images)
+    paths = list_inputs(images, config.input_format, config.path_column).paths
     pending = None
     if check_location(url) == "store":
         store = FeatureStore.open(url)

@@ -13,8 +13,8 @@ import torch
 
 from zeroseg.errors import UserError
 from zeroseg.pipeline.distributor import extract_cluster, run_in_process, run_on_ray
-from zeroseg.pipeline.reader import list_images
 from zeroseg.pipeline.teacher import PRECISIONS
+from zeroseg.pipeline.reader import list_inputs
 from zeroseg.pipeline.writer import ChunkResult, ChunkWorker, TeacherSpec, resolve_device
 from zeroseg.stores.features import FeatureStore, StoreNotFoundError, check_location, make_store_folder
 from zeroseg.stores.schema import Status, StoreConfig
@@ -44,6 +44,8 @@ class ExtractConfig:
     device: str = "cpu"  # where the teacher runs: cpu | cuda | auto (cuda when there is one)
     address: str | None = None  # a Ray cluster to join; None starts a local one
     precision: str | None = None  # the teacher's forward: fp32 | bf16 | fp16 (autocast); None: store's, or fp32
+    input_format: str = "auto"  # how IMAGES is read: auto | files | webdataset | table (pipeline/reader.py)
+    path_column: str = "path"  # a table's column of paths
 
 
 @dataclass
@@ -191,7 +193,10 @@ def run_extract(
     # (loaded on the CPU: each actor builds its own from `spec`).
     spec = TeacherSpec(config.teacher, config.pretrained, config.seed, config.device)
     teacher = spec.load() if config.workers == 0 else dataclasses.replace(spec, device="cpu").load()
-    paths = list_images(images)
+    listing = list_inputs(images, config.input_format, config.path_column)
+    paths = listing.paths
+    for note in listing.notes:
+        notify(f"note: {note}")
     # The order that never writes into what is not ours: look at STORE first (a foreign folder
     # is refused before even our lock file goes in), make the folder if there is none, take the
     # lock inside it, then open or create the store under the lock (check_location again there:
@@ -220,7 +225,8 @@ def run_extract(
             for runtime_only in ("workers", "address"):  # how it ran, not what it made
                 options.pop(runtime_only)
             options.update(dataclasses.asdict(compute))
-            FeatureStore.create(url, _store_config(config, teacher.info), paths, extract=options)
+            FeatureStore.create(url, _store_config(config, teacher.info), paths, extract=options,
+                                metadata=listing.metadata)
         store = FeatureStore.open(url, mode="r+")
         pending = store.pending_chunks()
         todo = sum(_len(store.chunk_slice(c)) for c in pending)

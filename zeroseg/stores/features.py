@@ -176,6 +176,7 @@ class FeatureStore:
         config: StoreConfig,
         paths: Sequence[str],
         extract: dict[str, Any] | None = None,
+        metadata: Sequence[str] | None = None,
     ) -> FeatureStore:
         """A new store for `paths`, all pending, where nothing is or in an empty folder (see
         check_location); an interrupted create of ours is redone. Refuses anything else. A job
@@ -207,6 +208,9 @@ class FeatureStore:
             group.create_array("crops/boxes", data=grid_boxes(config.grids), compressors=CHECKED)
             group.create_array("images/path", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
             group["images/path"][:] = np.asarray(paths, dtype=str)
+            if metadata is not None:  # written once, like the paths: it comes with the listing
+                group.create_array("images/meta", shape=(n,), chunks=(b,), dtype=str, compressors=COMPRESSED)
+                group["images/meta"][:] = np.asarray(metadata, dtype=str)
             group.create_array("images/status", shape=(n,), chunks=(b,), dtype="uint8", fill_value=0,
                                compressors=CHECKED)
             group.create_array("images/error", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
@@ -302,6 +306,10 @@ class FeatureStore:
 
     def paths(self) -> np.ndarray:
         return self.array("images/path")[:]
+
+    def metadata(self) -> np.ndarray | None:
+        """Each image's metadata (JSON object text, "" none); None for a store without any."""
+        return self.array("images/meta")[:] if "meta" in self.group["images"] else None
 
     def status(self) -> np.ndarray:
         return self.array("images/status")[:]

@@ -13,6 +13,8 @@ Layout of a version-2 store (a Zarr v3 group):
     images/error          (N,) str, one line per failed image
     images/size           (N, 2) int32, original height, width
     images/pixels         (N, S, S, 3) uint8, optional: the student's input view
+    images/meta           (N,) str, optional: each image's metadata from its listing, a JSON
+                          object ("" none): a WebDataset key's .json/.txt, a table's other columns
     text/<vocab>          attrs {"current": <generation>}: the one vocabulary readers see
     text/<vocab>/<generation>/names       (K,) str
     text/<vocab>/<generation>/embeddings  (K, D) float32, templates and teacher in attrs
