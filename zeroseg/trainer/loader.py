@@ -31,6 +31,7 @@ import torch
 
 from zeroseg.errors import UserError
 from zeroseg.geometry import grid_boxes
+from zeroseg.stores.compact import CompactTargets
 from zeroseg.stores.features import FeatureStore
 from zeroseg.stores.schema import Status
 from zeroseg.stores.views import row_views
@@ -68,8 +69,11 @@ class StoreSource:
     """Reads one whole chunk: the selected feature columns and the student's pixels (zeros for
     the images that failed extraction: they have no view, and no batch takes them)."""
 
-    def __init__(self, store: FeatureStore, columns: Columns, features: bool = True, workers: int = 2):
+    def __init__(self, store: FeatureStore, columns: Columns, features: bool = True, workers: int = 2,
+                 targets_dtype: str = "fp16"):
         self.store, self.columns, self.with_features = store, columns, features
+        # fp16 as stored, or int8 / PQ targets decoded to float32 (stores/compact.py)
+        self.targets = CompactTargets(store, targets_dtype) if features else None
         self.ok = store.status() == Status.OK
         self.decoder = None if store.has_pixels else ThreadPoolExecutor(workers, thread_name_prefix="decode")
 
@@ -77,7 +81,7 @@ class StoreSource:
         sl = self.store.chunk_slice(chunk)
         out = {}
         if self.with_features:
-            out["features"] = self.store.features[sl][:, self.columns.index]  # (n, C', D) float16
+            out["features"] = self.targets.read(sl, self.columns.index)  # (n, C', D) float16 or float32
         ok = self.ok[sl]
         s = self.store.config.view_size
         out["pixels"] = np.zeros((len(ok), s, s, 3), np.uint8)  # (n, S, S, 3)
@@ -151,7 +155,7 @@ class Plan:
 
 class Batches:
     """Iterator of batches from `start_step` on: dict of "pixels" (B, S, S, 3) uint8,
-    "features" (B, C', D) float16 (unless the source reads none), "index" (B,) int64 and
+    "features" (B, C', D) float16, float32 from compact targets (unless the source reads none), "index" (B,) int64 and
     "epoch" (float: stream position / ok images). Call close() (or use as a context manager)."""
 
     def __init__(self, source, plan: Plan, batch: int, start_step: int = 0, prefetch: int = 8, readers: int = 2, lookahead: int = 2):

@@ -195,7 +195,7 @@ def train(
     member = box_membership(columns.boxes, config.model.grid).to(device)
     last_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
 
-    source = StoreSource(store, columns, features=teacher is None, workers=config.workers)
+    source = StoreSource(store, columns, features=teacher is None, workers=config.workers, targets_dtype=config.targets_dtype)
     if preload:
         source = MemorySource(source, store.n_chunks)
     plan = Plan(store.status(), store.config.chunk_images, config.seed, config.buffer_chunks)
@@ -263,7 +263,7 @@ def run_train(
 ) -> dict[str, Any]:
     """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own).
     Every option left None keeps the recipe's or TrainConfig's value; `fields` are TrainConfig
-    fields (steps, batch, lr, mask_ratio, targets, precision, seed, threads). `loss`
+    fields (steps, batch, lr, mask_ratio, targets, targets_dtype, precision, seed, threads). `loss`
     ("distill,match=0.5") replaces the recipe's loss terms."""
     if resume:
         return train(store_url, out, resume=True, stop_after=stop_after, progress=progress)
