@@ -146,6 +146,22 @@ def store_compact(
           f"train on them with --targets-dtype {to}")
 
 
+@store_app.command("export")
+def store_export(
+    store: str = typer.Argument(..., help="the feature store"),
+    out: Path = typer.Argument(..., help="a new or empty folder (or an export of ours, replaced)"),
+    fmt: str = typer.Option("npy-parquet", "--format", help="npy-parquet: clip-retrieval's img_emb/ + metadata/ layout"),
+    grid: int = typer.Option(1, help="the grid whose crops are exported (1: one row per image)"),
+    part_rows: int = typer.Option(1_000_000, "--part-rows", help="rows per img_emb_N.npy / metadata_N.parquet part"),
+    dtype: str = typer.Option("float16", help="float16 (as stored) | float32"),
+) -> None:
+    """Export the ok images' embeddings for autofaiss / clip-retrieval (numpy + Parquet)."""
+    from zeroseg.stores.export import export_store
+
+    done = export_store(store, out, fmt, grid, part_rows, dtype)
+    print(f"{out}: {done['rows']} rows of {done['images']} ok images in {done['parts']} parts")
+
+
 # ---- trainer ------------------------------------------------------------------------------------
 
 
