@@ -146,6 +146,14 @@ def store_compact(
           f"train on them with --targets-dtype {to}")
 
 
+@store_app.command("migrate")
+def store_migrate(store: str = typer.Argument(..., help="the feature store")) -> None:
+    """Make a schema version 1 or 2 store version 3, in place (re-run after a kill to finish)."""
+    from zeroseg.stores.migrate import migrate_store
+
+    print(migrate_store(store, notify=plain.print))
+
+
 @store_app.command("export")
 def store_export(
     store: str = typer.Argument(..., help="the feature store"),

@@ -203,8 +203,8 @@ def compact_store(
         store = FeatureStore.open(url, mode="r+")
         version = store.group.attrs["schema_version"]
         if version < 2:
-            raise UserError(f"{url} is a version-{version} store (no checksums): extract it again into a new "
-                            "store to compact it")
+            raise UserError(f"{url} is a version-{version} store (no checksums): run `zeroseg store migrate {url}` "
+                            "first, then compact it")
         n, c, d = store.n_images, store.n_crops, store.dim
         codes_name, scale_name = COMPACT_ARRAYS[to]
         if to == "int8":

@@ -31,6 +31,8 @@ one is complete when its scale (norm) rows hold no NaN, written after the codes;
 sets them back to NaN before it rewrites a chunk's features, so a compact never goes stale
 silently. zeroseg.stores.compact writes and decodes them.
 
+`zeroseg store migrate` (zeroseg.stores.migrate) makes a version-1 or -2 store version 3 in place.
+
 Version 2 adds a crc32c checksum after the compressor of every array, so
 that reading a damaged chunk fails instead of returning wrong numbers; reads go through
 `StoreArray`, which names the damaged chunk in one line. Version 1 stores (no checksums, no
@@ -67,6 +69,7 @@ OUR_ENTRIES = {"zarr.json", "crops", "images", "text", CREATING_MARKER}
 # Compact targets: kind -> (codes array, per-vector scale or norm array: NaN until the chunk is written).
 COMPACT_ARRAYS = {"int8": ("crops/int8", "crops/int8_scale"), "pq": ("crops/pq_codes", "crops/pq_norm")}
 PQ_CODEBOOK = "crops/pq_codebook"
+MIGRATING_DIR = "zeroseg.migrating"  # `store migrate` stages a version-1 store's rewritten arrays here
 PER_IMAGE_ARRAYS = ("crops/features", "images/pixels", "images/size", "images/error", "images/status", "images/path")
 
 
