@@ -3,6 +3,7 @@ the trainer reading them, and a re-extracted chunk making them stale."""
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,18 @@ def test_trainer_reads_int8_targets(store_url, tmp_path):
     fp16 = train(store_url, tmp_path / "fp16", dataclasses.replace(config, targets_dtype="fp16"), progress=False)
     # the same data order and seed: the int8 targets move the loss by little
     assert float(result["metrics"]["loss"]) == pytest.approx(float(fp16["metrics"]["loss"]), rel=0.02)
+
+
+def test_a_damaged_compact_chunk_is_named_repaired_and_written_again(store_url, capsys):
+    compact_store(store_url, "int8", notify=quiet)
+    chunk_file = Path(store_url) / "crops" / "int8" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk_file.write_bytes(bytes(data))
+    result = zeroseg(capsys, "store", "verify", "--repair", store_url)
+    assert result.exit_code == 1 and "crops/int8 chunk 1 (images 6-11) is damaged" in result.output
+    assert compact_kinds(FeatureStore.open(store_url)) == {"int8": "3 of 4 chunks"}
+    assert FeatureStore.open(store_url).pending_chunks() == []  # the fp16 features were sound: not redone
+    assert compact_store(store_url, "int8", notify=quiet)["written"] == 1
+    report, problems, _ = verify_store(store_url)
+    assert problems == [] and report["compact"]["int8"]["min_cosine"] >= 0.999

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from zeroseg.errors import UserError
-from zeroseg.stores.features import FeatureStore, StoreArray
+from zeroseg.stores.features import DamagedChunkError, FeatureStore, StoreArray
 from zeroseg.stores.lock import StoreLock
 from zeroseg.stores.schema import CHECKED, COMPACT_ARRAYS, COMPRESSED, PQ_CODEBOOK, Status
 
@@ -102,7 +102,10 @@ def done_chunks(store: FeatureStore, kind: str) -> list[bool]:
     done = []
     for chunk in range(store.n_chunks):
         sl = store.chunk_slice(chunk)
-        done.append(sl.stop <= scale.shape[0] and not np.isnan(scale[sl].astype(np.float32)).any())
+        try:
+            done.append(sl.stop <= scale.shape[0] and not np.isnan(scale.read_chunk(chunk).astype(np.float32)).any())
+        except DamagedChunkError:  # unreadable: not written, as far as anyone can tell; compact rewrites it whole
+            done.append(False)
     return done
 
 
@@ -239,24 +242,36 @@ def compact_store(
     return {"written": written, "chunks": store.n_chunks}
 
 
-def compact_report(store: FeatureStore) -> dict[str, dict[str, float]]:
+def mark_unwritten(store: FeatureStore, kind: str, chunk: int) -> None:
+    """Chunk `chunk` of the `kind` compact becomes not written (its scale rows NaN, written whole
+    over whatever is there), for `compact` to redo: verify --repair's fix for a damaged chunk."""
+    sl = store.chunk_slice(chunk)
+    store.group[COMPACT_ARRAYS[kind][1]][sl] = np.full((sl.stop - sl.start, store.n_crops), np.nan, np.float16)
+
+
+def compact_report(store: FeatureStore) -> dict[str, dict]:
     """Per complete-or-partial compact kind: the cosine to the fp16 features per vector of ok
-    images in its written chunks (min, mean) and the chunks written. Out of core, chunk by chunk."""
+    images in its written chunks (min, mean), the chunks written, and the chunks whose codes
+    cannot be read back ("damaged": chunk -> DamagedChunkError's line). Out of core."""
     status = store.status()
     report = {}
     for kind in compact_kinds(store):
         done = done_chunks(store, kind)
         targets = CompactTargets(store, kind, partial=True)
-        lo, total, count = np.inf, 0.0, 0
+        lo, total, count, damaged = np.inf, 0.0, 0, {}
         for chunk in range(store.n_chunks):
             sl = store.chunk_slice(chunk)
             ok = status[sl] == Status.OK
             if not done[chunk] or not ok.any():
                 continue
-            cos = cosine(targets.read(sl)[ok], store.features.read_chunk(chunk)[ok])
+            try:
+                cos = cosine(targets.read(sl)[ok], store.features.read_chunk(chunk)[ok])
+            except DamagedChunkError as e:
+                damaged[chunk] = str(e)
+                continue
             cos = cos[np.isfinite(cos)]
             if cos.size:
                 lo, total, count = min(lo, float(cos.min())), total + float(cos.sum()), count + cos.size
         report[kind] = {"min_cosine": lo if count else float("nan"), "mean_cosine": total / count if count else float("nan"),
-                        "vectors": count, "chunks_written": sum(done), "chunks": len(done)}
+                        "vectors": count, "chunks_written": sum(done), "chunks": len(done), "damaged": damaged}
     return report

@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 
 from zeroseg.geometry import grid_boxes, grid_levels
-from zeroseg.stores.compact import compact_kinds, compact_report
+from zeroseg.stores.compact import compact_kinds, compact_report, mark_unwritten
 from zeroseg.stores.features import DamagedChunkError, FeatureStore, StoreArray
 from zeroseg.stores.schema import COMPACT_ARRAYS, PER_IMAGE_ARRAYS, PQ_CODEBOOK, Status
 from zeroseg.stores.lock import StoreLock
@@ -162,6 +162,11 @@ def verify_store(url: str) -> tuple[dict[str, Any], list[str], list[Damage]]:
     report = {"images": n, "ok": int(ok.sum()), "norms": norms_report}
     if not damage:
         report["compact"] = compact_report(store)  # cosine of int8 / PQ targets to the fp16 features
+        for kind, c in report["compact"].items():
+            for chunk, message in c["damaged"].items():
+                damage.append(Damage(COMPACT_ARRAYS[kind][0], chunk, store.chunk_slice(chunk), message))
+                problems.append(f"{message.split(': run ')[0]}: `--repair` marks it unwritten, then "
+                                f"`zeroseg store compact {url} --to {kind}` writes it again")
     return report, problems, damage
 
 
@@ -177,6 +182,10 @@ def repair_store(url: str, damage: list[Damage]) -> tuple[list[int], list[str]]:
         for chunk in redo:
             sl = store.chunk_slice(chunk)
             store.group["images/status"][sl] = np.full(sl.stop - sl.start, Status.PENDING, np.uint8)
+        for kind, (codes, _) in COMPACT_ARRAYS.items():
+            for d in damage:
+                if d.array == codes:  # derived data: `compact` writes it again
+                    mark_unwritten(store, kind, d.chunk)
         if any(d.array == "crops/boxes" for d in damage):
             store.group["crops/boxes"][:] = grid_boxes(store.config.grids)
     return redo, cannot
