@@ -131,6 +131,8 @@ def test_trainer_reads_int8_targets(store_url, tmp_path):
     fp16 = train(store_url, tmp_path / "fp16", dataclasses.replace(config, targets_dtype="fp16"), progress=False)
     # the same data order and seed: the int8 targets move the loss by little
     assert float(result["metrics"]["loss"]) == pytest.approx(float(fp16["metrics"]["loss"]), rel=0.02)
+    with pytest.raises(UserError, match="for cached targets"):
+        dataclasses.replace(config, targets="online")
 
 
 def test_a_damaged_compact_chunk_is_named_repaired_and_written_again(store_url, capsys):

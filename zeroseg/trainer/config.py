@@ -58,6 +58,8 @@ class TrainConfig:
             problems.append(f"targets must be cached or online, not {self.targets!r}")
         if self.targets_dtype not in ("fp16", "int8", "pq"):
             problems.append(f"targets dtype must be fp16, int8 or pq, not {self.targets_dtype!r}")
+        elif self.targets == "online" and self.targets_dtype != "fp16":
+            problems.append(f"targets dtype {self.targets_dtype} is for cached targets, not online ones")
         if self.precision not in ("fp32", "bf16"):
             problems.append(f"precision must be fp32 or bf16, not {self.precision!r}")
         if not 0.0 <= self.mask_ratio < 1.0:
