@@ -47,7 +47,7 @@ def scenes(
 
 # ---- extract and store (pipeline/runner.py, stores/inspect.py) ------------------------------
 
-store_app = typer.Typer(no_args_is_help=True, help="Inspect a feature store.")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect, compact and export a feature store.")
 app.add_typer(store_app, name="store")
 
 
@@ -133,9 +133,50 @@ def store_verify(
             print(f"cannot repair: {line}")
     elif damage:
         print(f"{len(damage)} damaged chunks: `zeroseg store verify --repair {store}` marks them pending for extract to redo")
+    for kind, c in report.get("compact", {}).items():
+        print(f"{kind} targets: cosine to fp16 min {c['min_cosine']:.5f}  mean {c['mean_cosine']:.5f} over "
+              f"{c['vectors']} vectors ({c['chunks_written']} of {c['chunks']} chunks written)")
     if problems:
         raise typer.Exit(1)
     print(f"{store}: ok ({report['ok']} of {report['images']} images ok, no problems)")
+
+
+@store_app.command("compact")
+def store_compact(
+    store: str = typer.Argument(..., help="the feature store"),
+    to: str = typer.Option(..., "--to", help="int8 (per-vector scale) | pq (product quantizer, codebook in the store)"),
+    pq_subvectors: int = typer.Option(None, "--pq-subvectors", help="pq: sub-vectors per feature [default: dims / 4]"),
+) -> None:
+    """Write the features also as int8 or PQ codes, beside the fp16 ones; re-run to resume."""
+    from zeroseg.stores.compact import compact_store
+
+    done = compact_store(store, to, pq_subvectors, notify=plain.print)
+    print(f"{store}: {to} targets written for {done['written']} chunks ({done['chunks']} in all); "
+          f"train on them with --targets-dtype {to}")
+
+
+@store_app.command("migrate")
+def store_migrate(store: str = typer.Argument(..., help="the feature store")) -> None:
+    """Make a schema version 1 or 2 store version 3, in place (re-run after a kill to finish)."""
+    from zeroseg.stores.migrate import migrate_store
+
+    print(migrate_store(store, notify=plain.print))
+
+
+@store_app.command("export")
+def store_export(
+    store: str = typer.Argument(..., help="the feature store"),
+    out: Path = typer.Argument(..., help="a new or empty folder (or an export of ours, replaced)"),
+    fmt: str = typer.Option("npy-parquet", "--format", help="npy-parquet: clip-retrieval's img_emb/ + metadata/ layout"),
+    grid: int = typer.Option(1, help="the grid whose crops are exported (1: one row per image)"),
+    part_rows: int = typer.Option(1_000_000, "--part-rows", help="rows per img_emb_N.npy / metadata_N.parquet part"),
+    dtype: str = typer.Option("float16", help="float16 (as stored) | float32"),
+) -> None:
+    """Export the ok images' embeddings for autofaiss / clip-retrieval (numpy + Parquet)."""
+    from zeroseg.stores.export import export_store
+
+    done = export_store(store, out, fmt, grid, part_rows, dtype)
+    print(f"{out}: {done['rows']} rows of {done['images']} ok images in {done['parts']} parts")
 
 
 # ---- trainer ------------------------------------------------------------------------------------
@@ -158,6 +199,7 @@ def train(
     multiscale: bool = typer.Option(None, "--multiscale/--single-scale", help="distil z to every crop, or the 1x1 only [default: the recipe's]"),
     target_norm: str = typer.Option(None, "--target-norm", help="l2 | none: teacher features as targets [default: the recipe's]"),
     targets: str = typer.Option(None, help="cached (the default: read the store) | online (run the teacher)"),
+    targets_dtype: str = typer.Option(None, "--targets-dtype", help="fp16 (the default: as stored) | int8 | pq (the store's compact targets: `store compact`)"),
     precision: str = typer.Option(None, help="fp32 (the default) | bf16 (autocast)"),
     seed: int = typer.Option(None, help="the run is a pure function of the seed and the store"),
     threads: int = typer.Option(None, help="torch compute threads (default: one per core; 1 on a busy machine)"),
@@ -171,7 +213,7 @@ def train(
     result = run_train(
         store, out, preset_name=preset, recipe_name=recipe, epochs=epochs, grids=_grids(grids) if grids else None,
         loss=loss, multiscale=multiscale, target_norm=target_norm, resume=resume, stop_after=stop_after,
-        steps=steps, batch=batch, lr=lr, mask_ratio=mask_ratio, targets=targets, precision=precision, seed=seed,
+        steps=steps, batch=batch, lr=lr, mask_ratio=mask_ratio, targets=targets, targets_dtype=targets_dtype, precision=precision, seed=seed,
         threads=threads, checkpoint_every=checkpoint_every,
     )
     print(f"step {result['step']}: {result.get('checkpoint', 'no new checkpoint')}  loss {result['metrics'].get('loss', '-')}")

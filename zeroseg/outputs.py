@@ -1,8 +1,8 @@
 """Where zeroseg may write: output folders it claimed, and files replaced whole.
 
-An output folder (`index build --out`, `train --out`, `ablate --out`, `demo --out`, `scenes OUT`)
-is claimed by a marker file, `zeroseg-output.json` ({"kind", "zeroseg_version", "created"}),
-written before anything else goes in. `claim_output_dir` then allows only:
+An output folder (`index build --out`, `train --out`, `ablate --out`, `demo --out`, `scenes OUT`,
+`store export OUT`) is claimed by a marker file, `zeroseg-output.json` ({"kind",
+"zeroseg_version", "created"}), written before anything else goes in. `claim_output_dir` then allows only:
 
     missing or empty folder        created and claimed: a new output
     our marker, the same kind      ours: the caller resumes (or rebuilds) it
@@ -25,7 +25,7 @@ import zeroseg
 from zeroseg.errors import UserError
 
 MARKER = "zeroseg-output.json"
-KINDS = ("index", "train", "ablation", "demo", "scenes")
+KINDS = ("index", "train", "ablation", "demo", "scenes", "export")
 
 
 def _temporary(path: Path) -> Path:

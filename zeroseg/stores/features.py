@@ -20,6 +20,7 @@ from zeroseg.geometry import grid_boxes
 from zeroseg.stores.lock import LOCK_NAME, StoreLock
 from zeroseg.stores.schema import (
     CHECKED,
+    COMPACT_ARRAYS,
     COMPRESSED,
     CREATING_MARKER,
     OUR_ENTRIES,
@@ -342,6 +343,12 @@ class FeatureStore:
             raise ValueError(f"chunk {chunk}: features {features.shape}, want {(n, self.n_crops, self.dim)}")
         if (np.asarray(status) == Status.PENDING).any():
             raise ValueError(f"chunk {chunk}: every image must end ok or failed")
+        # A compact copy of this chunk (schema: compact targets) is marked unwritten first, so
+        # that it cannot outlive the features it was made from.
+        for _, scale in COMPACT_ARRAYS.values():
+            if scale in self.group and self.group[scale].shape[0] > sl.start:
+                stop = min(sl.stop, self.group[scale].shape[0])
+                self.group[scale][sl.start:stop] = np.full((stop - sl.start, self.n_crops), np.nan, np.float16)
         writes = [("crops/features", features.astype(np.float16))]
         if self.has_pixels and pixels is not None:
             writes.append(("images/pixels", pixels))

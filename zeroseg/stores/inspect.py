@@ -16,8 +16,9 @@ import fsspec
 import numpy as np
 
 from zeroseg.geometry import grid_boxes, grid_levels
+from zeroseg.stores.compact import compact_kinds, compact_report, mark_unwritten
 from zeroseg.stores.features import DamagedChunkError, FeatureStore, StoreArray
-from zeroseg.stores.schema import PER_IMAGE_ARRAYS, Status
+from zeroseg.stores.schema import COMPACT_ARRAYS, PER_IMAGE_ARRAYS, PQ_CODEBOOK, Status
 from zeroseg.stores.lock import StoreLock
 
 
@@ -36,6 +37,12 @@ def store_info(url: str) -> dict[str, Any]:
     features = _disk_bytes(url, "crops/features")
     written = int((status != Status.PENDING).sum())
     raw = c * d * 2  # float16
+    compact = {}
+    for kind, state in compact_kinds(store).items():
+        size = sum(_disk_bytes(url, name) for name in COMPACT_ARRAYS[kind])  # codes and scales
+        codebook = _disk_bytes(url, PQ_CODEBOOK) if kind == "pq" else 0  # a fixed cost, not per image
+        compact[kind] = {"state": state, "bytes": size, "codebook_bytes": codebook,
+                         "per_image": round(size / written) if written else None}
     return {
         "url": url,
         "images": n,
@@ -55,6 +62,7 @@ def store_info(url: str) -> dict[str, Any]:
         "teacher": dataclasses.asdict(store.config.teacher),
         "grids": list(store.config.grids),
         "view_size": store.config.view_size,
+        "compact": compact,
         "vocabularies": store.vocabularies(),
         "extract": store.extract_options,
     }
@@ -151,7 +159,15 @@ def verify_store(url: str) -> tuple[dict[str, Any], list[str], list[Damage]]:
         if ok.any():
             norms_report[f"{g}x{g}"] = {"min": float(lo[ok].min()), "mean": float(mean[ok].mean()),
                                         "max": float(hi[ok].max())}
-    return {"images": n, "ok": int(ok.sum()), "norms": norms_report}, problems, damage
+    report = {"images": n, "ok": int(ok.sum()), "norms": norms_report}
+    if not damage:
+        report["compact"] = compact_report(store)  # cosine of int8 / PQ targets to the fp16 features
+        for kind, c in report["compact"].items():
+            for chunk, message in c["damaged"].items():
+                damage.append(Damage(COMPACT_ARRAYS[kind][0], chunk, store.chunk_slice(chunk), message))
+                problems.append(f"{message.split(': run ')[0]}: `--repair` marks it unwritten, then "
+                                f"`zeroseg store compact {url} --to {kind}` writes it again")
+    return report, problems, damage
 
 
 def repair_store(url: str, damage: list[Damage]) -> tuple[list[int], list[str]]:
@@ -166,6 +182,10 @@ def repair_store(url: str, damage: list[Damage]) -> tuple[list[int], list[str]]:
         for chunk in redo:
             sl = store.chunk_slice(chunk)
             store.group["images/status"][sl] = np.full(sl.stop - sl.start, Status.PENDING, np.uint8)
+        for kind, (codes, _) in COMPACT_ARRAYS.items():
+            for d in damage:
+                if d.array == codes:  # derived data: `compact` writes it again
+                    mark_unwritten(store, kind, d.chunk)
         if any(d.array == "crops/boxes" for d in damage):
             store.group["crops/boxes"][:] = grid_boxes(store.config.grids)
     return redo, cannot
@@ -191,6 +211,10 @@ def format_info(info: dict[str, Any]) -> str:
         f"          features {_mb(per_image)} per image, raw float16 {_mb(b['raw_float16_per_image'])}{ratio}",
         f"text      {', '.join(info['vocabularies']) or 'no vocabularies'}",
     ]
+    for kind, c in info["compact"].items():
+        ratio = f" ({c['per_image'] / per_image:.2f}x the fp16 features)" if per_image and c["per_image"] else ""
+        codebook = f", codebook {_mb(c['codebook_bytes'])}" if c["codebook_bytes"] else ""
+        lines.append(f"{kind:<10}{_mb(c['per_image'])} per image{ratio}{codebook}, {c['state']}")
     return "\n".join(lines)
 
 

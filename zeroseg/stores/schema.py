@@ -1,6 +1,6 @@
 """The feature store's schema: its layout, attributes, codecs and versions (DESIGN.md, "Store schema").
 
-Layout of a version-2 store (a Zarr v3 group):
+Layout of a version-3 store (a Zarr v3 group):
 
     attrs                 schema_version, teacher{...}, grids, view_size, dtype, chunk_images,
                           pixels, zeroseg_version, extract{...} (the job's own options, and what
@@ -18,12 +18,24 @@ Layout of a version-2 store (a Zarr v3 group):
     text/<vocab>          attrs {"current": <generation>}: the one vocabulary readers see
     text/<vocab>/<generation>/names       (K,) str
     text/<vocab>/<generation>/embeddings  (K, D) float32, templates and teacher in attrs
+    crops/int8            (N, C, D) int8, optional (`store compact --to int8`): round(f / scale)
+    crops/int8_scale      (N, C) float16, its per-vector scale max|f| / 127; NaN = not written
+    crops/pq_codes        (N, C, M) uint8, optional (`store compact --to pq`): the PQ codes of f / |f|
+    crops/pq_norm         (N, C) float16, |f| per vector; NaN = not written
+    crops/pq_codebook     (M, K, D / M) float32, the centroids of each sub-vector (K <= 256)
 
 Every per-image array is chunked along N by the same chunk_images, so a chunk index names the same
 images in all of them and a writer of chunk i touches no byte of chunk j. A chunk is written
 features first, status last: a chunk whose status is not pending is complete.
 
-Version 2 (this zeroseg writes it) adds a crc32c checksum after the compressor of every array, so
+Compact targets (version 3) are derived from crops/features and never replace it: a chunk of
+one is complete when its scale (norm) rows hold no NaN, written after the codes; `write_chunk`
+sets them back to NaN before it rewrites a chunk's features, so a compact never goes stale
+silently. zeroseg.stores.compact writes and decodes them.
+
+`zeroseg store migrate` (zeroseg.stores.migrate) makes a version-1 or -2 store version 3 in place.
+
+Version 2 adds a crc32c checksum after the compressor of every array, so
 that reading a damaged chunk fails instead of returning wrong numbers; reads go through
 `StoreArray`, which names the damaged chunk in one line. Version 1 stores (no checksums, no
 record of threads/device/precision) are still opened, read and resumed.
@@ -32,8 +44,9 @@ zeroseg creates a store only where nothing is, or in an empty folder; `STORE/zer
 is written first and removed last, so a folder holding it is an interrupted create of ours, redone
 by the next `create`. Anything else at STORE is refused and left untouched.
 
-This module and zeroseg.stores.features (which reads and writes the arrays) are the only code
-that knows this layout: everything else goes through FeatureStore.
+This module and zeroseg.stores.features (which reads and writes the arrays; compact.py and
+export.py for compact targets and exports) are the only code that knows this layout: everything
+else goes through FeatureStore.
 """
 
 from __future__ import annotations
@@ -47,14 +60,18 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 import zeroseg
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 # Checksummed after compression: a flipped byte or a truncated chunk file fails the read.
 CHECKED = [Crc32cCodec()]
 COMPRESSED = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
 CREATING_MARKER = "zeroseg.creating"  # written first and removed last by FeatureStore.create
 # Everything `create` puts in a store folder (with the lock, which the job holds meanwhile).
 OUR_ENTRIES = {"zarr.json", "crops", "images", "text", CREATING_MARKER}
+# Compact targets: kind -> (codes array, per-vector scale or norm array: NaN until the chunk is written).
+COMPACT_ARRAYS = {"int8": ("crops/int8", "crops/int8_scale"), "pq": ("crops/pq_codes", "crops/pq_norm")}
+PQ_CODEBOOK = "crops/pq_codebook"
+MIGRATING_DIR = "zeroseg.migrating"  # `store migrate` stages a version-1 store's rewritten arrays here
 PER_IMAGE_ARRAYS = ("crops/features", "images/pixels", "images/size", "images/error", "images/status", "images/path")
 
 

@@ -36,6 +36,7 @@ class TrainConfig:
     mask_ratio: float = 0.6
     grids: tuple[int, ...] = (1, 2, 3, 4)  # the crop scales to distil (a subset of the store's)
     targets: str = "cached"  # "cached" (read the store) | "online" (run the teacher each step)
+    targets_dtype: str = "fp16"  # cached targets as stored, or the store's compact "int8" | "pq" ones
     # fp32 by default: on this project's 2-core AMD EPYC (AVX2, no native bf16) bf16 autocast made a
     # train step 2.2x (tiny) to 7x (small) slower (benchmarks/presets.py); "bf16" autocasts the
     # student's forward pass, for CPUs with AMX/AVX512-bf16 and for GPUs.
@@ -55,6 +56,10 @@ class TrainConfig:
         problems = []
         if self.targets not in ("cached", "online"):
             problems.append(f"targets must be cached or online, not {self.targets!r}")
+        if self.targets_dtype not in ("fp16", "int8", "pq"):
+            problems.append(f"targets dtype must be fp16, int8 or pq, not {self.targets_dtype!r}")
+        elif self.targets == "online" and self.targets_dtype != "fp16":
+            problems.append(f"targets dtype {self.targets_dtype} is for cached targets, not online ones")
         if self.precision not in ("fp32", "bf16"):
             problems.append(f"precision must be fp32 or bf16, not {self.precision!r}")
         if not 0.0 <= self.mask_ratio < 1.0:

@@ -35,6 +35,7 @@ import torch
 
 from zeroseg.errors import UserError
 from zeroseg.geometry import grid_boxes
+from zeroseg.stores.compact import CompactTargets
 from zeroseg.stores.features import FeatureStore
 from zeroseg.stores.schema import Status
 from zeroseg.stores.views import row_views
@@ -72,8 +73,11 @@ class StoreSource:
     """Reads one whole chunk: the selected feature columns and the student's pixels (zeros for
     the images that failed extraction: they have no view, and no batch takes them)."""
 
-    def __init__(self, store: FeatureStore, columns: Columns, features: bool = True, workers: int = 2):
+    def __init__(self, store: FeatureStore, columns: Columns, features: bool = True, workers: int = 2,
+                 targets_dtype: str = "fp16"):
         self.store, self.columns, self.with_features = store, columns, features
+        # fp16 as stored, or int8 / PQ targets decoded to float32 (stores/compact.py)
+        self.targets = CompactTargets(store, targets_dtype) if features else None
         self.ok = store.status() == Status.OK
         self.decoder = None if store.has_pixels else ThreadPoolExecutor(workers, thread_name_prefix="decode")
 
@@ -81,7 +85,7 @@ class StoreSource:
         sl = self.store.chunk_slice(chunk)
         out = {}
         if self.with_features:
-            out["features"] = self.store.features[sl][:, self.columns.index]  # (n, C', D) float16
+            out["features"] = self.targets.read(sl, self.columns.index)  # (n, C', D) float16 or float32
         ok = self.ok[sl]
         s = self.store.config.view_size
         out["pixels"] = np.zeros((len(ok), s, s, 3), np.uint8)  # (n, S, S, 3)
@@ -182,7 +186,7 @@ class StoreDataset(torch.utils.data.IterableDataset):
 
     Yields one dict per image: "pixels" (S, S, 3) uint8, the view the teacher embedded;
     "features" (C', D) float16, the cached crop targets of `grids` (default: all the store's; none
-    with targets=False); "index", the image's row. The order is the trainer's (chunk-shuffled, a
+    with targets=False; float32 decoded from the store's compact ones with targets_dtype int8 | pq); "index", the image's row. The order is the trainer's (chunk-shuffled, a
     pure function of seed and epoch); epochs follow each other forever. Sharded without overlap by
     (rank, world_size) and by the DataLoader worker: each shard reads its own chunks. `start`
     resumes a shard's stream after that many images (exact with at most one DataLoader worker per
@@ -190,13 +194,14 @@ class StoreDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, store: str | FeatureStore, grids: Sequence[int] | None = None, *, seed: int = 0,
                  start: int = 0, rank: int = 0, world_size: int = 1, buffer_chunks: int = 4,
-                 targets: bool = True, decoders: int = 2, preload: bool = False):
+                 targets: bool = True, targets_dtype: str = "fp16", decoders: int = 2, preload: bool = False):
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         self.url, self.grids = store.url, tuple(grids or store.config.grids)
         self.columns = select_columns(store.boxes, store.config.grids, self.grids)
         self.plan = Plan(store.status(), store.config.chunk_images, seed, buffer_chunks)
         self.start, self.rank, self.world_size = start, rank, world_size
-        self.targets, self.decoders, self.preload = targets, decoders, preload
+        self.targets, self.targets_dtype = targets, targets_dtype
+        self.decoders, self.preload = decoders, preload
         self._store, self._source = store, None
 
     @property
@@ -204,7 +209,8 @@ class StoreDataset(torch.utils.data.IterableDataset):
         """The chunk reader, made in the process that reads (a DataLoader worker makes its own)."""
         if self._source is None:
             self._store = self._store or FeatureStore.open(self.url)
-            source = StoreSource(self._store, self.columns, features=self.targets, workers=self.decoders)
+            source = StoreSource(self._store, self.columns, features=self.targets, workers=self.decoders,
+                                 targets_dtype=self.targets_dtype)
             self._source = MemorySource(source, self._store.n_chunks) if self.preload else source
         return self._source
 
@@ -236,7 +242,7 @@ class StoreDataset(torch.utils.data.IterableDataset):
 
 class Batches:
     """Iterator of a dataset's batches from `start_step` on: dict of "pixels" (B, S, S, 3) uint8,
-    "features" (B, C', D) float16 (unless the dataset reads none), "index" (B,) int64 and
+    "features" (B, C', D) float16, float32 from compact targets (unless the dataset reads none), "index" (B,) int64 and
     "epoch" (float: stream position / ok images). `pin`: page-locked batches, so that copies to a
     GPU can be non-blocking. Call close() (or use as a context manager)."""
 

@@ -197,7 +197,8 @@ def train(
     last_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
 
     dataset = StoreDataset(store, config.grids, seed=config.seed, buffer_chunks=config.buffer_chunks,
-                           targets=teacher is None, decoders=config.workers, preload=preload)
+                           targets=teacher is None, targets_dtype=config.targets_dtype, decoders=config.workers,
+                           preload=preload)
     log = RunLog(run_dir, start_step)
     result: dict[str, Any] = {"step": start_step, "metrics": log.rows[-1] if log.rows else {}}
     with ExitStack() as stack:
@@ -265,7 +266,7 @@ def run_train(
 ) -> dict[str, Any]:
     """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own).
     Every option left None keeps the recipe's or TrainConfig's value; `fields` are TrainConfig
-    fields (steps, batch, lr, mask_ratio, targets, precision, seed, threads). `loss`
+    fields (steps, batch, lr, mask_ratio, targets, targets_dtype, precision, seed, threads). `loss`
     ("distill,match=0.5") replaces the recipe's loss terms."""
     if resume:
         return train(store_url, out, resume=True, stop_after=stop_after, progress=progress)
