@@ -14,7 +14,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from zeroseg.errors import UserError
 from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE, RECIPE_NAMES  # json only: cheap to import
@@ -240,13 +239,12 @@ def index_build(
     config = BuildConfig(source=source, kind=kind, checkpoint=checkpoint, grids=_grids(grids) if grids else None)
     if dry_run:
         n, auto, rows = index_footprints(store, config)
-        table = Table(title=f"{n} {source} vectors of {store} (computed; nothing built or written)")
-        for col in ("kind", "factory", "RAM B/vector", "disk B/vector", "RAM total", "disk total"):
-            table.add_column(col, justify="left" if col in ("kind", "factory") else "right")
+        print(f"{n} {source} vectors of {store}; computed from FAISS's layouts, nothing built or written")
+        print(f"{'kind':<20} {'factory':<38} {'RAM B/vec':>9} {'disk B/vec':>10} {'RAM':>11} {'disk':>11}")
         for r in rows:
-            table.add_row(r["kind"] + (" (auto)" if r["kind"] == auto else ""), r["factory"], f"{r['ram_per_vector']:.0f}",
-                          f"{r['disk_per_vector']:.0f}", _bytes(r["ram_bytes"]), _bytes(r["disk_bytes"]))
-        Console(markup=False).print(table)
+            name = r["kind"] + (" (auto)" if r["kind"] == auto else "")
+            print(f"{name:<20} {r['factory']:<38} {r['ram_per_vector']:>9.0f} {r['disk_per_vector']:>10.0f} "
+                  f"{_bytes(r['ram_bytes']):>11} {_bytes(r['disk_bytes']):>11}")
         return
     meta = build_index(store, out, config)
     print(f"{out}: {meta.count} {meta.source} vectors, {meta.kind} ({meta.factory})")
