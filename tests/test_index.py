@@ -157,7 +157,7 @@ def test_ivf_build_reads_each_chunk_once(tmp_path, monkeypatch):
     assert tuple(int(v[0]) for v in decode_ids(ids[0], 5)) == (1234, 3)
 
 
-@pytest.mark.parametrize("kind", ["hnsw", "ivf-pq"])
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-pq", "ivf-pq-sq8"])
 def test_approximate_recall_against_exact(kind):
     n, dim, k = 10_000, 32, 10
     both = clustered(n + 200, dim, 100, seed=0)
@@ -178,7 +178,7 @@ def test_approximate_recall_against_exact(kind):
     assert recall >= 0.95, f"{kind} recall@10 {recall:.3f}"
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-pq"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-pq", "ivf-pq-sq8"])
 def test_save_load_round_trip(tmp_path, kind):
     make_store(tmp_path / "s", n=40)
     meta = build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind=kind))
@@ -461,3 +461,109 @@ def test_a_photo_queries_a_segments_index_with_its_largest_segment(tiny_student,
         assert im.size == sheet_size(4)
     with pytest.raises(Exception, match="query a photograph with --token"):
         query_index(tmp_path / "ix", image_file=str(tmp_path / "p.jpg"), crop=0)
+
+
+# ---- re-ranking from the store (ivf-pq-store) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clustered_store(tmp_path_factory):
+    """800 images x 5 crops of clustered features (4000 vectors, 100 chunks of 8 images), with a
+    store-reranked index and an exact one built over it."""
+    root = tmp_path_factory.mktemp("rerank")
+    feats = clustered(800 * 5, DIM, 40, seed=4).reshape(800, 5, DIM)
+    make_store(root / "s", n=800, features=feats, pixels=False)
+    build_index(str(root / "s"), root / "store-ix", BuildConfig(kind="ivf-pq-store"))
+    build_index(str(root / "s"), root / "flat-ix", BuildConfig(kind="flat"))
+    return root
+
+
+def test_store_reranked_finds_the_exact_top_k(clustered_store):
+    from zeroseg.segment.neighbours import open_for_query
+
+    index, store = open_for_query(clustered_store / "store-ix", None)
+    exact = NeighbourIndex.open(clustered_store / "flat-ix")
+    assert index.meta.kind == "ivf-pq-store" and index.reranks_from_store
+    queries = clustered(50, DIM, 40, seed=4)[:50] + 0.01  # near the store's clusters, not in it
+    s_found, found = index.search(queries, 10)
+    s_truth, truth = exact.search(queries, 10)
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
+    assert recall >= 0.99, recall
+    both = found == truth  # where the same id is found, it has the exact score (read from the store)
+    np.testing.assert_allclose(s_found[both], s_truth[both], atol=2e-3)  # float16 in the store
+
+
+def test_store_rerank_reads_whole_chunks_once_each(clustered_store, monkeypatch):
+    from zeroseg.stores.features import StoreArray
+    from zeroseg.stores.index import StoreRows
+
+    store = FeatureStore.open(str(clustered_store / "s"))
+    every = np.asarray(store.features[:], np.float32)  # the truth, read before counting
+    reads, row_reads = [], []
+    read_chunk = StoreArray.read_chunk
+    getitem = StoreArray.__getitem__
+    monkeypatch.setattr(StoreArray, "read_chunk", lambda self, c: reads.append(c) or read_chunk(self, c))
+    monkeypatch.setattr(StoreArray, "__getitem__", lambda self, key: row_reads.append(key) or getitem(self, key))
+    rows = StoreRows(store, stride=5, cache_bytes=1)  # a cache of one chunk: every new chunk is read
+    ids = np.random.default_rng(0).choice(4000, 300, replace=False)
+    got = rows.rows(ids)
+    image, crop = decode_ids(ids, 5)
+    want = every[image, crop]
+    np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-6)
+    chunks = sorted(set((image // 8).tolist()))
+    assert sorted(reads) == chunks and len(reads) < len(ids)  # one read per chunk touched, none per row
+    assert row_reads == [] and rows.chunk_reads == len(chunks)
+
+    reads.clear()
+    rows = StoreRows(store, stride=5)  # the default cache holds them all: asked again, nothing is read
+    rows.rows(ids), rows.rows(ids[::-1])
+    assert sorted(reads) == chunks
+
+
+def test_store_reranked_index_file_holds_no_vectors(clustered_store):
+    meta = json.loads((clustered_store / "store-ix" / META_FILE).read_text())
+    size = (clustered_store / "store-ix" / INDEX_FILE).stat().st_size
+    fp16_copy = meta["count"] * DIM * 2
+    assert meta["factory"].startswith("IVF") and "Flat" not in meta["factory"] and "Refine" not in meta["factory"]
+    assert size < fp16_copy / 3, (size, fp16_copy)  # codes and ids only; the vectors stay in the store
+    assert (clustered_store / "flat-ix" / INDEX_FILE).stat().st_size > meta["count"] * DIM * 4
+
+
+def test_store_reranked_index_says_when_its_store_is_missing_or_changed(clustered_store, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    store_copy = tmp_path / "s"
+    shutil.copytree(clustered_store / "s", store_copy)
+    build_index(str(store_copy), tmp_path / "ix", BuildConfig(kind="ivf-pq-store"))
+    args = ["query", tmp_path / "ix", "--image", 3, "--crop", 1, "--k", 3]
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+
+    status = FeatureStore.open(str(store_copy), mode="r+").array("images/status")
+    status[8:16] = Status.PENDING  # a chunk marked pending (store verify --repair)
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and "changed since the index was built" in err and len(err.strip().splitlines()) <= 3
+
+    shutil.rmtree(store_copy)
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    line = " ".join(err.split())
+    assert code == 2 and out == "" and f"no feature store at {store_copy}" in line and "Traceback" not in err
+
+
+def test_dry_run_prints_each_kind_and_writes_nothing(clustered_store, tmp_path, monkeypatch, capsys):
+    before = sorted(p.relative_to(clustered_store) for p in clustered_store.rglob("*"))
+    code, out, err = run_cli(monkeypatch, capsys, "index", "build", clustered_store / "s", "--out", tmp_path / "ix",
+                             "--dry-run")
+    assert code == 0, err
+    assert not (tmp_path / "ix").exists() and list(tmp_path.iterdir()) == []
+    assert sorted(p.relative_to(clustered_store) for p in clustered_store.rglob("*")) == before
+    for kind in ("flat (auto)", "hnsw", "ivf-pq", "ivf-pq-sq8", "ivf-pq-store"):
+        assert kind in out
+    assert "4000 crops vectors" in out
+
+
+def test_auto_reranks_from_the_store_when_ram_is_short():
+    big = 1_000_000
+    assert choose_kind(big, 512, in_store=True, available_bytes=64 * 2**30) == "ivf-pq"
+    assert choose_kind(big, 512, in_store=True, available_bytes=2 * 2**30) == "ivf-pq-store"
+    assert choose_kind(big, 512, in_store=False, available_bytes=2 * 2**30) == "ivf-pq"  # segments: not in the store

@@ -265,6 +265,14 @@ index_app = typer.Typer(no_args_is_help=True, help="Build a FAISS neighbour inde
 app.add_typer(index_app, name="index")
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return ""
+
+
 @index_app.command("build")
 def index_build(
     store: str = typer.Argument(..., help="feature store (path or fsspec URL)"),
@@ -272,12 +280,23 @@ def index_build(
     source: str = typer.Option("crops", help="crops (the store's features) | segments (student tokens)"),
     checkpoint: str = typer.Option(None, help="student run dir or checkpoint (source segments)"),
     grids: str = typer.Option(None, help="crops: index only these grid levels, e.g. 2,3,4 (default all)"),
-    kind: str = typer.Option("auto", help="auto | flat | hnsw | ivf-pq (auto: flat below 100k vectors)"),
+    kind: str = typer.Option("auto", help="auto | flat | hnsw | ivf-pq | ivf-pq-sq8 | ivf-pq-store (auto: flat below 100k "
+                             "vectors, then by available memory)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the memory and disk each kind would take; build nothing"),
 ) -> None:
     """Index a store's crop features or a student's segment tokens for `zeroseg query`."""
-    from zeroseg.segment.neighbours import BuildConfig, build_index
+    from zeroseg.segment.neighbours import BuildConfig, build_index, index_footprints
 
     config = BuildConfig(source=source, kind=kind, checkpoint=checkpoint, grids=_grids(grids) if grids else None)
+    if dry_run:
+        n, auto, rows = index_footprints(store, config)
+        print(f"{n} {source} vectors of {store}; computed from FAISS's layouts, nothing built or written")
+        print(f"{'kind':<20} {'factory':<38} {'RAM B/vec':>9} {'disk B/vec':>10} {'RAM':>11} {'disk':>11}")
+        for r in rows:
+            name = r["kind"] + (" (auto)" if r["kind"] == auto else "")
+            print(f"{name:<20} {r['factory']:<38} {r['ram_per_vector']:>9.0f} {r['disk_per_vector']:>10.0f} "
+                  f"{_bytes(r['ram_bytes']):>11} {_bytes(r['disk_bytes']):>11}")
+        return
     meta = build_index(store, out, config)
     print(f"{out}: {meta.count} {meta.source} vectors, {meta.kind} ({meta.factory})")
 

@@ -31,10 +31,12 @@ from zeroseg.stores.index import (
     IndexMeta,
     NeighbourIndex,
     KINDS,
+    STORE_RERANKED,
     NeighbourIndexError,
     check_complete,
     decode_ids,
     encode_ids,
+    index_footprint,
     index_spec,
     store_fingerprint,
 )
@@ -45,7 +47,7 @@ from zeroseg.trainer.checkpoint import load_student_for
 @dataclass
 class BuildConfig:
     source: str = "crops"  # "crops" | "segments"
-    kind: str = "auto"  # auto | flat | hnsw | ivf-pq (zeroseg.stores.index.index_spec)
+    kind: str = "auto"  # auto | flat | hnsw | ivf-pq | ivf-pq-sq8 | ivf-pq-store (zeroseg.stores.index.index_spec)
     checkpoint: str | None = None  # the student, for source "segments"
     grids: tuple[int, ...] | None = None  # crops: index only these grid levels (None = all)
     batch_vectors: int = 65_536  # vectors per add: bounds memory (64k x 512 float32 = 128 MB)
@@ -130,12 +132,7 @@ class SegmentVectors:
         return encode_ids(sl.start + ok[image], token, self.stride), tokens[image, token]
 
 
-def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMeta:
-    """Index the store's crops (or the student's segment tokens) into folder `out`."""
-    if config.kind not in KINDS:
-        raise UserError(f"unknown index kind {config.kind!r} (one of {', '.join(KINDS)})")
-    store = FeatureStore.open(store_url)
-    check_complete(store)
+def _vectors_for(store: FeatureStore, config: BuildConfig) -> CropVectors | SegmentVectors:
     if config.source == "crops":
         if config.checkpoint:
             raise UserError("--checkpoint is for --source segments; crops come from the store")
@@ -146,10 +143,37 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
         vectors = SegmentVectors(store, config.checkpoint)
     else:
         raise UserError(f"unknown source {config.source!r} (crops or segments)")
+    if vectors.estimate_count() == 0:
+        raise UserError(f"{store.url} has no images with status ok: nothing to index")
+    return vectors
+
+
+def _kinds_for(source: str) -> list[str]:
+    """The concrete kinds a source can be built as (a segments index cannot re-rank from the store)."""
+    return [k for k in KINDS if k != "auto" and (source == "crops" or k != STORE_RERANKED)]
+
+
+def index_footprints(store_url: str, config: BuildConfig) -> tuple[int, str, list[dict]]:
+    """`index build --dry-run`: (vectors, the kind `auto` picks, each kind's index_footprint) for
+    this store; builds nothing and writes nothing."""
+    store = FeatureStore.open(store_url)
+    vectors = _vectors_for(store, config)
     n = vectors.estimate_count()
-    if n == 0:
-        raise UserError(f"{store_url} has no images with status ok: nothing to index")
-    spec = index_spec(config.kind, n, store.dim)
+    auto = index_spec("auto", n, store.dim, in_store=vectors.source == "crops").kind
+    return n, auto, [index_footprint(k, n, store.dim) for k in _kinds_for(vectors.source)]
+
+
+def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMeta:
+    """Index the store's crops (or the student's segment tokens) into folder `out`."""
+    if config.kind not in KINDS:
+        raise UserError(f"unknown index kind {config.kind!r} (one of {', '.join(KINDS)})")
+    store = FeatureStore.open(store_url)
+    check_complete(store)
+    vectors = _vectors_for(store, config)
+    if config.kind not in ["auto", *_kinds_for(vectors.source)]:
+        raise UserError(f"kind {config.kind} re-ranks from the store's crop features: not for --source {vectors.source}")
+    n = vectors.estimate_count()
+    spec = index_spec(config.kind, n, store.dim, in_store=vectors.source == "crops")
     check_output_dir(out, "index")  # refused before any work; created only once there is an index to save
     meta = IndexMeta(
         source=vectors.source, kind=spec.kind, factory=spec.factory, build_params=spec.build_params,
@@ -234,6 +258,8 @@ def open_for_query(index_dir: str | Path, store_url: str | None) -> tuple[Neighb
     changed = index.check_store(store)
     if changed:
         Console(stderr=True).print(changed, markup=False, highlight=False, soft_wrap=True)
+    if index.reranks_from_store:
+        index.attach_store(store)
     return index, store
 
 

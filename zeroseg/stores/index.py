@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +48,15 @@ from zeroseg.stores.features import FeatureStore
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.json"
-KINDS = ("auto", "flat", "hnsw", "ivf-pq")
+KINDS = ("auto", "flat", "hnsw", "ivf-pq", "ivf-pq-sq8", "ivf-pq-store")
+# The kind whose exact re-ranking reads the candidates' features from the store by id: RAM holds
+# only the PQ codes and ids. Crops only (a student's segment tokens are not in the store).
+STORE_RERANKED = "ivf-pq-store"
+# `auto` keeps a re-ranking copy in RAM (fast) while the whole index takes at most this share of
+# the memory available now; above it, it re-ranks from the store.
+AUTO_RAM_SHARE = 0.25
+# Decoded store chunks kept for re-ranking (an LRU): bounds the memory of a store-reranked index.
+RERANK_CACHE_BYTES = 256 * 2**20
 # Below this many vectors exact search is fast enough and needs no training (one 100k x 512
 # query: 24 ms on one thread of the busy 2-core dev box, and exact); above it `auto` takes the
 # approximate kind benchmarks/index.py measured best.
@@ -73,10 +82,29 @@ class IndexSpec:
         return ",".join(f"{k}={v}" for k, v in params.items())
 
 
-def choose_kind(n_vectors: int) -> str:
-    """`auto`: exact below AUTO_EXACT_LIMIT vectors, else the approximate kind that met the
-    benchmark goal (recall@10 >= 0.95 at p50 <= 1 ms, one thread, 1M x 512)."""
-    return "flat" if n_vectors < AUTO_EXACT_LIMIT else AUTO_APPROXIMATE
+def choose_kind(n_vectors: int, dim: int = 512, in_store: bool = False, available_bytes: int | None = None) -> str:
+    """`auto`: exact below AUTO_EXACT_LIMIT vectors; else IVF-PQ with its exact re-ranking copy in
+    RAM while that takes at most AUTO_RAM_SHARE of the memory available, and otherwise (vectors
+    that are in the store: crops) re-ranked from the store."""
+    if n_vectors < AUTO_EXACT_LIMIT:
+        return "flat"
+    available = _available_memory() if available_bytes is None else available_bytes
+    in_ram = index_footprint(AUTO_APPROXIMATE, n_vectors, dim)["ram_bytes"]
+    if in_store and in_ram > AUTO_RAM_SHARE * available:
+        return STORE_RERANKED
+    return AUTO_APPROXIMATE
+
+
+def _available_memory() -> int:
+    """MemAvailable (Linux) in bytes; without /proc, the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _pq_subquantizers(dim: int) -> int:
@@ -87,10 +115,19 @@ def _pq_subquantizers(dim: int) -> int:
     return 1
 
 
-def index_spec(kind: str, n_vectors: int, dim: int) -> IndexSpec:
-    """The factory string and parameters of `kind` for n_vectors of dimension dim."""
+def _nlist(n_vectors: int) -> int:
+    # About 2 sqrt(n) lists as a power of two (FAISS suggests 4-16 sqrt(n); fewer lists train
+    # much faster and fast-scan makes scanning longer lists cheap), trained on 40 vectors per list
+    # (k-means wants at least 39).
+    nlist = int(2 ** round(np.log2(max(16, 2 * np.sqrt(n_vectors)))))
+    return max(1, min(nlist, n_vectors // 40))
+
+
+def index_spec(kind: str, n_vectors: int, dim: int, in_store: bool = False) -> IndexSpec:
+    """The factory string and parameters of `kind` for n_vectors of dimension dim (`in_store`:
+    the vectors can be read back from the store, which `auto` may then re-rank from)."""
     if kind == "auto":
-        kind = choose_kind(n_vectors)
+        kind = choose_kind(n_vectors, dim, in_store)
     if kind == "flat":
         return IndexSpec("flat", "IDMap,Flat")
     if kind == "hnsw":
@@ -98,21 +135,47 @@ def index_spec(kind: str, n_vectors: int, dim: int) -> IndexSpec:
             "hnsw", "IDMap,HNSW32,Flat",
             build_params={"efConstruction": 40}, search_params={"efSearch": 256},
         )
-    if kind == "ivf-pq":
-        # About 2 sqrt(n) lists as a power of two (FAISS suggests 4-16 sqrt(n); fewer lists
-        # train much faster and fast-scan makes scanning longer lists cheap), trained on
-        # 40 vectors per list (k-means wants at least 39).
-        nlist = int(2 ** round(np.log2(max(16, 2 * np.sqrt(n_vectors)))))
-        nlist = max(1, min(nlist, n_vectors // 40))
-        return IndexSpec(
-            "ivf-pq", f"IDMap,IVF{nlist},PQ{_pq_subquantizers(dim)}x4fs,RFlat",
-            # Measured at 1M x 512 (benchmarks/index.py): the PQ shortlist, not nprobe, limits
-            # recall; re-ranking 32 k exact candidates lifts recall@10 from 0.87 (8 k) to 0.996
-            # for ~0.2 ms. nprobe 16 keeps a margin over the 8 that the benchmark's data needed.
-            search_params={"nprobe": min(nlist, 16), "k_factor_rf": 32},
-            train_size=min(n_vectors, 40 * nlist),
-        )
+    if kind in ("ivf-pq", "ivf-pq-sq8", STORE_RERANKED):
+        nlist = _nlist(n_vectors)
+        ivf = f"IVF{nlist},PQ{_pq_subquantizers(dim)}x4fs"
+        train_size = min(n_vectors, 40 * nlist)
+        # Measured at 1M x 512 (benchmarks/index.py): the PQ shortlist, not nprobe, limits
+        # recall; re-ranking 32 k exact candidates lifts recall@10 from 0.87 (8 k) to 0.996
+        # for ~0.2 ms. nprobe 16 keeps a margin over the 8 that the benchmark's data needed.
+        nprobe = min(nlist, 16)
+        if kind == "ivf-pq":  # re-ranked on a float32 copy of every vector in RAM
+            return IndexSpec(kind, f"IDMap,{ivf},RFlat", search_params={"nprobe": nprobe, "k_factor_rf": 32},
+                             train_size=train_size)
+        if kind == "ivf-pq-sq8":  # re-ranked on an 8-bit copy in RAM (a quarter of RFlat's)
+            return IndexSpec(kind, f"IDMap,{ivf},Refine(SQ8)", search_params={"nprobe": nprobe, "k_factor_rf": 32},
+                             train_size=train_size)
+        # Re-ranked on the store's own features (StoreRows): the IVF lists hold the ids, no IDMap.
+        return IndexSpec(kind, ivf, search_params={"nprobe": nprobe, RERANK_FACTOR: 32}, train_size=train_size)
     raise NeighbourIndexError(f"unknown index kind {kind!r} (one of {', '.join(KINDS)})")
+
+
+# Search parameter of the store-reranked kind (not FAISS's): candidates = RERANK_FACTOR * k.
+RERANK_FACTOR = "k_factor_store"
+
+
+def index_footprint(kind: str, n_vectors: int, dim: int) -> dict[str, float]:
+    """What `kind` takes for n_vectors of dimension dim, computed from FAISS's layouts: bytes per
+    vector in RAM and on disk, and totals (fixed parts: coarse centroids, PQ tables). The
+    store-reranked kind's RAM leaves out its bounded chunk cache (RERANK_CACHE_BYTES)."""
+    spec = index_spec(kind, n_vectors, dim)
+    m = _pq_subquantizers(dim)
+    if spec.kind == "flat":
+        per_vector, fixed = 4 * dim + 8, 0
+    elif spec.kind == "hnsw":
+        per_vector, fixed = 4 * dim + 8 + 2 * 32 * 4 + 4, 0  # level-0 links (2 M ints) and levels
+    else:
+        nlist = _nlist(n_vectors)
+        fixed = 4 * nlist * dim + 4 * m * 16 * (dim // m)  # coarse centroids, 4-bit PQ centroids
+        codes_ids = m / 2 + 8  # fast-scan codes (half a byte per sub-quantizer) and the list's id
+        refine = {"ivf-pq": 4 * dim + 8, "ivf-pq-sq8": dim + 8, STORE_RERANKED: 0}[spec.kind]  # + IDMap id
+        per_vector = codes_ids + refine
+    return {"kind": spec.kind, "factory": spec.factory, "ram_per_vector": per_vector, "disk_per_vector": per_vector,
+            "ram_bytes": int(per_vector * n_vectors + fixed), "disk_bytes": int(per_vector * n_vectors + fixed)}
 
 
 # ---- ids ---------------------------------------------------------------------------------
@@ -184,6 +247,47 @@ def store_changed(built: dict[str, Any], given: dict[str, Any]) -> str | None:
             "chunks were marked pending or redone); rebuild it with `zeroseg index build`")
 
 
+class StoreRows:
+    """Crop features read back from the store by id for exact re-ranking: the ids are grouped by
+    store chunk and each chunk is read (decoded) once, whole, since a chunked store reads one row
+    at about the cost of its whole chunk; an LRU keeps the last decoded chunks (at most
+    RERANK_CACHE_BYTES), so a repeated or nearby query reads few chunks again."""
+
+    def __init__(self, store: FeatureStore, stride: int, cache_bytes: int = RERANK_CACHE_BYTES):
+        self.features = store.features
+        self.stride = stride
+        self.chunk_images = store.config.chunk_images
+        chunk_bytes = self.chunk_images * store.n_crops * store.dim * 4  # kept as float32, normalised
+        self.cache_chunks = max(1, cache_bytes // chunk_bytes)
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.chunk_reads = 0  # chunks decoded from the store (cache misses)
+
+    def _chunk(self, chunk: int) -> np.ndarray:
+        if chunk in self.cache:
+            self.cache.move_to_end(chunk)
+            return self.cache[chunk]
+        x = np.asarray(self.features.read_chunk(chunk), dtype=np.float32)  # (b, C, D)
+        self.chunk_reads += 1
+        norms = np.linalg.norm(x, axis=-1, keepdims=True)
+        x /= np.where(norms > 0, norms, 1)
+        self.cache[chunk] = x
+        if len(self.cache) > self.cache_chunks:
+            self.cache.popitem(last=False)
+        return x
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """ids (n,) -> their unit-normalised features (n, D) float32, one read per chunk touched."""
+        image, crop = decode_ids(ids, self.stride)
+        chunk = image // self.chunk_images
+        out = np.empty((len(ids), self.features.shape[-1]), dtype=np.float32)
+        order = np.argsort(chunk, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunk[order])) + 1
+        for group in np.split(order, bounds) if len(order) else []:
+            c = int(chunk[group[0]])
+            out[group] = self._chunk(c)[image[group] - c * self.chunk_images, crop[group]]
+        return out
+
+
 @dataclass
 class IndexMeta:
     """meta.json: everything needed to trust and read an index file."""
@@ -224,10 +328,23 @@ class NeighbourIndex:
     @classmethod
     def new(cls, spec: IndexSpec, meta: IndexMeta) -> NeighbourIndex:
         index = faiss.index_factory(meta.dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
-        params = {**spec.build_params, **spec.search_params}
-        if params:
-            faiss.ParameterSpace().set_index_parameters(index, spec.parameter_string(params))
+        cls._set_parameters(index, {**spec.build_params, **spec.search_params})
         return cls(index, meta, spec.train_size)
+
+    @staticmethod
+    def _set_parameters(index: faiss.Index, params: dict[str, Any]) -> None:
+        """FAISS's own parameters (a saved index keeps nprobe and k_factor, not ours)."""
+        params = {k: v for k, v in params.items() if k != RERANK_FACTOR}
+        if params:
+            faiss.ParameterSpace().set_index_parameters(index, ",".join(f"{k}={v}" for k, v in params.items()))
+
+    @property
+    def reranks_from_store(self) -> bool:
+        return self.meta.kind == STORE_RERANKED
+
+    def attach_store(self, store: FeatureStore) -> None:
+        """The store a store-reranked index reads its candidates' features from (check_store first)."""
+        self.rows = StoreRows(store, self.meta.stride)
 
     @property
     def needs_training(self) -> bool:
@@ -294,7 +411,21 @@ class NeighbourIndex:
         """queries (q, D) -> cosine scores (q, k) float32, ids (q, k) int64 (-1 past the end)."""
         if queries.shape[-1] != self.meta.dim:
             raise NeighbourIndexError(f"query has dimension {queries.shape[-1]}, the index {self.meta.dim}")
-        return self.index.search(self._normalised(np.atleast_2d(queries)), k)
+        q = self._normalised(np.atleast_2d(queries))
+        if not self.reranks_from_store:
+            return self.index.search(q, k)
+        rows = getattr(self, "rows", None)
+        if rows is None:
+            raise NeighbourIndexError(f"a {STORE_RERANKED} index re-ranks from its store: attach_store first")
+        _, candidates = self.index.search(q, k * int(self.meta.search_params.get(RERANK_FACTOR, 32)))
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(q), k), -1, dtype=np.int64)
+        for i, (query, found) in enumerate(zip(q, candidates)):
+            found = found[found >= 0]
+            exact = rows.rows(found) @ query  # cosine: rows come back unit-normalised
+            top = np.argsort(-exact, kind="stable")[:k]
+            scores[i, : len(top)], ids[i, : len(top)] = exact[top], found[top]
+        return scores, ids
 
     # ---- files ---------------------------------------------------------------------------
 
