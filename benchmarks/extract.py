@@ -4,11 +4,13 @@ On the same synthetic scenes and random-init teachers, prints the median images/
   bare          the teacher alone on crops cut beforehand (only the forward passes are timed)
   job           `run_extract` in this process (decode, crops, teacher, store writes: timed
                 after listing and the teacher's load, as the bare teacher's load is not)
+  shards        the same job reading the same images from WebDataset tar shards
+                (`--input-format webdataset`, 100 images a shard, uncompressed as img2dataset writes)
 and, over --ray-images scenes, the whole job with its start-up (for Ray: ray.init, the actors
 loading their teachers, ray.shutdown) of:
   in-process xN `run_extract --workers 0` with N torch threads, N = 1, 2
   ray xN        `run_extract` on a local N-CPU Ray, N actors x 1 torch thread
-with the ratios job/bare (goal >= 0.95), ray x2 / ray x1 (goal >= 1.8) and ray xN / in-process xN
+with the ratios job/bare (goal >= 0.95), shards/folder (goal >= 0.95), ray x2 / ray x1 (goal >= 1.8) and ray xN / in-process xN
 (goal >= 0.9: Ray is no tax). Every timed phase follows a warm-up call of its own kind (a small
 job, or a few forward passes), the phases of a table run in turn, --repeats rounds, each round
 in another order, and the median is printed: the machine may be shared, so the ratios of one run
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 import shutil
 import statistics
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +54,23 @@ WARM_UP_IMAGES = 32  # a warm-up job: imports, allocator, file cache, Ray's and 
 def manifest_of(paths: list[str], path: Path) -> str:
     path.write_text("".join(f"{p}\n" for p in paths))
     return str(path)
+
+
+def shards_of(paths: list[str], folder: Path, per_shard: int = 100) -> str:
+    """The images packed as img2dataset does (KEY.png + KEY.json per image, uncompressed tar
+    shards): the brace pattern that names the shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n_shards = (len(paths) + per_shard - 1) // per_shard
+    for s in range(n_shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i, path in enumerate(paths[s * per_shard:(s + 1) * per_shard]):
+                key = f"{s:05d}{i:04d}"
+                tar.add(path, arcname=f"{key}{Path(path).suffix}")
+                meta = tarfile.TarInfo(f"{key}.json")
+                data = f'{{"source": "{Path(path).name}"}}'.encode()
+                meta.size = len(data)
+                tar.addfile(meta, io.BytesIO(data))
+    return f"{folder}/{{00000..{n_shards - 1:05d}}}.tar"
 
 
 class Bare:
@@ -147,15 +168,21 @@ def main() -> None:
                              chunk_images=args.chunk_images, device=args.device)
 
     table = manifest_of(paths[:args.images], work / "table.txt")
-    print(f"\n{args.images} images | bare teacher | job (in-process) | job / bare (goal >= 0.95) | features B/image vs raw fp16")
+    shards = shards_of(paths[:args.images], work / "shards")
+    warm_shards = shards_of(paths[:WARM_UP_IMAGES], work / "warm-shards")
+    print(f"\n{args.images} images | bare teacher | job (in-process) | job / bare (goal >= 0.95) | job from "
+          f"webdataset shards | shards / folder (goal >= 0.95) | features B/image vs raw fp16")
     for arch in filter(None, args.teachers.split(",")):
         config = dataclasses.replace(config_of(arch), workers=0)
+        from_shards = dataclasses.replace(config, input_format="webdataset")
         bare = Bare(config, paths[:args.images])
-        rates = medians({"bare": bare.rate, "job": lambda: job_rate(table, warm_up, work, config, whole=False)}, args.repeats)
+        rates = medians({"bare": bare.rate, "job": lambda: job_rate(table, warm_up, work, config, whole=False),
+                         "shards": lambda: job_rate(shards, warm_shards, work, from_shards, whole=False)}, args.repeats)
         run_job(table, work / "sizes.zarr", config, 0)
         info = store_info(str(work / "sizes.zarr"))["bytes"]
         shutil.rmtree(work / "sizes.zarr")
         print(f"{arch:>12} | {rates['bare']:8.2f} | {rates['job']:8.2f} | {rates['job'] / rates['bare']:.2f} | "
+              f"{rates['shards']:8.2f} | {rates['shards'] / rates['job']:.2f} | "
               f"{info['features_per_image']} vs {info['raw_float16_per_image']} "
               f"({info['features_per_image'] / info['raw_float16_per_image']:.2f})")
 
