@@ -46,6 +46,7 @@ class ExtractConfig:
     precision: str | None = None  # the teacher's forward: fp32 | bf16 | fp16 (autocast); None: store's, or fp32
     input_format: str = "auto"  # how IMAGES is read: auto | files | webdataset | table (pipeline/reader.py)
     path_column: str = "path"  # a table's column of paths
+    append: bool = False  # IMAGES lists images to add to an existing store, not the store's whole listing
 
 
 @dataclass
@@ -104,10 +105,10 @@ def _store_config(config: ExtractConfig, teacher_info) -> StoreConfig:
     )
 
 
-def open_existing(url: str, images: str, paths: list[str], config: ExtractConfig, teacher_info) -> FeatureStore | None:
+def open_existing(url: str, config: ExtractConfig, teacher_info) -> FeatureStore | None:
     """The job's store if there is one (None: create it). An existing one must have been made the
-    same way (teacher, grids, view size, chunking, pixels) and from the same paths, or this ends in
-    a one-line error and the store is not touched."""
+    same way (teacher, grids, view size, chunking, pixels), or this ends in a one-line error and
+    the store is not touched."""
     try:
         store = FeatureStore.open(url, mode="r", expect=_store_config(config, teacher_info))
     except StoreNotFoundError:
@@ -116,11 +117,55 @@ def open_existing(url: str, images: str, paths: list[str], config: ExtractConfig
     for name, value in dict(chunk_images=config.chunk_images, pixels=config.pixels).items():
         if value is not None and value != getattr(have, name):
             raise UserError(f"{url} was made with {name} {getattr(have, name)}, asked {value}")
-    stored = [str(p) for p in store.paths()]
-    if stored != paths:
-        raise UserError(f"{url} holds {len(stored)} images from its first listing; {images} now lists "
-                        f"{len(paths)} ({_first_difference(stored, paths)}): give the same IMAGES or a new STORE")
     return store
+
+
+@dataclass
+class ListingChange:
+    """How IMAGES' listing compares with a store's paths (compared as multisets: a path listed
+    twice is two rows)."""
+
+    new: list[int]  # indices into the listing of the images the store does not hold, in listing order
+    vanished: list[str]  # the store's paths that the listing no longer names (kept, never deleted)
+
+
+def compare_listing(stored: list[str], paths: list[str]) -> ListingChange:
+    unmatched = collections.Counter(stored)
+    new = []
+    for i, p in enumerate(paths):
+        if unmatched[p] > 0:
+            unmatched[p] -= 1
+        else:
+            new.append(i)
+    vanished = []
+    for p in stored:
+        if unmatched[p] > 0:
+            unmatched[p] -= 1
+            vanished.append(p)
+    return ListingChange(new, vanished)
+
+
+def grow_store(url: str, images: str, listing, append: bool, notify: Callable[[str], None]) -> None:
+    """Bring an existing store's rows up to IMAGES' listing: the images it does not hold yet are
+    added at its end, in listing order (pending: the job then does them like any pending chunk);
+    the store's images the listing no longer names are reported and kept. With `append`, IMAGES
+    lists only images to add, so nothing is reported vanished. A listing that shares no image
+    with the store is refused unless `append`: it is more likely the wrong IMAGES than a new set."""
+    store = FeatureStore.open(url, mode="r")
+    stored = [str(p) for p in store.listed_paths()]
+    change = compare_listing(stored, listing.paths)
+    if not append and change.vanished:
+        shown = ", ".join(change.vanished[:3]) + (", ..." if len(change.vanished) > 3 else "")
+        notify(f"note: {len(change.vanished)} of {url}'s {len(stored)} images are not in {images} any more "
+               f"(their rows are kept): {shown}")
+    if not change.new:
+        return
+    if not append and len(change.vanished) == len(stored):
+        raise UserError(f"{url} holds {len(stored)} images, none of them in {images} ({len(listing.paths)} images): "
+                        f"give the store's IMAGES, or add these with --append")
+    metadata = [listing.metadata[i] for i in change.new] if listing.metadata is not None else None
+    rows = FeatureStore.open(url, mode="r+").append([listing.paths[i] for i in change.new], metadata)
+    notify(f"{url}: {len(change.new)} new images from {images} added as rows {rows.start}-{rows.stop - 1}")
 
 
 def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None,
@@ -159,13 +204,6 @@ def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None,
                         f"{', '.join(phrase[name] for name in differs)}, which changes the features' last bits: "
                         + (f"re-run with {how} or use a new STORE" if how else "use a new STORE"))
     return run, workers
-
-
-def _first_difference(a: list[str], b: list[str]) -> str:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return f"row {i}: {x} vs {y}"
-    return f"row {min(len(a), len(b))} onwards"
 
 
 def run_extract(
@@ -207,7 +245,12 @@ def run_extract(
     done, waited, chunk_s = 0, 0.0, 0.0
     threads_before = torch.get_num_threads()
     with StoreLock(url, notify=notify) as lock, contextlib.ExitStack() as stack:
-        store = open_existing(url, images, paths, config, teacher.info)
+        store = open_existing(url, config, teacher.info)
+        if store:
+            grow_store(url, images, listing, config.append, notify)
+            store = FeatureStore.open(url)
+        elif config.append:
+            raise UserError(f"--append adds images to an existing store; {url} holds none: leave out --append to create it")
         pending = store.pending_chunks() if store else None
         if pending == []:
             return summarize(store)
@@ -222,14 +265,14 @@ def run_extract(
             options = {**dataclasses.asdict(config), "grids": list(config.grids),
                        "chunk_images": config.chunk_images or DEFAULT_CHUNK_IMAGES, "pixels": bool(config.pixels),
                        "source": images}
-            for runtime_only in ("workers", "address"):  # how it ran, not what it made
+            for runtime_only in ("workers", "address", "append"):  # how it ran, not what it made
                 options.pop(runtime_only)
             options.update(dataclasses.asdict(compute))
             FeatureStore.create(url, _store_config(config, teacher.info), paths, extract=options,
                                 metadata=listing.metadata)
         store = FeatureStore.open(url, mode="r+")
         pending = store.pending_chunks()
-        todo = sum(_len(store.chunk_slice(c)) for c in pending)
+        todo = int((store.status() == Status.PENDING).sum())
         if started:
             started(store, todo)
 
@@ -254,10 +297,6 @@ def run_extract(
             torch.set_num_threads(threads_before)  # the in-process worker set the store's count
     return dataclasses.replace(summarize(FeatureStore.open(url), done, time.perf_counter() - t0, lost),
                                waited_s=waited, chunk_s=chunk_s)
-
-
-def _len(sl: slice) -> int:
-    return sl.stop - sl.start
 
 
 def summarize(store: FeatureStore, done: int = 0, seconds: float = 0.0, lost: dict | None = None) -> Summary:

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from zeroseg.decode import Decoded
@@ -107,6 +108,11 @@ class ChunkWorker:
         decoding before this one's write, so the teacher does not wait at the next chunk's start."""
         sl = self.store.chunk_slice(chunk)
         config = self.store.config
+        # An append that filled the old last chunk's tail leaves its first rows done: they are
+        # embedded again (the batches then are a whole extraction's, so the new rows' bits are too)
+        # but not written, so that they stay byte for byte what they were.
+        status = self.store.array("images/status").read_chunk(chunk)
+        skip = int(np.argmax(status == Status.PENDING)) if (status == Status.PENDING).any() else 0
         views = self._decode(chunk)
         arrays = embed_chunk(self.teacher, views, sl.stop - sl.start, config.view_size, self.batch, self.boxes,
                              self.precision)
@@ -117,7 +123,7 @@ class ChunkWorker:
             raise LockedError(f"{self.url}: lost the lock before writing chunk {chunk}")
         self.store.write_chunk(
             chunk, arrays.features, arrays.status, arrays.errors, arrays.sizes,
-            arrays.views if self.store.has_pixels else None,
+            arrays.views if self.store.has_pixels else None, skip=skip,
         )
-        return ChunkResult(chunk, sl.stop - sl.start, int((arrays.status == Status.OK).sum()),
+        return ChunkResult(chunk, sl.stop - sl.start - skip, int((arrays.status[skip:] == Status.OK).sum()),
                            arrays.waited_s, arrays.seconds)

@@ -321,6 +321,37 @@ class FeatureStore:
     def sizes(self) -> np.ndarray:
         return self.array("images/size")[:]
 
+    def listed_paths(self) -> np.ndarray:
+        """The image paths up to the first empty one: rows past it were made by an `append` that
+        was killed while writing their paths, and the next append writes them again."""
+        paths = self.paths()
+        empty = np.flatnonzero(paths == "")
+        return paths[: empty[0]] if empty.size else paths
+
+    def append(self, paths: Sequence[str], metadata: Sequence[str] | None = None) -> slice:
+        """Add `paths` as pending rows after the listed ones (see listed_paths); returns their rows.
+        Every per-image array grows along images, the existing rows keep their values. images/path
+        (which says how many images the store has) grows last: a kill before that leaves the store
+        as it was, a kill while its paths are written leaves empty paths for the next append to
+        overwrite. Compact targets grow when `store compact` next runs. Call it holding the lock."""
+        at = len(self.listed_paths())
+        n = at + len(paths)
+        try:
+            for name in ("crops/features", "images/pixels", "images/size", "images/error", "images/status", "images/meta"):
+                if name in self.group:
+                    self.group[name].resize((n, *self.group[name].shape[1:]))
+            # rows a shrink dropped come back with what they held (zarr keeps an edge chunk's bytes):
+            # pending, so that the job writes them whole
+            self.group["images/status"][at:n] = np.full(n - at, Status.PENDING, np.uint8)
+            if "images/meta" in self.group:
+                self.group["images/meta"][at:n] = np.asarray(metadata if metadata is not None else [""] * (n - at), dtype=str)
+            self.group["images/path"].resize((n,))
+            self.group["images/path"][at:n] = np.asarray(paths, dtype=str)
+        except OSError as e:
+            raise StoreWriteError(f"{self.url}: appending {n - at} images failed: {e.strerror or e}; "
+                                  "free the space and re-run the same command") from None
+        return slice(at, n)
+
     def pending_chunks(self) -> list[int]:
         """Chunks not yet complete. A chunk's status is written last and all at once, so one
         pending image means the chunk never finished."""
@@ -335,14 +366,20 @@ class FeatureStore:
         errors: Sequence[str],
         sizes: np.ndarray,
         pixels: np.ndarray | None = None,
+        skip: int = 0,
     ) -> None:
-        """Write one whole chunk: data first, status last (that is what makes a chunk complete)."""
-        sl = self.chunk_slice(chunk)
-        n = sl.stop - sl.start
+        """Write one whole chunk: data first, status last (that is what makes a chunk complete).
+        The data cover the whole chunk; with `skip`, its first `skip` rows are kept as they are
+        (an append filled the chunk's tail: those rows were done before)."""
+        whole = self.chunk_slice(chunk)
+        n = whole.stop - whole.start
         if features.shape != (n, self.n_crops, self.dim):
             raise ValueError(f"chunk {chunk}: features {features.shape}, want {(n, self.n_crops, self.dim)}")
         if (np.asarray(status) == Status.PENDING).any():
             raise ValueError(f"chunk {chunk}: every image must end ok or failed")
+        sl = slice(whole.start + skip, whole.stop)
+        features, status, errors, sizes = features[skip:], np.asarray(status)[skip:], list(errors)[skip:], sizes[skip:]
+        pixels = pixels[skip:] if pixels is not None else None
         # A compact copy of this chunk (schema: compact targets) is marked unwritten first, so
         # that it cannot outlive the features it was made from.
         for _, scale in COMPACT_ARRAYS.values():
