@@ -8,7 +8,8 @@ Layout of a version-3 store (a Zarr v3 group):
                           batch; a resume must match them)
     crops/features        (N, C, D) float16, one chunk = chunk_images whole images, Blosc zstd
     crops/boxes           (C, 4) float32, fractional x0, y0, x1, y1 in the training view
-    images/path           (N,) str
+    images/path           (N,) str; empty ("") only in rows an interrupted append left, which
+                          the next append writes again (FeatureStore.append)
     images/status         (N,) uint8, Status
     images/error          (N,) str, one line per failed image
     images/size           (N, 2) int32, original height, width
