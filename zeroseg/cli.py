@@ -159,7 +159,7 @@ def store_compact(
 
 @store_app.command("migrate")
 def store_migrate(store: str = typer.Argument(..., help="the feature store")) -> None:
-    """Make a schema version 1 or 2 store version 3, in place (re-run after a kill to finish)."""
+    """Make a schema version 1, 2 or 3 store version 4, in place (re-run after a kill to finish)."""
     from zeroseg.stores.migrate import migrate_store
 
     print(migrate_store(store, notify=plain.print))

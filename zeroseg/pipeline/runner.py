@@ -6,11 +6,14 @@ import collections
 import contextlib
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
+from zeroseg.decode import content_hash
 from zeroseg.errors import UserError
 from zeroseg.pipeline.distributor import extract_cluster, run_in_process, run_on_ray
 from zeroseg.pipeline.teacher import PRECISIONS
@@ -25,6 +28,7 @@ DEFAULT_BATCH = 256
 # fp32: the reference features, the same on every CPU. bf16 autocast pays only where the hardware
 # has bf16 (a GPU, a CPU with AMX) and is several times slower where it has none (benchmarks/README.md).
 DEFAULT_PRECISION = "fp32"
+HASH_THREADS = 8  # files hashed at once: reading waits on the disk or the network, not the CPU
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Summary:
     pending: int
     reasons: dict[str, int]  # kind of failure ("corrupt", "too small", ...) -> count
     done_this_run: int = 0
+    copied_this_run: int = 0  # of done_this_run: duplicates of an earlier row's bytes, copied, not embedded
     seconds: float = 0.0
     lost_chunks: dict[int, str] = field(default_factory=dict)  # chunk -> why it is still pending
     waited_s: float = 0.0  # this run's chunks: time their teacher waited for decoded images ...
@@ -168,6 +173,35 @@ def grow_store(url: str, images: str, listing, append: bool, notify: Callable[[s
     notify(f"{url}: {len(change.new)} new images from {images} added as rows {rows.start}-{rows.stop - 1}")
 
 
+def mark_duplicates(url: str, notify: Callable[[str], None]) -> None:
+    """Hash the files of the store's pending rows (those not hashed yet) and point each at the
+    first row with the same bytes (FeatureStore.mark_duplicates): the workers embed such a row
+    once and copy it. Reads every pending file once more than decoding does."""
+    store = FeatureStore.open(url, mode="r+")
+    pending = np.flatnonzero(store.status() == Status.PENDING)
+    if not store.has_dedup or not len(pending):
+        return
+    unhashed = pending[store.hashes()[pending] == ""]
+    with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="zeroseg-hash") as pool:
+        hashes = dict(zip(unhashed.tolist(), pool.map(content_hash, store.paths()[unhashed])))
+    copies = int((store.mark_duplicates(hashes)[pending] >= 0).sum())
+    if copies:
+        notify(f"{copies} of the {len(pending)} images to do have the same bytes as an earlier row: "
+               "embedded once, copied to the others")
+
+
+def copies_from(store: FeatureStore, pending: list[int]) -> dict[int, set[int]]:
+    """Pending chunk -> the other pending chunks it copies duplicate rows from (done first)."""
+    duplicate_of, b, todo = store.duplicate_of(), store.config.chunk_images, set(pending)
+    waits = {}
+    for chunk in pending:
+        first = duplicate_of[store.chunk_slice(chunk)]
+        others = {int(c) for c in first[first >= 0] // b if c != chunk} & todo
+        if others:
+            waits[chunk] = others
+    return waits
+
+
 def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None,
                  cluster: tuple[int, int] | None) -> tuple[Compute, int]:
     """(how this run computes, how many workers): a new store's from the options and the machine,
@@ -242,12 +276,13 @@ def run_extract(
     if check_location(url) == "new":
         make_store_folder(url)
     t0 = time.perf_counter()
-    done, waited, chunk_s = 0, 0.0, 0.0
+    done, copied, waited, chunk_s = 0, 0, 0.0, 0.0
     threads_before = torch.get_num_threads()
     with StoreLock(url, notify=notify) as lock, contextlib.ExitStack() as stack:
         store = open_existing(url, config, teacher.info)
         if store:
             grow_store(url, images, listing, config.append, notify)
+            mark_duplicates(url, notify)
             store = FeatureStore.open(url)
         elif config.append:
             raise UserError(f"--append adds images to an existing store; {url} holds none: leave out --append to create it")
@@ -270,6 +305,7 @@ def run_extract(
             options.update(dataclasses.asdict(compute))
             FeatureStore.create(url, _store_config(config, teacher.info), paths, extract=options,
                                 metadata=listing.metadata)
+            mark_duplicates(url, notify)
         store = FeatureStore.open(url, mode="r+")
         pending = store.pending_chunks()
         todo = int((store.status() == Status.PENDING).sum())
@@ -277,7 +313,8 @@ def run_extract(
             started(store, todo)
 
         def finished(result: ChunkResult) -> None:
-            nonlocal done, waited, chunk_s
+            nonlocal done, copied, waited, chunk_s
+            copied += result.copied
             done += result.n_images
             waited, chunk_s = waited + result.waited_s, chunk_s + result.seconds
             if progress:
@@ -292,11 +329,11 @@ def run_extract(
                 del teacher  # the actors build their own
                 lost = run_on_ray(url, spec, compute.batch, compute.threads_per_worker, min(n_workers, len(pending)),
                                   cluster, pending, teacher_sha=store.config.teacher.sha256, lock_token=lock.token,
-                                  finished=finished, notify=notify)
+                                  finished=finished, notify=notify, waits_for=copies_from(store, pending))
         finally:
             torch.set_num_threads(threads_before)  # the in-process worker set the store's count
     return dataclasses.replace(summarize(FeatureStore.open(url), done, time.perf_counter() - t0, lost),
-                               waited_s=waited, chunk_s=chunk_s)
+                               waited_s=waited, chunk_s=chunk_s, copied_this_run=copied)
 
 
 def summarize(store: FeatureStore, done: int = 0, seconds: float = 0.0, lost: dict | None = None) -> Summary:

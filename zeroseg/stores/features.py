@@ -23,6 +23,7 @@ from zeroseg.stores.schema import (
     COMPACT_ARRAYS,
     COMPRESSED,
     CREATING_MARKER,
+    DEDUP_ARRAYS,
     OUR_ENTRIES,
     READABLE_VERSIONS,
     Status,
@@ -112,6 +113,13 @@ def _rows(key, n: int) -> range:
 def _short_cause(e: Exception) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return "checksum mismatch" if "checksum" in text.lower() else f"{type(e).__name__}: {text[:80]}"
+
+
+def create_dedup_arrays(group: zarr.Group, n: int, chunk_images: int) -> None:
+    """images/hash ("": not hashed) and images/duplicate_of (-1: none) of n rows (schema version 4)."""
+    group.create_array("images/hash", shape=(n,), chunks=(chunk_images,), dtype=str, compressors=CHECKED)
+    group.create_array("images/duplicate_of", shape=(n,), chunks=(chunk_images,), dtype="int64", fill_value=-1,
+                       compressors=CHECKED)
 
 
 class StoreArray:
@@ -217,6 +225,7 @@ class FeatureStore:
             group.create_array("images/error", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
             group.create_array("images/size", shape=(n, 2), chunks=(b, 2), dtype="int32", fill_value=0,
                                compressors=CHECKED)
+            create_dedup_arrays(group, n, b)
             if config.pixels:
                 group.create_array(
                     "images/pixels", shape=(n, s, s, 3), chunks=(b, s, s, 3), dtype="uint8",
@@ -321,6 +330,44 @@ class FeatureStore:
     def sizes(self) -> np.ndarray:
         return self.array("images/size")[:]
 
+    @property
+    def has_dedup(self) -> bool:
+        """Whether the store records its images' hashes (schema version 4; `store migrate` adds them)."""
+        return "hash" in self.group["images"]
+
+    def hashes(self) -> np.ndarray:
+        """Each image's content hash, "" not hashed; all "" for a store without them."""
+        return self.array("images/hash")[:] if self.has_dedup else np.full(self.n_images, "", dtype=object)
+
+    def duplicate_of(self) -> np.ndarray:
+        """Each image's first row with the same bytes, -1 none (the store embedded it itself)."""
+        return self.array("images/duplicate_of")[:] if self.has_dedup else np.full(self.n_images, -1, np.int64)
+
+    def mark_duplicates(self, hashes: dict[int, str]) -> np.ndarray:
+        """Record the content hashes of pending rows (row -> hash, "" unreadable), then point each
+        pending row at the first row with the same hash (duplicate_of; -1 none). Done rows keep
+        what they hold. Only the chunks of pending rows are written; a kill leaves those rows
+        pending, and the next job marks them again. Returns duplicate_of, all rows."""
+        hash_of, duplicate_of = self.hashes().astype(object), self.duplicate_of()
+        for row, h in hashes.items():
+            hash_of[row] = h
+        pending = self.status() == Status.PENDING
+        first: dict[str, int] = {}
+        for row, h in enumerate(hash_of):
+            if not h:
+                continue
+            if h in first and pending[row]:
+                duplicate_of[row] = first[h]
+            else:
+                first.setdefault(h, row)
+                if pending[row]:
+                    duplicate_of[row] = -1
+        for chunk in sorted({row // self.config.chunk_images for row in np.flatnonzero(pending)}):
+            sl = self.chunk_slice(chunk)
+            self.group["images/hash"][sl] = hash_of[sl].astype(str)
+            self.group["images/duplicate_of"][sl] = duplicate_of[sl]
+        return duplicate_of
+
     def listed_paths(self) -> np.ndarray:
         """The image paths up to the first empty one: rows past it were made by an `append` that
         was killed while writing their paths, and the next append writes them again."""
@@ -337,12 +384,17 @@ class FeatureStore:
         at = len(self.listed_paths())
         n = at + len(paths)
         try:
-            for name in ("crops/features", "images/pixels", "images/size", "images/error", "images/status", "images/meta"):
+            grown = ("crops/features", "images/pixels", "images/size", "images/error", "images/status", "images/meta",
+                     *DEDUP_ARRAYS)
+            for name in grown:
                 if name in self.group:
                     self.group[name].resize((n, *self.group[name].shape[1:]))
             # rows a shrink dropped come back with what they held (zarr keeps an edge chunk's bytes):
-            # pending, so that the job writes them whole
+            # pending and not hashed, so that the job hashes and writes them whole
             self.group["images/status"][at:n] = np.full(n - at, Status.PENDING, np.uint8)
+            if self.has_dedup:
+                self.group["images/hash"][at:n] = np.full(n - at, "", dtype=str)
+                self.group["images/duplicate_of"][at:n] = np.full(n - at, -1, np.int64)
             if "images/meta" in self.group:
                 self.group["images/meta"][at:n] = np.asarray(metadata if metadata is not None else [""] * (n - at), dtype=str)
             self.group["images/path"].resize((n,))
