@@ -2,6 +2,11 @@
 its end, resumably; the result equals one extraction of the whole listing, the old rows stay as
 they were, vanished images are reported and kept, and an index built before says it is stale."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -127,3 +132,48 @@ def test_an_index_built_before_an_append_says_it_is_stale(tmp_path, capsys):
     assert result.exit_code == 0, result.output
     stale = [line for line in result.output.splitlines() if "stale" in line]
     assert len(stale) == 1 and "grew from 6 to 9 images" in stale[0], result.output
+
+
+# Runs `zeroseg ARGS` in a process that SIGKILLs itself right after images/path grew, before the
+# new paths are written: the one moment at which an append has changed the store's row count.
+KILL_AFTER_THE_PATHS_GROW = """
+import os, signal, sys
+import zarr
+from zeroseg.cli import main
+
+resize = zarr.Array.resize
+
+def resize_then_die(self, *args, **kwargs):
+    resize(self, *args, **kwargs)
+    if self.path == "images/path":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+zarr.Array.resize = resize_then_die
+sys.argv = ["zeroseg", *sys.argv[1:]]
+main()
+"""
+ARGS = ["--grids", "1,2", "--view-size", "32", "--chunk-images", "4", "--batch", "20", "--pixels", "--workers", "0"]
+
+
+def run(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_sigkill_while_the_store_grows_then_a_rerun_equals_one_extraction(tmp_path):
+    imgs, url = tmp_path / "imgs", str(tmp_path / "s.zarr")
+    write_good(imgs, 6)
+    assert run(["-m", "zeroseg", "extract", str(imgs), url, *ARGS]).returncode == 0
+    before = store_arrays(url)
+    write_good(imgs, 5, seed=1, prefix="more")
+    died = run(["-c", KILL_AFTER_THE_PATHS_GROW, "extract", str(imgs), url, *ARGS])
+    assert died.returncode == -9, died.stderr
+    store = FeatureStore.open(url)
+    assert store.n_images == 11 and len(store.listed_paths()) == 6  # grown, the new paths not written
+    again = run(["-m", "zeroseg", "extract", str(imgs), url, *ARGS])
+    assert again.returncode == 0, again.stderr
+    said = " ".join(again.stderr.split())  # the console wraps long lines
+    assert "5 new images" in said and "added as rows 6-10" in said
+    assert_old_rows_kept(before, url)
+    assert_same_store(extract_whole(tmp_path, imgs), url)
