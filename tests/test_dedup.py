@@ -46,6 +46,7 @@ def test_the_same_bytes_are_embedded_once_and_copied(tmp_path, capsys):
     assert len(set(store.hashes())) == 7
     result = zeroseg(capsys, "store", "info", url)
     assert "4 duplicates" in result.output, result.output
+    assert zeroseg(capsys, "store", "verify", url).exit_code == 0  # copies agree with their status
     # the trainer's epoch: each distinct image once
     assert StoreDataset(url, seed=0).plan.n_ok == 7
 
