@@ -177,13 +177,16 @@ def test_mismatch_through_the_cli_exits_2_and_touches_nothing(tmp_path, change, 
     assert tree_digest(tmp_path / "s.zarr") == before
 
 
-def test_a_changed_listing_is_refused(tmp_path):
+def test_a_listing_that_shares_no_image_with_the_store_is_refused(tmp_path):
+    """(A grown listing is appended: tests/test_append.py.)"""
     write_good(tmp_path / "imgs", 3)
     url = str(tmp_path / "s.zarr")
     run_extract(str(tmp_path / "imgs"), url, SMALL, notify=quiet)
-    write_good(tmp_path / "imgs", 1, prefix="extra")
-    with pytest.raises(UserError, match="holds 3 images from its first listing; .* now lists 4"):
-        run_extract(str(tmp_path / "imgs"), url, SMALL, notify=quiet)
+    before = tree_digest(tmp_path / "s.zarr")
+    write_good(tmp_path / "other", 1, prefix="extra")
+    with pytest.raises(UserError, match="holds 3 images, none of them in .* \\(1 images\\)"):
+        run_extract(str(tmp_path / "other"), url, SMALL, notify=quiet)
+    assert tree_digest(tmp_path / "s.zarr") == before
 
 
 @pytest.mark.parametrize("scheme", ["file", "memory"])

@@ -1,4 +1,4 @@
-"""`store migrate`: a version-1 store (no checksums) made version 3 in place, also after a kill."""
+"""`store migrate`: a version-1 store (no checksums) made version 4 in place, also after a kill."""
 
 import shutil
 from pathlib import Path
@@ -12,7 +12,7 @@ from test_extract import zeroseg
 from zeroseg.stores import migrate
 from zeroseg.stores.features import DamagedChunkError, FeatureStore
 from zeroseg.stores.migrate import migrate_store
-from zeroseg.stores.schema import MIGRATING_DIR, SCHEMA_VERSION
+from zeroseg.stores.schema import DEDUP_ARRAYS, MIGRATING_DIR, SCHEMA_VERSION
 
 ARRAYS = ("crops/features", "crops/boxes", "images/path", "images/status", "images/error", "images/size", "images/pixels")
 
@@ -22,8 +22,10 @@ def quiet(_msg: str) -> None:
 
 
 def as_version_1(url: str) -> None:
-    """Rewrite the store's arrays as zeroseg's schema version 1 wrote them: no crc32c checksum."""
+    """Rewrite the store's arrays as zeroseg's schema version 1 wrote them: no crc32c checksum, no hashes."""
     group = FeatureStore.open(url, mode="r+").group
+    for name in DEDUP_ARRAYS:
+        del group[name]
     for name in ARRAYS:
         a = group[name]
         data, chunks, fill = a[:], a.chunks, a.fill_value
@@ -59,7 +61,8 @@ def test_a_version_1_store_migrated_keeps_its_data_and_gains_checksums(v1, tmp_p
     shutil.copytree(v1, url)
     before = contents(url)
     result = zeroseg(capsys, "store", "migrate", url)
-    assert result.exit_code == 0 and "schema version 1 -> 3: 7 arrays rewritten" in result.output
+    assert result.exit_code == 0 and "schema version 1 -> 4: 7 arrays rewritten" in result.output
+    assert "image hashes added" in result.output
     store = FeatureStore.open(url)
     assert store.group.attrs["schema_version"] == SCHEMA_VERSION and "migration" not in store.group.attrs
     assert not (tmp_path / "s.zarr" / MIGRATING_DIR).exists()
@@ -68,7 +71,8 @@ def test_a_version_1_store_migrated_keeps_its_data_and_gains_checksums(v1, tmp_p
     flip_a_byte_of_features_chunk_0(url)
     with pytest.raises(DamagedChunkError, match="crops/features chunk 0"):
         FeatureStore.open(url).features.read_chunk(0)
-    assert "already schema version 3" in zeroseg(capsys, "store", "migrate", url).output
+    assert (store.duplicate_of() == -1).all() and (store.hashes() == "").all()
+    assert "already schema version 4" in zeroseg(capsys, "store", "migrate", url).output
 
 
 @pytest.mark.parametrize("killed_in", ["stage", "swap"])
@@ -94,16 +98,26 @@ def test_a_killed_migration_finishes_on_a_re_run(v1, tmp_path, monkeypatch, kill
         for name, data in contents(url).items():
             np.testing.assert_array_equal(data, before[name])
     notes = []
-    assert "1 -> 3" in migrate_store(url, notify=notes.append)
+    assert "1 -> 4" in migrate_store(url, notify=notes.append)
     assert notes and ("redoing" in notes[0] if killed_in == "stage" else "finishing" in notes[0])
     assert FeatureStore.open(url).group.attrs["schema_version"] == SCHEMA_VERSION
     for name, data in contents(url).items():
         np.testing.assert_array_equal(data, before[name])
 
 
-def test_version_2_is_one_attribute(v1, tmp_path):
+@pytest.mark.parametrize("version", [2, 3])
+def test_versions_2_and_3_gain_the_hash_arrays_only(v1, tmp_path, version):
     url = str(tmp_path / "s.zarr")
     shutil.copytree(v1, url)
     migrate_store(url, notify=quiet)
-    FeatureStore.open(url, mode="r+").group.update_attributes({"schema_version": 2})
-    assert "2 -> 3 (no array changes" in migrate_store(url, notify=quiet)
+    before = contents(url)
+    group = FeatureStore.open(url, mode="r+").group
+    for name in DEDUP_ARRAYS:
+        del group[name]
+    group.update_attributes({"schema_version": version})
+    assert not FeatureStore.open(url).has_dedup
+    assert f"{version} -> 4: no array rewritten; image hashes added" in migrate_store(url, notify=quiet)
+    store = FeatureStore.open(url)
+    assert store.has_dedup and store.group.attrs["schema_version"] == 4
+    for name, data in contents(url).items():
+        np.testing.assert_array_equal(data, before[name])

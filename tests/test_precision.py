@@ -112,7 +112,12 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys):
     assert zeroseg(capsys, "extract", tmp_path / "imgs", store, *CLI_SMALL).exit_code == 0
     before = tree_digest(store)
     result = zeroseg(capsys, "extract", tmp_path / "imgs", store, *CLI_SMALL, "--dry-run")
-    assert result.exit_code == 0 and "the store exists, 0 of its images pending" in result.output, result.output
+    assert result.exit_code == 0 and "the store exists, 0 images to do" in result.output, result.output
+    assert tree_digest(store) == before
+    # a grown listing: the images an append would add are to do, and still nothing is written
+    write_good(tmp_path / "imgs", 2, prefix="more")
+    result = zeroseg(capsys, "extract", tmp_path / "imgs", store, *CLI_SMALL, "--dry-run")
+    assert result.exit_code == 0 and "the store exists, 2 images to do" in result.output, result.output
     assert tree_digest(store) == before
 
 

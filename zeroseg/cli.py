@@ -80,15 +80,17 @@ def extract(
     dry_run: bool = typer.Option(False, "--dry-run", help="print images, crops, FLOPs, bytes on disk and an ETA from a timed sample; write nothing"),
     input_format: str = typer.Option("auto", help="files | webdataset (tar shards: shards/{00000..00009}.tar, a glob or a manifest of shards) | table (.parquet/.csv) | auto (by IMAGES' name)"),
     path_column: str = typer.Option("path", help="a table's column holding the image paths"),
+    append: bool = typer.Option(False, "--append", help="IMAGES lists images to add to the existing STORE (at its end), not its whole listing"),
 ) -> None:
-    """Embed the grid crops of every image into STORE; re-run the same command to resume."""
+    """Embed the grid crops of every image into STORE; re-run the same command to resume. On an
+    existing store, images IMAGES lists that it does not hold yet are added at its end."""
     from zeroseg.pipeline.runner import ExtractConfig
     from zeroseg.ui import extract_with_progress
 
     config = ExtractConfig(
         teacher=teacher, pretrained=pretrained, seed=seed, grids=_grids(grids), view_size=view_size,
         batch=batch, chunk_images=chunk_images, pixels=pixels, workers=workers, address=address,
-        device=device, precision=precision, input_format=input_format, path_column=path_column,
+        device=device, precision=precision, input_format=input_format, path_column=path_column, append=append,
     )
     if dry_run:
         from zeroseg.pipeline.estimate import estimate, format_estimate
@@ -157,7 +159,7 @@ def store_compact(
 
 @store_app.command("migrate")
 def store_migrate(store: str = typer.Argument(..., help="the feature store")) -> None:
-    """Make a schema version 1 or 2 store version 3, in place (re-run after a kill to finish)."""
+    """Make a schema version 1, 2 or 3 store version 4, in place (re-run after a kill to finish)."""
     from zeroseg.stores.migrate import migrate_store
 
     print(migrate_store(store, notify=plain.print))

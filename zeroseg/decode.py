@@ -30,6 +30,7 @@ Rules (each a choice the paper leaves open):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import tarfile
@@ -167,6 +168,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def content_hash(path: str) -> str:
+    """blake2b-128 (hex) of the bytes at `path` (a tar member's data for a member key): two rows
+    with equal hashes hold the same image. "" when the bytes cannot be read."""
+    try:
+        h = hashlib.blake2b(digest_size=16)
+        with _open(path) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    except (Refused, OSError, ValueError):
+        return ""
 
 
 def _open(path: str) -> IO[bytes]:

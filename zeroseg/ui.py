@@ -51,7 +51,8 @@ def extract_with_progress(images: str, url: str, config: ExtractConfig, console:
 def format_summary(s: Summary) -> str:
     lines = [f"{s.ok} ok, {s.failed} failed, {s.pending} pending of {s.n_images} images"
              f" ({s.done_this_run} this run in {s.seconds:.1f} s, {s.images_per_s:.1f} images/s"
-             + (f", teacher waited {s.wait_share:.0%} of its time for decoded images" if s.chunk_s else "") + ")"]
+             + (f", teacher waited {s.wait_share:.0%} of its time for decoded images" if s.chunk_s else "")
+             + (f", {s.copied_this_run} duplicates copied, not embedded" if s.copied_this_run else "") + ")"]
     if s.reasons:
         lines.append("failed: " + ", ".join(f"{n} {kind}" for kind, n in s.reasons.items()))
     for chunk, why in sorted(s.lost_chunks.items()):

@@ -62,12 +62,14 @@ def run_in_process(worker: ChunkWorker, pending: list[int],
 
 def run_on_ray(url: str, teacher: TeacherSpec, batch: int, threads: int, n_workers: int,
                cluster: tuple[int, int], pending: list[int], teacher_sha: str, lock_token: str,
-               finished: Callable[[ChunkResult], None], notify: Callable[[str], None]) -> dict[int, str]:
+               finished: Callable[[ChunkResult], None], notify: Callable[[str], None],
+               waits_for: dict[int, set[int]] | None = None) -> dict[int, str]:
     """Keep every actor busy with IN_FLIGHT_PER_WORKER chunks until none are left. An actor that
     dies (its process, or its whole node) hands its chunks back to the queue for the live actors,
     and a replacement is started that serves once it is up (on a node that is gone it never is); a
-    chunk whose worker died MAX_TRIES_PER_CHUNK times stays pending for the next run. Returns the
-    chunks left pending with the reason. A failed write (disk full) stops the job at once: every
+    chunk whose worker died MAX_TRIES_PER_CHUNK times stays pending for the next run. A chunk in
+    `waits_for` (chunk -> chunks it copies duplicate rows from) starts once those are written.
+    Returns the chunks left pending with the reason. A failed write (disk full) stops the job at once: every
     later write would fail the same way."""
     import ray  # here, not at the top: see ray_cluster
     from ray.exceptions import RayActorError, RayTaskError
@@ -94,6 +96,8 @@ def run_on_ray(url: str, teacher: TeacherSpec, batch: int, threads: int, n_worke
     queue = collections.deque(pending)
     tries: collections.Counter = collections.Counter()  # chunk -> deaths of the worker doing it
     lost: dict[int, str] = {}
+    written: set[int] = set()
+    waits_for = waits_for or {}
     replacements = 2 * n_workers
 
     def start_actor() -> None:
@@ -110,10 +114,15 @@ def run_on_ray(url: str, teacher: TeacherSpec, batch: int, threads: int, n_worke
         live.append(actor)
         load[id(actor)] = 0
 
+    def next_ready() -> int | None:
+        chunk = next((c for c in queue if waits_for.get(c, set()) <= written), None)
+        if chunk is not None:
+            queue.remove(chunk)
+        return chunk
+
     def fill() -> None:
         for actor in live:
-            while queue and load[id(actor)] < IN_FLIGHT_PER_WORKER:
-                chunk = queue.popleft()
+            while load[id(actor)] < IN_FLIGHT_PER_WORKER and (chunk := next_ready()) is not None:
                 in_flight[actor.process.remote(chunk)] = (actor, chunk)
                 load[id(actor)] += 1
 
@@ -149,6 +158,7 @@ def run_on_ray(url: str, teacher: TeacherSpec, batch: int, threads: int, n_worke
                 load[id(actor)] -= 1
                 try:
                     finished(ray.get(ref))
+                    written.add(chunk)
                 except RayActorError as e:  # the actor is gone: its chunks go to the live ones
                     if actor in live:
                         live.remove(actor)
@@ -166,7 +176,9 @@ def run_on_ray(url: str, teacher: TeacherSpec, batch: int, threads: int, n_worke
                     lost[chunk] = f"worker error: {str(e).strip().splitlines()[-1]}"  # a bug, not bad data
             fill()
         for chunk in queue:
-            lost[chunk] = "no live worker left"
+            waiting = sorted(waits_for.get(chunk, set()) - written)
+            lost[chunk] = (f"copies rows of chunk {waiting[0]}, which was not written" if waiting
+                           else "no live worker left")
         return lost
     finally:
         for actor in every_actor:  # none writes after the job ends (nor could: the lock goes with it)

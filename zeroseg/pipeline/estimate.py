@@ -15,10 +15,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from zeroseg.errors import UserError
 from zeroseg.pipeline.reader import list_inputs
-from zeroseg.pipeline.runner import DEFAULT_BATCH, DEFAULT_PRECISION, ExtractConfig, _store_config
+from zeroseg.pipeline.runner import DEFAULT_BATCH, DEFAULT_PRECISION, ExtractConfig, _store_config, compare_listing
 from zeroseg.pipeline.teacher import PRECISIONS, Teacher
 from zeroseg.pipeline.writer import ChunkWorker, TeacherSpec, resolve_device
 from zeroseg.stores.features import FeatureStore, check_location
+from zeroseg.stores.schema import Status
 
 SAMPLE_IMAGES = 8  # timed per run; the first n of IMAGES
 
@@ -36,7 +37,7 @@ class Estimate:
     device: str
     precision: str
     threads: int
-    pending: int | None = None  # images STORE still has to do, where it exists (None: a new store)
+    pending: int | None = None  # images STORE still has to do, where it exists, those IMAGES adds included (None: a new store)
 
     @property
     def crops(self) -> int:
@@ -72,7 +73,8 @@ def estimate(images: str, url: str, config: ExtractConfig, sample_images: int = 
     pending = None
     if check_location(url) == "store":
         store = FeatureStore.open(url)
-        pending = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in store.pending_chunks())
+        added = compare_listing([str(p) for p in store.listed_paths()], paths).new  # what the job would append
+        pending = int((store.status() == Status.PENDING).sum()) + len(added)
     device = resolve_device(config.device)
     precision = config.precision or DEFAULT_PRECISION
     teacher = TeacherSpec(config.teacher, config.pretrained, config.seed, device).load()
@@ -110,7 +112,7 @@ def estimate(images: str, url: str, config: ExtractConfig, sample_images: int = 
 def format_estimate(e: Estimate, url: str) -> str:
     return "\n".join([
         f"{url}: dry run, nothing written"
-        + (f"; the store exists, {e.pending:,} of its images pending (the figures below are for all)"
+        + (f"; the store exists, {e.pending:,} images to do, new ones included (the figures below are for all)"
            if e.pending is not None else ""),
         f"images: {e.images:,}",
         f"crops: {e.crops:,} ({e.crops_per_image} per image)",

@@ -6,11 +6,14 @@ import collections
 import contextlib
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
+from zeroseg.decode import content_hash
 from zeroseg.errors import UserError
 from zeroseg.pipeline.distributor import extract_cluster, run_in_process, run_on_ray
 from zeroseg.pipeline.teacher import PRECISIONS
@@ -25,6 +28,7 @@ DEFAULT_BATCH = 256
 # fp32: the reference features, the same on every CPU. bf16 autocast pays only where the hardware
 # has bf16 (a GPU, a CPU with AMX) and is several times slower where it has none (benchmarks/README.md).
 DEFAULT_PRECISION = "fp32"
+HASH_THREADS = 8  # files hashed at once: reading waits on the disk or the network, not the CPU
 
 
 @dataclass
@@ -46,6 +50,7 @@ class ExtractConfig:
     precision: str | None = None  # the teacher's forward: fp32 | bf16 | fp16 (autocast); None: store's, or fp32
     input_format: str = "auto"  # how IMAGES is read: auto | files | webdataset | table (pipeline/reader.py)
     path_column: str = "path"  # a table's column of paths
+    append: bool = False  # IMAGES lists images to add to an existing store, not the store's whole listing
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Summary:
     pending: int
     reasons: dict[str, int]  # kind of failure ("corrupt", "too small", ...) -> count
     done_this_run: int = 0
+    copied_this_run: int = 0  # of done_this_run: duplicates of an earlier row's bytes, copied, not embedded
     seconds: float = 0.0
     lost_chunks: dict[int, str] = field(default_factory=dict)  # chunk -> why it is still pending
     waited_s: float = 0.0  # this run's chunks: time their teacher waited for decoded images ...
@@ -104,10 +110,10 @@ def _store_config(config: ExtractConfig, teacher_info) -> StoreConfig:
     )
 
 
-def open_existing(url: str, images: str, paths: list[str], config: ExtractConfig, teacher_info) -> FeatureStore | None:
+def open_existing(url: str, config: ExtractConfig, teacher_info) -> FeatureStore | None:
     """The job's store if there is one (None: create it). An existing one must have been made the
-    same way (teacher, grids, view size, chunking, pixels) and from the same paths, or this ends in
-    a one-line error and the store is not touched."""
+    same way (teacher, grids, view size, chunking, pixels), or this ends in a one-line error and
+    the store is not touched."""
     try:
         store = FeatureStore.open(url, mode="r", expect=_store_config(config, teacher_info))
     except StoreNotFoundError:
@@ -116,11 +122,84 @@ def open_existing(url: str, images: str, paths: list[str], config: ExtractConfig
     for name, value in dict(chunk_images=config.chunk_images, pixels=config.pixels).items():
         if value is not None and value != getattr(have, name):
             raise UserError(f"{url} was made with {name} {getattr(have, name)}, asked {value}")
-    stored = [str(p) for p in store.paths()]
-    if stored != paths:
-        raise UserError(f"{url} holds {len(stored)} images from its first listing; {images} now lists "
-                        f"{len(paths)} ({_first_difference(stored, paths)}): give the same IMAGES or a new STORE")
     return store
+
+
+@dataclass
+class ListingChange:
+    """How IMAGES' listing compares with a store's paths (compared as multisets: a path listed
+    twice is two rows)."""
+
+    new: list[int]  # indices into the listing of the images the store does not hold, in listing order
+    vanished: list[str]  # the store's paths that the listing no longer names (kept, never deleted)
+
+
+def compare_listing(stored: list[str], paths: list[str]) -> ListingChange:
+    unmatched = collections.Counter(stored)
+    new = []
+    for i, p in enumerate(paths):
+        if unmatched[p] > 0:
+            unmatched[p] -= 1
+        else:
+            new.append(i)
+    vanished = []
+    for p in stored:
+        if unmatched[p] > 0:
+            unmatched[p] -= 1
+            vanished.append(p)
+    return ListingChange(new, vanished)
+
+
+def grow_store(url: str, images: str, listing, append: bool, notify: Callable[[str], None]) -> None:
+    """Bring an existing store's rows up to IMAGES' listing: the images it does not hold yet are
+    added at its end, in listing order (pending: the job then does them like any pending chunk);
+    the store's images the listing no longer names are reported and kept. With `append`, IMAGES
+    lists only images to add, so nothing is reported vanished. A listing that shares no image
+    with the store is refused unless `append`: it is more likely the wrong IMAGES than a new set."""
+    store = FeatureStore.open(url, mode="r")
+    stored = [str(p) for p in store.listed_paths()]
+    change = compare_listing(stored, listing.paths)
+    if not append and change.vanished:
+        shown = ", ".join(change.vanished[:3]) + (", ..." if len(change.vanished) > 3 else "")
+        notify(f"note: {len(change.vanished)} of {url}'s {len(stored)} images are not in {images} any more "
+               f"(their rows are kept): {shown}")
+    if not change.new:
+        return
+    if not append and len(change.vanished) == len(stored):
+        raise UserError(f"{url} holds {len(stored)} images, none of them in {images} ({len(listing.paths)} images): "
+                        f"give the store's IMAGES, or add these with --append")
+    metadata = [listing.metadata[i] for i in change.new] if listing.metadata is not None else None
+    rows = FeatureStore.open(url, mode="r+").append([listing.paths[i] for i in change.new], metadata)
+    notify(f"{url}: {len(change.new)} new images from {images} added as rows {rows.start}-{rows.stop - 1}")
+
+
+def mark_duplicates(url: str, notify: Callable[[str], None]) -> None:
+    """Hash the files of the store's pending rows (those not hashed yet) and point each at the
+    first row with the same bytes (FeatureStore.mark_duplicates): the workers embed such a row
+    once and copy it. Reads every pending file once more than decoding does."""
+    store = FeatureStore.open(url, mode="r+")
+    pending = np.flatnonzero(store.status() == Status.PENDING)
+    if not store.has_dedup or not len(pending):
+        return
+    unhashed = pending[store.hashes()[pending] == ""]
+    with ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="zeroseg-hash") as pool:
+        hashes = dict(zip(unhashed.tolist(), pool.map(content_hash, store.paths()[unhashed])))
+    copies = int((store.mark_duplicates(hashes)[pending] >= 0).sum())
+    if copies:
+        notify(f"{copies} of the {len(pending)} images to do have the same bytes as an earlier row: "
+               "embedded once, copied to the others")
+
+
+def copies_from(store: FeatureStore, pending: list[int]) -> dict[int, set[int]]:
+    """Pending chunk -> the other pending chunks it copies duplicate rows from (done first)."""
+    duplicate_of, b, todo = store.duplicate_of(), store.config.chunk_images, set(pending)
+    waits = {}
+    for chunk in pending:
+        first = duplicate_of[store.chunk_slice(chunk)]
+        others = {int(c) for c in first[first >= 0] // b if c != chunk} & todo
+        if others:
+            waits[chunk] = others
+    return waits
 
 
 def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None,
@@ -161,13 +240,6 @@ def plan_compute(url: str, config: ExtractConfig, recorded: Compute | None,
     return run, workers
 
 
-def _first_difference(a: list[str], b: list[str]) -> str:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return f"row {i}: {x} vs {y}"
-    return f"row {min(len(a), len(b))} onwards"
-
-
 def run_extract(
     images: str,
     url: str,
@@ -204,10 +276,16 @@ def run_extract(
     if check_location(url) == "new":
         make_store_folder(url)
     t0 = time.perf_counter()
-    done, waited, chunk_s = 0, 0.0, 0.0
+    done, copied, waited, chunk_s = 0, 0, 0.0, 0.0
     threads_before = torch.get_num_threads()
     with StoreLock(url, notify=notify) as lock, contextlib.ExitStack() as stack:
-        store = open_existing(url, images, paths, config, teacher.info)
+        store = open_existing(url, config, teacher.info)
+        if store:
+            grow_store(url, images, listing, config.append, notify)
+            mark_duplicates(url, notify)
+            store = FeatureStore.open(url)
+        elif config.append:
+            raise UserError(f"--append adds images to an existing store; {url} holds none: leave out --append to create it")
         pending = store.pending_chunks() if store else None
         if pending == []:
             return summarize(store)
@@ -222,19 +300,21 @@ def run_extract(
             options = {**dataclasses.asdict(config), "grids": list(config.grids),
                        "chunk_images": config.chunk_images or DEFAULT_CHUNK_IMAGES, "pixels": bool(config.pixels),
                        "source": images}
-            for runtime_only in ("workers", "address"):  # how it ran, not what it made
+            for runtime_only in ("workers", "address", "append"):  # how it ran, not what it made
                 options.pop(runtime_only)
             options.update(dataclasses.asdict(compute))
             FeatureStore.create(url, _store_config(config, teacher.info), paths, extract=options,
                                 metadata=listing.metadata)
+            mark_duplicates(url, notify)
         store = FeatureStore.open(url, mode="r+")
         pending = store.pending_chunks()
-        todo = sum(_len(store.chunk_slice(c)) for c in pending)
+        todo = int((store.status() == Status.PENDING).sum())
         if started:
             started(store, todo)
 
         def finished(result: ChunkResult) -> None:
-            nonlocal done, waited, chunk_s
+            nonlocal done, copied, waited, chunk_s
+            copied += result.copied
             done += result.n_images
             waited, chunk_s = waited + result.waited_s, chunk_s + result.seconds
             if progress:
@@ -249,15 +329,11 @@ def run_extract(
                 del teacher  # the actors build their own
                 lost = run_on_ray(url, spec, compute.batch, compute.threads_per_worker, min(n_workers, len(pending)),
                                   cluster, pending, teacher_sha=store.config.teacher.sha256, lock_token=lock.token,
-                                  finished=finished, notify=notify)
+                                  finished=finished, notify=notify, waits_for=copies_from(store, pending))
         finally:
             torch.set_num_threads(threads_before)  # the in-process worker set the store's count
     return dataclasses.replace(summarize(FeatureStore.open(url), done, time.perf_counter() - t0, lost),
-                               waited_s=waited, chunk_s=chunk_s)
-
-
-def _len(sl: slice) -> int:
-    return sl.stop - sl.start
+                               waited_s=waited, chunk_s=chunk_s, copied_this_run=copied)
 
 
 def summarize(store: FeatureStore, done: int = 0, seconds: float = 0.0, lost: dict | None = None) -> Summary:

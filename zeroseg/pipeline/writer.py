@@ -8,11 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from zeroseg.decode import Decoded
 from zeroseg.errors import UserError
-from zeroseg.pipeline.mapper import embed_chunk
+from zeroseg.pipeline.mapper import ChunkArrays, embed_chunk
 from zeroseg.pipeline.reader import read_views
 from zeroseg.pipeline.teacher import Teacher, load_teacher
 from zeroseg.stores.features import FeatureStore
@@ -63,6 +64,7 @@ class ChunkResult:
     n_ok: int
     waited_s: float = 0.0  # the teacher waiting for decoded images
     seconds: float = 0.0  # decode + teacher for the chunk (the store write not included)
+    copied: int = 0  # of n_images: duplicates of an earlier row, copied from it instead of embedded
 
     @property
     def wait_share(self) -> float:
@@ -83,6 +85,7 @@ class ChunkWorker:
         self.store = FeatureStore.open(url, mode="r+")
         self.batch = batch
         self.paths = self.store.paths()  # the store's list is authoritative
+        self.duplicate_of = self.store.duplicate_of()  # marked by the job before any worker starts
         # the teacher's precision as the store records it (the job refuses a run that differs)
         self.precision = self.store.extract_options.get("precision", "fp32")
         self.boxes = self.store.boxes
@@ -95,21 +98,69 @@ class ChunkWorker:
         return {"sha256": self.teacher.info.sha256, "host": socket.gethostname(), "pid": os.getpid(),
                 "threads": torch.get_num_threads()}
 
+    def _own_rows(self, chunk: int) -> np.ndarray:
+        """The chunk's rows (counted from its start) embedded here: all but duplicates of an earlier row."""
+        return np.flatnonzero(self.duplicate_of[self.store.chunk_slice(chunk)] < 0)
+
     def _decode(self, chunk: int) -> Iterator[Decoded]:
-        """The chunk's views, decoding from now on in the pool (or already, if read ahead)."""
+        """The views of the chunk's own rows, decoding from now on in the pool (or already, if read ahead)."""
         if chunk in self.ahead:
             return self.ahead.pop(chunk)
         config = self.store.config
-        return read_views(list(self.paths[self.store.chunk_slice(chunk)]), config.view_size, config.grids, self.decoder)
+        paths = self.paths[self.store.chunk_slice(chunk)][self._own_rows(chunk)]
+        return read_views(list(paths), config.view_size, config.grids, self.decoder)
+
+    def _with_duplicates(self, chunk: int, own: np.ndarray, embedded: ChunkArrays) -> ChunkArrays:
+        """The whole chunk's arrays: its own rows as embedded, each duplicate a copy of its first
+        row (in this chunk, or in a chunk already done: the job schedules this chunk after it)."""
+        sl = self.store.chunk_slice(chunk)
+        n = sl.stop - sl.start
+        out = ChunkArrays(
+            features=np.zeros((n, *embedded.features.shape[1:]), np.float16), status=np.zeros(n, np.uint8),
+            errors=[""] * n, sizes=np.zeros((n, 2), np.int32), views=np.zeros((n, *embedded.views.shape[1:]), np.uint8),
+            waited_s=embedded.waited_s, seconds=embedded.seconds,
+        )
+        for k, i in enumerate(own):
+            out.features[i], out.status[i], out.errors[i] = embedded.features[k], embedded.status[k], embedded.errors[k]
+            out.sizes[i], out.views[i] = embedded.sizes[k], embedded.views[k]
+        done: dict[int, tuple] = {}  # another chunk -> its arrays, read once
+        for i in np.flatnonzero(self.duplicate_of[sl] >= 0):
+            first = int(self.duplicate_of[sl.start + i])
+            if first >= sl.start:  # in this chunk: an own row, filled above
+                j = first - sl.start
+                row = out.features[j], out.status[j], out.errors[j], out.sizes[j], out.views[j]
+            else:
+                row = self._done_row(first, done)
+            out.features[i], out.status[i], out.errors[i], out.sizes[i], out.views[i] = row
+        return out
+
+    def _done_row(self, row: int, done: dict[int, tuple]) -> tuple:
+        """(features, status, error, size, view) of `row`, in a chunk written before."""
+        chunk, j = divmod(row, self.store.config.chunk_images)
+        if chunk not in done:
+            done[chunk] = (self.store.features.read_chunk(chunk), self.store.array("images/status").read_chunk(chunk),
+                           self.store.array("images/error").read_chunk(chunk), self.store.array("images/size").read_chunk(chunk),
+                           self.store.pixels.read_chunk(chunk) if self.store.has_pixels else None)
+        features, status, error, size, views = done[chunk]
+        if status[j] == Status.PENDING:
+            raise RuntimeError(f"{self.url}: row {row} is copied before it is done (chunk {chunk} is pending)")
+        return features[j], status[j], str(error[j]), size[j], views[j] if views is not None else 0
 
     def process(self, chunk: int, then: int | None = None) -> ChunkResult:
         """Embed and write one chunk. `then`, the chunk this worker does next if known, starts
         decoding before this one's write, so the teacher does not wait at the next chunk's start."""
         sl = self.store.chunk_slice(chunk)
         config = self.store.config
-        views = self._decode(chunk)
-        arrays = embed_chunk(self.teacher, views, sl.stop - sl.start, config.view_size, self.batch, self.boxes,
+        # An append that filled the old last chunk's tail leaves its first rows done: they are
+        # embedded again (the batches then are a whole extraction's, so the new rows' bits are too)
+        # but not written, so that they stay byte for byte what they were.
+        status = self.store.array("images/status").read_chunk(chunk)
+        skip = int(np.argmax(status == Status.PENDING)) if (status == Status.PENDING).any() else 0
+        own = self._own_rows(chunk)
+        arrays = embed_chunk(self.teacher, self._decode(chunk), len(own), config.view_size, self.batch, self.boxes,
                              self.precision)
+        if len(own) < sl.stop - sl.start:
+            arrays = self._with_duplicates(chunk, own, arrays)
         if then is not None:
             self.ahead = {then: self._decode(then)}  # at most one chunk ahead: its views in memory
         if self.lock_token and (lock_holder(self.url) or {}).get("token") != self.lock_token:
@@ -117,7 +168,7 @@ class ChunkWorker:
             raise LockedError(f"{self.url}: lost the lock before writing chunk {chunk}")
         self.store.write_chunk(
             chunk, arrays.features, arrays.status, arrays.errors, arrays.sizes,
-            arrays.views if self.store.has_pixels else None,
+            arrays.views if self.store.has_pixels else None, skip=skip,
         )
-        return ChunkResult(chunk, sl.stop - sl.start, int((arrays.status == Status.OK).sum()),
-                           arrays.waited_s, arrays.seconds)
+        return ChunkResult(chunk, sl.stop - sl.start - skip, int((arrays.status[skip:] == Status.OK).sum()),
+                           arrays.waited_s, arrays.seconds, int((self.duplicate_of[sl][skip:] >= 0).sum()))

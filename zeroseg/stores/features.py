@@ -23,6 +23,7 @@ from zeroseg.stores.schema import (
     COMPACT_ARRAYS,
     COMPRESSED,
     CREATING_MARKER,
+    DEDUP_ARRAYS,
     OUR_ENTRIES,
     READABLE_VERSIONS,
     Status,
@@ -112,6 +113,13 @@ def _rows(key, n: int) -> range:
 def _short_cause(e: Exception) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return "checksum mismatch" if "checksum" in text.lower() else f"{type(e).__name__}: {text[:80]}"
+
+
+def create_dedup_arrays(group: zarr.Group, n: int, chunk_images: int) -> None:
+    """images/hash ("": not hashed) and images/duplicate_of (-1: none) of n rows (schema version 4)."""
+    group.create_array("images/hash", shape=(n,), chunks=(chunk_images,), dtype=str, compressors=CHECKED)
+    group.create_array("images/duplicate_of", shape=(n,), chunks=(chunk_images,), dtype="int64", fill_value=-1,
+                       compressors=CHECKED)
 
 
 class StoreArray:
@@ -217,6 +225,7 @@ class FeatureStore:
             group.create_array("images/error", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
             group.create_array("images/size", shape=(n, 2), chunks=(b, 2), dtype="int32", fill_value=0,
                                compressors=CHECKED)
+            create_dedup_arrays(group, n, b)
             if config.pixels:
                 group.create_array(
                     "images/pixels", shape=(n, s, s, 3), chunks=(b, s, s, 3), dtype="uint8",
@@ -321,6 +330,80 @@ class FeatureStore:
     def sizes(self) -> np.ndarray:
         return self.array("images/size")[:]
 
+    @property
+    def has_dedup(self) -> bool:
+        """Whether the store records its images' hashes (schema version 4; `store migrate` adds them)."""
+        return "hash" in self.group["images"]
+
+    def hashes(self) -> np.ndarray:
+        """Each image's content hash, "" not hashed; all "" for a store without them."""
+        return self.array("images/hash")[:] if self.has_dedup else np.full(self.n_images, "", dtype=object)
+
+    def duplicate_of(self) -> np.ndarray:
+        """Each image's first row with the same bytes, -1 none (the store embedded it itself)."""
+        return self.array("images/duplicate_of")[:] if self.has_dedup else np.full(self.n_images, -1, np.int64)
+
+    def mark_duplicates(self, hashes: dict[int, str]) -> np.ndarray:
+        """Record the content hashes of pending rows (row -> hash, "" unreadable), then point each
+        pending row at the first row with the same hash (duplicate_of; -1 none). Done rows keep
+        what they hold. Only the chunks of pending rows are written; a kill leaves those rows
+        pending, and the next job marks them again. Returns duplicate_of, all rows."""
+        hash_of, duplicate_of = self.hashes().astype(object), self.duplicate_of()
+        for row, h in hashes.items():
+            hash_of[row] = h
+        pending = self.status() == Status.PENDING
+        first: dict[str, int] = {}
+        for row, h in enumerate(hash_of):
+            if not h:
+                continue
+            if h in first and pending[row]:
+                duplicate_of[row] = first[h]
+            else:
+                first.setdefault(h, row)
+                if pending[row]:
+                    duplicate_of[row] = -1
+        for chunk in sorted({row // self.config.chunk_images for row in np.flatnonzero(pending)}):
+            sl = self.chunk_slice(chunk)
+            self.group["images/hash"][sl] = hash_of[sl].astype(str)
+            self.group["images/duplicate_of"][sl] = duplicate_of[sl]
+        return duplicate_of
+
+    def listed_paths(self) -> np.ndarray:
+        """The image paths up to the first empty one: rows past it were made by an `append` that
+        was killed while writing their paths, and the next append writes them again."""
+        paths = self.paths()
+        empty = np.flatnonzero(paths == "")
+        return paths[: empty[0]] if empty.size else paths
+
+    def append(self, paths: Sequence[str], metadata: Sequence[str] | None = None) -> slice:
+        """Add `paths` as pending rows after the listed ones (see listed_paths); returns their rows.
+        Every per-image array grows along images, the existing rows keep their values. images/path
+        (which says how many images the store has) grows last: a kill before that leaves the store
+        as it was, a kill while its paths are written leaves empty paths for the next append to
+        overwrite. Compact targets grow when `store compact` next runs. Call it holding the lock."""
+        at = len(self.listed_paths())
+        n = at + len(paths)
+        try:
+            grown = ("crops/features", "images/pixels", "images/size", "images/error", "images/status", "images/meta",
+                     *DEDUP_ARRAYS)
+            for name in grown:
+                if name in self.group:
+                    self.group[name].resize((n, *self.group[name].shape[1:]))
+            # rows a shrink dropped come back with what they held (zarr keeps an edge chunk's bytes):
+            # pending and not hashed, so that the job hashes and writes them whole
+            self.group["images/status"][at:n] = np.full(n - at, Status.PENDING, np.uint8)
+            if self.has_dedup:
+                self.group["images/hash"][at:n] = np.full(n - at, "", dtype=str)
+                self.group["images/duplicate_of"][at:n] = np.full(n - at, -1, np.int64)
+            if "images/meta" in self.group:
+                self.group["images/meta"][at:n] = np.asarray(metadata if metadata is not None else [""] * (n - at), dtype=str)
+            self.group["images/path"].resize((n,))
+            self.group["images/path"][at:n] = np.asarray(paths, dtype=str)
+        except OSError as e:
+            raise StoreWriteError(f"{self.url}: appending {n - at} images failed: {e.strerror or e}; "
+                                  "free the space and re-run the same command") from None
+        return slice(at, n)
+
     def pending_chunks(self) -> list[int]:
         """Chunks not yet complete. A chunk's status is written last and all at once, so one
         pending image means the chunk never finished."""
@@ -335,14 +418,20 @@ class FeatureStore:
         errors: Sequence[str],
         sizes: np.ndarray,
         pixels: np.ndarray | None = None,
+        skip: int = 0,
     ) -> None:
-        """Write one whole chunk: data first, status last (that is what makes a chunk complete)."""
-        sl = self.chunk_slice(chunk)
-        n = sl.stop - sl.start
+        """Write one whole chunk: data first, status last (that is what makes a chunk complete).
+        The data cover the whole chunk; with `skip`, its first `skip` rows are kept as they are
+        (an append filled the chunk's tail: those rows were done before)."""
+        whole = self.chunk_slice(chunk)
+        n = whole.stop - whole.start
         if features.shape != (n, self.n_crops, self.dim):
             raise ValueError(f"chunk {chunk}: features {features.shape}, want {(n, self.n_crops, self.dim)}")
         if (np.asarray(status) == Status.PENDING).any():
             raise ValueError(f"chunk {chunk}: every image must end ok or failed")
+        sl = slice(whole.start + skip, whole.stop)
+        features, status, errors, sizes = features[skip:], np.asarray(status)[skip:], list(errors)[skip:], sizes[skip:]
+        pixels = pixels[skip:] if pixels is not None else None
         # A compact copy of this chunk (schema: compact targets) is marked unwritten first, so
         # that it cannot outlive the features it was made from.
         for _, scale in COMPACT_ARRAYS.values():

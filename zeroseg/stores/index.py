@@ -202,14 +202,18 @@ def store_fingerprint(store: FeatureStore) -> dict[str, Any]:
     (a hash of every image's status) tells whether the store changed since: chunks marked
     pending by `store verify --repair`, or redone. A chunk is only ever rewritten bit-identical
     (extract refuses a resume that would not be), so status is all that can change."""
-    h = hashlib.sha256()
-    for p in store.paths():
-        h.update(str(p).encode())
-        h.update(b"\0")
-    fp = {**store.identity(), "paths_sha256": h.hexdigest(),
+    fp = {**store.identity(), "paths_sha256": _paths_sha256(store.paths()),
           "status_sha256": hashlib.sha256(store.status().tobytes()).hexdigest()}
     fp["url"] = canonical_location(fp["url"])  # absolute: a query from another folder finds it
     return json.loads(json.dumps(fp))  # tuples -> lists: equal to itself after a save and load
+
+
+def _paths_sha256(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def _store_label(fp: dict[str, Any]) -> str:
@@ -217,14 +221,15 @@ def _store_label(fp: dict[str, Any]) -> str:
     return f"{fp['url']} ({t['arch']}/{t['pretrained']} {t['sha256'][:12]}, {fp['n_images']} images)"
 
 
-def _store_mismatches(built: dict[str, Any], given: dict[str, Any]) -> list[str]:
+def _store_mismatches(built: dict[str, Any], given: dict[str, Any], grew: bool) -> list[str]:
     pairs = [
         ("teacher", built["teacher"]["sha256"][:12], given["teacher"]["sha256"][:12]),
         ("grids", built["grids"], given["grids"]),
         ("view_size", built["view_size"], given["view_size"]),
-        ("images", built["n_images"], given["n_images"]),
-        ("image paths", built["paths_sha256"][:12], given["paths_sha256"][:12]),
     ]
+    if not grew:  # an appended store is the same store, stale (see NeighbourIndex.check_store)
+        pairs += [("images", built["n_images"], given["n_images"]),
+                  ("image paths", built["paths_sha256"][:12], given["paths_sha256"][:12])]
     return [f"{name} {a} vs {b}" for name, a, b in pairs if a != b]
 
 
@@ -471,15 +476,22 @@ class NeighbourIndex:
 
     def check_store(self, store: FeatureStore) -> str | None:
         """Refuse a store other than the one the index was built from, naming both sides; the
-        same store changed since the build gives a warning line (see store_changed)."""
-        given = store_fingerprint(store)
-        problems = _store_mismatches(self.meta.store, given)
+        same store changed or grown since the build gives a warning line (see store_changed)."""
+        built, given = self.meta.store, store_fingerprint(store)
+        # `extract` appends images at the end and leaves the rows before as they were: the store
+        # the index was built from, grown, when its first rows hold the same paths
+        n = built["n_images"]
+        grew = given["n_images"] > n and _paths_sha256(store.paths()[:n]) == built["paths_sha256"]
+        problems = _store_mismatches(built, given, grew)
         if problems:
             raise NeighbourIndexError(
-                f"index was built from store {_store_label(self.meta.store)}, "
+                f"index was built from store {_store_label(built)}, "
                 f"given {_store_label(given)}: " + "; ".join(problems)
             )
-        return store_changed(self.meta.store, given)
+        if grew:
+            return (f"warning: the index is stale: store {given['url']} grew from {n} to {given['n_images']} images "
+                    "since it was built (the new ones are not in it); rebuild it with `zeroseg index build`")
+        return store_changed(built, given)
 
     def check_checkpoint(self, path: str, sha256: str) -> None:
         built = self.meta.checkpoint

@@ -47,6 +47,8 @@ def store_info(url: str) -> dict[str, Any]:
         "url": url,
         "images": n,
         "status": {s.name.lower(): int((status == s).sum()) for s in Status},
+        # rows holding the same bytes as an earlier row: embedded once, copied (None: not recorded)
+        "duplicates": int((store.duplicate_of() >= 0).sum()) if store.has_dedup else None,
         "features": {"shape": [n, c, d], "dtype": str(store.features.dtype),
                      "chunks": list(store.features.chunks), "n_chunks": store.n_chunks},
         "pixels": list(store.pixels.shape) if store.has_pixels else None,
@@ -203,6 +205,8 @@ def format_info(info: dict[str, Any]) -> str:
     lines = [
         f"store     {info['url']}",
         f"images    {info['images']}: {status}",
+        f"          {info['duplicates']} duplicates (the same bytes as an earlier row: embedded once)"
+        if info["duplicates"] is not None else "          duplicates not recorded (schema before 4: `zeroseg store migrate`)",
         f"features  {tuple(f['shape'])} {f['dtype']}, chunks {tuple(f['chunks'])} ({f['n_chunks']} chunks)",
         f"pixels    {tuple(info['pixels']) if info['pixels'] else 'not stored'}",
         f"teacher   {t['arch']} ({t['pretrained']}, sha256 {t['sha256'][:12]}), input {t['input_size']} px, {t['embed_dim']} dims",

@@ -1,4 +1,8 @@
-"""`zeroseg store migrate STORE`: a version-1 or -2 store made version 3, in place, crash-safe.
+"""`zeroseg store migrate STORE`: a version-1, -2 or -3 store made version 4, in place, crash-safe.
+
+3 -> 4 adds images/hash (all "": the rows extracted before are not hashed, so a later row is
+never taken for a duplicate of one of them) and images/duplicate_of (all -1), then writes the
+version: a kill in between leaves a version-3 store whose re-run adds what is missing.
 
 2 -> 3 changes no array (version 3 only adds optional compact targets): one attribute write.
 
@@ -24,9 +28,9 @@ from typing import Callable
 import fsspec
 import zarr
 
-from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.features import FeatureStore, create_dedup_arrays
 from zeroseg.stores.lock import StoreLock
-from zeroseg.stores.schema import CHECKED, COMPRESSED, MIGRATING_DIR, SCHEMA_VERSION
+from zeroseg.stores.schema import CHECKED, COMPRESSED, DEDUP_ARRAYS, MIGRATING_DIR, SCHEMA_VERSION
 
 COMPRESSED_ARRAYS = ("crops/features", "images/pixels", "crops/int8", "crops/pq_codes")
 
@@ -60,33 +64,44 @@ def _swap(fs, root: str, name: str) -> None:
 
 
 def migrate_store(url: str, notify: Callable[[str], None] = print) -> str:
-    """Make the store at `url` version 3; returns what was done, in one line."""
+    """Make the store at `url` version 4; returns what was done, in one line."""
     with StoreLock(url):
         store = FeatureStore.open(url, mode="r+")
-        group = store.group
-        version = group.attrs["schema_version"]
-        fs, root = fsspec.core.url_to_fs(url)
-        root = root.rstrip("/")
+        version = store.group.attrs["schema_version"]
         if version == SCHEMA_VERSION:
             return f"{url} is already schema version {SCHEMA_VERSION}: nothing to do"
-        if version == 2:
-            group.update_attributes({"schema_version": SCHEMA_VERSION})
-            return f"{url}: schema version 2 -> {SCHEMA_VERSION} (no array changes: compact targets are optional)"
-        if group.attrs.get("migration") != "staged":
-            if fs.exists(f"{root}/{MIGRATING_DIR}"):
-                notify(f"{url}: redoing an interrupted migration from its start")
-                fs.rm(f"{root}/{MIGRATING_DIR}", recursive=True)
-            names = _arrays(group)
-            for name in names:
-                _stage(group, name)
-            group.update_attributes({"migration": "staged"})
-        else:
-            notify(f"{url}: finishing an interrupted migration")
-        names = _arrays(zarr.open_group(group.store, path=MIGRATING_DIR, mode="r"))
+        done = "no array rewritten"
+        if version == 1:
+            done = _checksums(store, url, notify)
+        for name in DEDUP_ARRAYS:  # both or neither: a kill between them leaves the first
+            if name in store.group:
+                del store.group[name]
+        create_dedup_arrays(store.group, store.n_images, store.config.chunk_images)
+        store.group.update_attributes({"schema_version": SCHEMA_VERSION})
+    return (f"{url}: schema version {version} -> {SCHEMA_VERSION}: {done}; image hashes added "
+            "(empty for the rows extracted before: they are not deduplicated)")
+
+
+def _checksums(store: FeatureStore, url: str, notify: Callable[[str], None]) -> str:
+    """1 -> 3: every array rewritten with checksums (the module docstring's three steps)."""
+    group = store.group
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    if group.attrs.get("migration") != "staged":
+        if fs.exists(f"{root}/{MIGRATING_DIR}"):
+            notify(f"{url}: redoing an interrupted migration from its start")
+            fs.rm(f"{root}/{MIGRATING_DIR}", recursive=True)
+        names = _arrays(group)
         for name in names:
-            _swap(fs, root, name)
-        attrs = {k: v for k, v in dict(group.attrs).items() if k != "migration"}
-        group.attrs.put({**attrs, "schema_version": SCHEMA_VERSION})  # one write: the store is version 3
-        fs.rm(f"{root}/{MIGRATING_DIR}", recursive=True)
-    return f"{url}: schema version 1 -> {SCHEMA_VERSION}: {len(names)} arrays rewritten with checksums"
+            _stage(group, name)
+        group.update_attributes({"migration": "staged"})
+    else:
+        notify(f"{url}: finishing an interrupted migration")
+    names = _arrays(zarr.open_group(group.store, path=MIGRATING_DIR, mode="r"))
+    for name in names:
+        _swap(fs, root, name)
+    attrs = {k: v for k, v in dict(group.attrs).items() if k != "migration"}
+    group.attrs.put({**attrs, "schema_version": 3})  # one write: the store is version 3
+    fs.rm(f"{root}/{MIGRATING_DIR}", recursive=True)
+    return f"{len(names)} arrays rewritten with checksums"
 

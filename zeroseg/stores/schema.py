@@ -1,6 +1,6 @@
 """The feature store's schema: its layout, attributes, codecs and versions (DESIGN.md, "Store schema").
 
-Layout of a version-3 store (a Zarr v3 group):
+Layout of a version-4 store (a Zarr v3 group):
 
     attrs                 schema_version, teacher{...}, grids, view_size, dtype, chunk_images,
                           pixels, zeroseg_version, extract{...} (the job's own options, and what
@@ -8,11 +8,16 @@ Layout of a version-3 store (a Zarr v3 group):
                           batch; a resume must match them)
     crops/features        (N, C, D) float16, one chunk = chunk_images whole images, Blosc zstd
     crops/boxes           (C, 4) float32, fractional x0, y0, x1, y1 in the training view
-    images/path           (N,) str
+    images/path           (N,) str; empty ("") only in rows an interrupted append left, which
+                          the next append writes again (FeatureStore.append)
     images/status         (N,) uint8, Status
     images/error          (N,) str, one line per failed image
     images/size           (N, 2) int32, original height, width
     images/pixels         (N, S, S, 3) uint8, optional: the student's input view
+    images/hash           (N,) str, blake2b-128 (hex) of the image file's bytes; "" not hashed
+                          (unreadable, or a row of a store made before version 4)
+    images/duplicate_of   (N,) int64, the first row whose file has the same bytes, -1 none: the
+                          row holds a copy of that row's features, status, error, size, pixels
     images/meta           (N,) str, optional: each image's metadata from its listing, a JSON
                           object ("" none): a WebDataset key's .json/.txt, a table's other columns
     text/<vocab>          attrs {"current": <generation>}: the one vocabulary readers see
@@ -33,7 +38,9 @@ one is complete when its scale (norm) rows hold no NaN, written after the codes;
 sets them back to NaN before it rewrites a chunk's features, so a compact never goes stale
 silently. zeroseg.stores.compact writes and decodes them.
 
-`zeroseg store migrate` (zeroseg.stores.migrate) makes a version-1 or -2 store version 3 in place.
+Version 4 adds images/hash and images/duplicate_of: the same bytes are embedded once.
+
+`zeroseg store migrate` (zeroseg.stores.migrate) makes a version-1, -2 or -3 store version 4 in place.
 
 Version 2 adds a crc32c checksum after the compressor of every array, so
 that reading a damaged chunk fails instead of returning wrong numbers; reads go through
@@ -60,8 +67,8 @@ from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 import zeroseg
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 # Checksummed after compression: a flipped byte or a truncated chunk file fails the read.
 CHECKED = [Crc32cCodec()]
 COMPRESSED = [BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle), Crc32cCodec()]
@@ -72,6 +79,8 @@ OUR_ENTRIES = {"zarr.json", "crops", "images", "text", CREATING_MARKER}
 COMPACT_ARRAYS = {"int8": ("crops/int8", "crops/int8_scale"), "pq": ("crops/pq_codes", "crops/pq_norm")}
 PQ_CODEBOOK = "crops/pq_codebook"
 MIGRATING_DIR = "zeroseg.migrating"  # `store migrate` stages a version-1 store's rewritten arrays here
+# Version 4: which rows hold the same bytes (FeatureStore.create makes them, `store migrate` adds them).
+DEDUP_ARRAYS = ("images/hash", "images/duplicate_of")
 PER_IMAGE_ARRAYS = ("crops/features", "images/pixels", "images/size", "images/error", "images/status", "images/path")
 
 

@@ -120,12 +120,15 @@ class Window:
 
 
 class Plan:
-    """The data order: a pure function of (seed, epoch) over the status-ok images."""
+    """The data order: a pure function of (seed, epoch) over the status-ok images, each distinct
+    image once: a row with `duplicate_of` >= 0 holds the same bytes as an earlier row, and is left out."""
 
-    def __init__(self, status: np.ndarray, chunk_images: int, seed: int, buffer_chunks: int):
+    def __init__(self, status: np.ndarray, chunk_images: int, seed: int, buffer_chunks: int,
+                 duplicate_of: np.ndarray | None = None):
         self.chunk_images, self.seed, self.buffer_chunks = chunk_images, seed, max(1, buffer_chunks)
         n_chunks = -(-len(status) // chunk_images)
-        ok = np.flatnonzero(status == Status.OK)
+        distinct = duplicate_of < 0 if duplicate_of is not None else True
+        ok = np.flatnonzero((status == Status.OK) & distinct)
         self.ok_rows = [ok[(ok >= c * chunk_images) & (ok < (c + 1) * chunk_images)] for c in range(n_chunks)]
         self.n_ok = len(ok)
         if self.n_ok == 0:
@@ -198,7 +201,7 @@ class StoreDataset(torch.utils.data.IterableDataset):
         store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
         self.url, self.grids = store.url, tuple(grids or store.config.grids)
         self.columns = select_columns(store.boxes, store.config.grids, self.grids)
-        self.plan = Plan(store.status(), store.config.chunk_images, seed, buffer_chunks)
+        self.plan = Plan(store.status(), store.config.chunk_images, seed, buffer_chunks, store.duplicate_of())
         self.start, self.rank, self.world_size = start, rank, world_size
         self.targets, self.targets_dtype = targets, targets_dtype
         self.decoders, self.preload = decoders, preload

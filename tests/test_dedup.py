@@ -1,0 +1,74 @@
+"""Identical bytes embedded once (issue 16): a row whose file holds the same bytes as an earlier
+row's (the same file under two paths, listed twice, or appended again) is copied from it, not
+embedded; `store info` counts them and the trainer sees each distinct image once per epoch."""
+
+import shutil
+
+import numpy as np
+
+from images import write_good
+from test_extract import SMALL, assert_same_store, one_thread, quiet, zeroseg  # noqa: F401 (fixture)
+from zeroseg.pipeline.runner import ExtractConfig, run_extract
+from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status
+from zeroseg.trainer.loader import StoreDataset
+
+WITH_PIXELS = ExtractConfig(**{**SMALL.__dict__, "pixels": True})  # chunks of 4 images
+
+
+def images_with_copies(folder):
+    """good000-good005, then zcopy1.png (= good001, row 7) and zcopy5.png (= good005, row 8);
+    a manifest lists them all and good002 twice more (rows 9, 10)."""
+    paths = write_good(folder, 6)
+    shutil.copy(paths[1], folder / "zcopy1.png")
+    shutil.copy(paths[5], folder / "zcopy5.png")
+    write_good(folder, 1, seed=3, prefix="y")  # row 6: a distinct image
+    listing = sorted(str(p) for p in folder.iterdir()) + [str(paths[2])] * 2
+    manifest = folder.parent / "list.txt"
+    manifest.write_text("\n".join(listing) + "\n")
+    return manifest
+
+
+def test_the_same_bytes_are_embedded_once_and_copied(tmp_path, capsys):
+    manifest = images_with_copies(tmp_path / "imgs")
+    url = str(tmp_path / "s.zarr")
+    results, notes = [], []
+    summary = run_extract(str(manifest), url, WITH_PIXELS, notify=notes.append, progress=results.append)
+    assert (summary.ok, summary.copied_this_run) == (11, 4)
+    assert sum(r.copied for r in results) == 4 and sum(r.n_images for r in results) == 11
+    assert any("4 of the 11 images to do have the same bytes" in n for n in notes), notes
+    store = FeatureStore.open(url)
+    assert list(store.duplicate_of()) == [-1, -1, -1, -1, -1, -1, -1, 1, 5, 2, 2]
+    features, pixels = store.features[:], store.pixels[:]
+    for row, first in [(7, 1), (8, 5), (9, 2), (10, 2)]:
+        assert np.array_equal(features[row], features[first]) and np.array_equal(pixels[row], pixels[first])
+    assert (store.sizes()[7:] == store.sizes()[[1, 5, 2, 2]]).all()
+    assert len(set(store.hashes())) == 7
+    result = zeroseg(capsys, "store", "info", url)
+    assert "4 duplicates" in result.output, result.output
+    assert zeroseg(capsys, "store", "verify", url).exit_code == 0  # copies agree with their status
+    # the trainer's epoch: each distinct image once
+    assert StoreDataset(url, seed=0).plan.n_ok == 7
+
+
+def test_ray_copies_after_the_first_row_is_written_and_equals_in_process(tmp_path, ray_session, one_thread):
+    """Rows 7-10 copy rows of chunks 0 and 1: Ray starts chunk 2 only once those are written."""
+    manifest = images_with_copies(tmp_path / "imgs")
+    local, pooled = str(tmp_path / "local.zarr"), str(tmp_path / "ray.zarr")
+    run_extract(str(manifest), local, WITH_PIXELS, notify=quiet)
+    summary = run_extract(str(manifest), pooled, ExtractConfig(**{**WITH_PIXELS.__dict__, "workers": 2}), notify=quiet)
+    assert (summary.ok, summary.copied_this_run) == (11, 4)
+    assert_same_store(local, pooled)
+
+
+def test_an_image_appended_again_under_another_path_is_copied(tmp_path):
+    paths = write_good(tmp_path / "imgs", 5)
+    url = str(tmp_path / "s.zarr")
+    run_extract(str(tmp_path / "imgs"), url, SMALL, notify=quiet)
+    (tmp_path / "more").mkdir()
+    shutil.copy(paths[3], tmp_path / "more" / "again.png")
+    summary = run_extract(str(tmp_path / "more"), url, ExtractConfig(**{**SMALL.__dict__, "append": True}), notify=quiet)
+    assert (summary.n_images, summary.done_this_run, summary.copied_this_run) == (6, 1, 1)
+    store = FeatureStore.open(url)
+    assert store.duplicate_of()[5] == 3 and store.status()[5] == Status.OK
+    assert np.array_equal(store.features[5], store.features[3])
