@@ -239,7 +239,7 @@ def ablate(
     batch: int = typer.Option(None, help="images per step"),
     calibrate_on: str = typer.Option(None, help="pick the background threshold on this (train) dataset"),
     bg_threshold: float = typer.Option(None, help="fixed background threshold (else calibrated or the paper's)"),
-    trials_parallel: int = typer.Option(None, help="trials at once as Ray tasks [default: one per CPU]; 0 = in this process"),
+    trials_parallel: int = typer.Option(None, help="trials at once as Ray Tune trials [default: one per CPU]; 0 = in this process"),
     address: str = typer.Option(None, help="join this Ray cluster"),
     online_ratio: float = typer.Option(None, help="cached/online speed ratio for the cost estimate (benchmarks/train.py)"),
 ) -> None:

@@ -3,7 +3,7 @@
 A spec names trainer config fields by dotted path (`grids`, `losses.match`, `mask_ratio`,
 `model.group_tokens`) and either a grid of values (every combination is a trial) or an explicit
 list of named trials (for tables whose rows are not a product, like the paper's loss table).
-Each trial x seed trains from the cache and evaluates mIoU in its own run dir, as a Ray task.
+Each trial x seed trains from the cache and evaluates mIoU in its own run dir, as a Ray Tune trial.
 A trial's result file is keyed by the hash of everything that makes it, so a re-run skips what is
 done and a failed trial is recorded without stopping the others.
 """
@@ -14,6 +14,8 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,8 +218,8 @@ def run_ablation(
     calibrate_on: str | None = None, threshold: float | None = None, parallel: int | None = None,
     address: str | None = None, online_ratio: float = 191.0, progress: bool = True,
 ) -> AblationReport:
-    """Every trial x seed of `spec` over one store: Ray tasks of one CPU each (`parallel` at a
-    time; 0 runs them one by one in this process), resumable, then the tables, plot and cost."""
+    """Every trial x seed of `spec` over one store: Ray Tune trials of one CPU each (`parallel` at
+    a time; 0 runs them one by one in this process), resumable, then the tables, plot and cost."""
     store = FeatureStore.open(store_url)
     trials = expand(load_spec(spec))
     batch_given = {} if batch is None else {"batch": batch}  # else TrainConfig's
@@ -232,7 +234,7 @@ def run_ablation(
     with bar:
         task = bar.add_task("trials", total=len(jobs))
         done = lambda: bar.advance(task)  # noqa: E731
-        rows = _run_jobs(trial_fn, jobs, parallel, address, done)
+        rows = _run_jobs(trial_fn, jobs, parallel, address, out, done)
     wall_s = time.perf_counter() - start
     fields = varied_fields(trials)
     ok = [r for r in rows if r["status"] == "ok"]
@@ -253,26 +255,62 @@ def run_ablation(
 
 
 def _run_jobs(trial_fn: TrialFn, jobs: list[dict[str, Any]], parallel: int | None, address: str | None,
-              done: Callable[[], None]) -> list[dict[str, Any]]:
-    """Results in job order. parallel=0: one by one here; else Ray tasks, `parallel` in flight
-    (default: one per CPU of the cluster)."""
+              out: Path, done: Callable[[], None]) -> list[dict[str, Any]]:
+    """Results in job order. A trial already finished is read back from its run dir; the others
+    run one by one here (parallel=0) or as a Ray Tune grid, `parallel` trials at a time (default:
+    one per CPU of the cluster), one CPU each."""
+    rows: dict[str, dict[str, Any]] = {}
+    for job in jobs:
+        result = _read_result(Path(job["run_dir"]) / "result.json")
+        if result is not None and result.get("status") == "ok":
+            rows[job["key"]] = result
+            done()
+    todo = [job for job in jobs if job["key"] not in rows]
     if parallel == 0:
-        rows = []
-        for job in jobs:
-            rows.append(run_trial(trial_fn, job))
+        for job in todo:
+            rows[job["key"]] = run_trial(trial_fn, job)
             done()
-        return rows
-    import ray
+    elif todo:
+        with ray_cluster(address) as (cpus, _):
+            rows |= _run_on_tune(trial_fn, todo, parallel or max(1, cpus), out, done)
+    return [rows[job["key"]] for job in jobs]
 
-    with ray_cluster(address) as (cpus, _):
-        remote = ray.remote(num_cpus=1, max_retries=0)(run_trial)
-        limit = parallel or max(1, cpus)
-        queue, in_flight, results = list(enumerate(jobs)), {}, {}
-        while queue or in_flight:
-            while queue and len(in_flight) < limit:
-                i, job = queue.pop(0)
-                in_flight[remote.remote(trial_fn, job)] = i
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            results[in_flight.pop(ref)] = ray.get(ref)
-            done()
-        return [results[i] for i in range(len(jobs))]
+
+def _run_on_tune(trial_fn: TrialFn, jobs: list[dict[str, Any]], parallel: int, out: Path,
+                 done: Callable[[], None]) -> dict[str, dict[str, Any]]:
+    """The jobs as one Tune experiment in OUT/tune/: a trial whose worker or node dies is retried
+    on another (FailureConfig). Each trial is `run_trial`: a failed one is a result row, not a Tune
+    error, and a killed ablation's next run starts from the run dirs, not from Tune's state."""
+    # Tune's newer console output prints a header and paths even at verbose=0; the older one is silent
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    from ray import tune
+
+    def trainable(config: dict[str, Any]) -> dict[str, Any]:
+        return {"row": run_trial(trial_fn, config["job"])}
+
+    class CountFinished(tune.Callback):  # `done` passed in, not closed over: Tune pickles the class too
+        def __init__(self, done: Callable[[], None]) -> None:
+            self.done: Callable[[], None] | None = done
+
+        def __getstate__(self) -> dict:  # Tune saves its callbacks with the experiment; the bar stays here
+            return {"done": None}
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            if self.done:
+                self.done()
+
+    storage = (out / "tune").resolve()
+    name = f"run-{len(list(storage.glob('run-*'))) if storage.exists() else 0:03d}"  # one experiment per invocation
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        param_space={"job": tune.grid_search(jobs)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=parallel, reuse_actors=True),  # no process start per trial
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[CountFinished(done)],
+                                  failure_config=tune.FailureConfig(max_failures=2)),
+    )
+    rows = {r.metrics["row"]["key"]: r.metrics["row"] for r in tuner.fit() if r.metrics and "row" in r.metrics}
+    # a trial Tune gave up on (its workers kept dying) has no row: failed here, tried again next run
+    return {j["key"]: rows.get(j["key"]) or {"trial": j["trial"], "seed": j["seed"], "key": j["key"], **j["fields"],
+                                              "status": "failed", "error": "its worker died (Tune gave up)"}
+            for j in jobs}
