@@ -241,7 +241,7 @@ class StoreDataset(torch.utils.data.IterableDataset):
 
 
 class Batches:
-    """Iterator of a dataset's batches from `start_step` on: dict of "pixels" (B, S, S, 3) uint8,
+    """Iterator of a dataset's batches (of its rank's shard) from `start_step` on: dict of "pixels" (B, S, S, 3) uint8,
     "features" (B, C', D) float16, float32 from compact targets (unless the dataset reads none), "index" (B,) int64 and
     "epoch" (float: stream position / ok images). `pin`: page-locked batches, so that copies to a
     GPU can be non-blocking. Call close() (or use as a context manager)."""
@@ -259,7 +259,8 @@ class Batches:
 
     def _produce(self) -> None:
         try:
-            windows = self.dataset.windows(self.position)
+            # this replica's own stream: its chunks, batch // world_size of its images a step
+            windows = self.dataset.windows(self.position, self.dataset.rank, self.dataset.world_size)
             pending: deque[tuple[Future, int]] = deque()
             carry: dict[str, np.ndarray] | None = None
             position = self.position
@@ -276,7 +277,7 @@ class Batches:
                     batch = {k: torch.from_numpy(np.ascontiguousarray(v[start : start + self.batch])) for k, v in data.items()}
                     if self.pin:
                         batch = {k: v.pin_memory() for k, v in batch.items()}
-                    batch["epoch"] = position / self.plan.n_ok
+                    batch["epoch"] = position * self.dataset.world_size / self.plan.n_ok
                     position += self.batch
                     if not self._put(batch):
                         return

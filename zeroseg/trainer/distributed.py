@@ -1,0 +1,108 @@
+"""Data-parallel training: `train --workers N` runs N replicas of the train loop as Ray actors,
+one process each, in one torch.distributed group (gloo on CPU, NCCL on GPUs); DDP averages their
+gradients in backward().
+
+What each replica does is train.train(rank=r, world_size=N): its own chunks of every epoch,
+batch // N images a step, the global batch's learning-rate schedule and step count; rank 0 alone
+writes the run dir, and the logged losses are the replicas' mean. The run dir and the store must
+be reachable under the same path or URL from every worker (one machine, or a shared filesystem).
+
+Ray Train's TorchTrainer would start the same processes, but `ray.train` does not import in this
+environment (it needs pandas): the group is made here, on the Ray that zeroseg already uses
+(pipeline.distributor.ray_cluster), in a few lines.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zeroseg.errors import UserError
+from zeroseg.outputs import check_output_dir
+from zeroseg.trainer.config import TrainConfig
+from zeroseg.trainer.train import open_run, train
+
+# A replica waiting this long for the others in a collective gives up (a peer is gone).
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+class Replica:
+    """One worker process: joins the group, then runs the train loop as its rank."""
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the others: this node's address and a free port."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def train(self, master: tuple[str, int], rank: int, world_size: int, backend: str, **kwargs: Any) -> dict[str, Any]:
+        torch.distributed.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank,
+                                             world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+        try:
+            return train(rank=rank, world_size=world_size, progress=False, **kwargs)
+        finally:
+            torch.distributed.destroy_process_group()
+
+
+def check_workers(store_url: str, run_dir: Path, config: TrainConfig | None, resume: bool, workers: int) -> TrainConfig:
+    """Every refusal a replica would make, made here in one line before a worker starts (a
+    replica that failed alone would leave the others waiting for it). Returns the run's config."""
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, not {workers}")
+    check_output_dir(run_dir, "train")
+    store, config, _, _, _ = open_run(store_url, run_dir, config, resume, workers, claim=False)
+    buffer = max(1, config.buffer_chunks)
+    windows = -(-store.n_chunks // buffer)  # each epoch's windows are shared out (loader.Plan)
+    if workers > windows:
+        raise UserError(f"{workers} workers, but the store has only {windows} windows of {buffer} chunks "
+                        "to share out: use fewer workers (or a store of more chunks)")
+    return config
+
+
+def train_on_workers(store_url: str, run_dir: str | Path, config: TrainConfig | None = None, *, workers: int,
+                     address: str | None = None, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """train() by `workers` data-parallel replicas on Ray (a local Ray, or the cluster at `address`).
+    Returns rank 0's result. A worker that dies ends the run: `resume` continues it from the last
+    checkpoint with as many workers."""
+    import ray  # here, not at the top: see ray_cluster
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from zeroseg.pipeline.distributor import ray_cluster
+
+    run_dir = Path(run_dir)
+    gpu = check_workers(store_url, run_dir, config, resume, workers).device.startswith("cuda")
+    with ray_cluster(address) as (cpus, gpus):
+        if gpu and gpus < workers:
+            raise UserError(f"{workers} workers on --device cuda, the Ray cluster has {gpus} GPUs")
+        if workers > cpus:
+            raise UserError(f"{workers} workers, the Ray cluster has {cpus} CPUs")
+        actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0)(Replica)
+        replicas = [actor.remote() for _ in range(workers)]
+        try:
+            master = ray.get(replicas[0].address.remote())
+            runs = {replica.train.remote(master, rank, workers, "nccl" if gpu else "gloo", store_url=store_url,
+                                         run_dir=str(run_dir), config=config, resume=resume, stop_after=stop_after): rank
+                    for rank, replica in enumerate(replicas)}
+            results, pending = {}, list(runs)
+            while pending:  # the first failure ends the run: its peers would wait for it in vain
+                (done,), pending = ray.wait(pending, num_returns=1)
+                rank = runs[done]
+                try:
+                    results[rank] = ray.get(done)
+                except RayTaskError as e:
+                    if isinstance(e.cause, UserError):
+                        raise UserError(str(e.cause)) from None
+                    raise
+                except RayActorError:
+                    raise UserError(f"worker {rank} of {workers} died; `train --resume --workers {workers}` "
+                                    "continues from the last checkpoint") from None
+        finally:
+            for replica in replicas:
+                ray.kill(replica)
+    return results[0]
