@@ -97,6 +97,8 @@ def test_what_cannot_be_split_is_refused_in_one_line(store_url, tmp_path):
         train_on_workers(store_url, tmp_path / "a", tiny_config(), workers=3)
     with pytest.raises(UserError, match="3 workers, but the store has only 2 windows of 8 chunks"):
         train_on_workers(store_url, tmp_path / "b", tiny_config(batch=9, buffer_chunks=8), workers=3)
+    with pytest.raises(UserError, match="--workers must be at least 1, not 0"):
+        run_train(store_url, tmp_path / "c", workers=0, steps=2)
     with pytest.raises(UserError, match="--address is where --workers N"):
         run_train(store_url, tmp_path / "c", address="127.0.0.1:6379", steps=2)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

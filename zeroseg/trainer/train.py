@@ -327,11 +327,11 @@ def run_train(
     fields (steps, batch, lr, mask_ratio, targets, targets_dtype, precision, seed, threads, device).
     `loss` ("distill,match=0.5") replaces the recipe's loss terms. `workers` N > 1: N data-parallel
     replicas on Ray (trainer/distributed.py; at `address`); otherwise this process alone, no Ray."""
-    if address is not None and not (workers or 1) > 1:
+    if address is not None and workers in (None, 1):
         raise UserError("--address is where --workers N (N >= 2) run: give --workers too")
     config = None if resume else command_config(store_url, preset_name, recipe_name, epochs, grids, loss, multiscale,
                                                 target_norm, fields)
-    if (workers or 1) == 1:
+    if workers in (None, 1):
         return train(store_url, out, config, resume=resume, stop_after=stop_after, progress=progress)
     from zeroseg.trainer.distributed import train_on_workers  # imports Ray: only for --workers N
 
