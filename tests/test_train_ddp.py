@@ -3,6 +3,11 @@ run played by one process, their shares of the data, stop and resume, the one-li
 
 import csv
 import dataclasses
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +15,7 @@ import torch
 
 from synthetic import synthetic_store
 from zeroseg.errors import UserError
-from zeroseg.trainer.checkpoint import load_student
+from zeroseg.trainer.checkpoint import latest_checkpoint, load_student
 from zeroseg.trainer.config import recipe
 from zeroseg.trainer.distributed import train_on_workers
 from zeroseg.trainer.loader import Batches, StoreDataset
@@ -102,3 +107,46 @@ def test_what_cannot_be_split_is_refused_in_one_line(store_url, tmp_path):
     with pytest.raises(UserError, match="--address is where --workers N"):
         run_train(store_url, tmp_path / "c", address="127.0.0.1:6379", steps=2)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def replica_pids() -> list[int]:
+    """The live worker processes running a replica (Ray titles them ray::Replica.<method>)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Replica.train"):
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            pass
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_run_in_one_line_and_resume_finishes_it(store_url, tmp_path, ray_session):
+    config = tiny_config(steps=60, log_every=4, checkpoint_every=4)
+    run = tmp_path / "run"
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            train_on_workers(store_url, run, config, workers=2)
+        except BaseException as e:  # noqa: BLE001 (handed to the test below)
+            failure.append(e)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not (run.is_dir() and latest_checkpoint(run)):  # killed once a checkpoint is there
+        assert time.monotonic() < deadline and thread.is_alive(), failure
+        time.sleep(0.05)
+    pids = replica_pids()
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=120)
+    assert len(failure) == 1 and isinstance(failure[0], UserError), failure
+    assert "died; `train --resume --workers 2` continues from the last checkpoint" in str(failure[0])
+    stopped_at = load_student(run)[2]["step"]
+    assert stopped_at < 60
+    result = run_train(store_url, run, resume=True, workers=2, progress=False)
+    assert result["step"] == 60 and load_student(run)[2]["step"] == 60
+    assert metrics(run, "step") == list(range(4, 61, 4))

@@ -28,6 +28,8 @@ from zeroseg.trainer.train import open_run, train
 
 # A replica waiting this long for the others in a collective gives up (a peer is gone).
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# How long the driver waits, after a replica failed, for Ray to report which peer died.
+DEATH_NOTICE_S = 10
 
 
 class Replica:
@@ -92,17 +94,29 @@ def train_on_workers(store_url: str, run_dir: str | Path, config: TrainConfig | 
             results, pending = {}, list(runs)
             while pending:  # the first failure ends the run: its peers would wait for it in vain
                 (done,), pending = ray.wait(pending, num_returns=1)
-                rank = runs[done]
                 try:
-                    results[rank] = ray.get(done)
+                    results[runs[done]] = ray.get(done)
                 except RayTaskError as e:
                     if isinstance(e.cause, UserError):
                         raise UserError(str(e.cause)) from None
+                    # A worker's death reaches its peers first, as a failed collective: name the dead one.
+                    finished, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_NOTICE_S)
+                    for ref in finished:
+                        try:
+                            ray.get(ref)
+                        except RayActorError:
+                            raise died(runs[ref], workers) from None
+                        except RayTaskError:
+                            pass
                     raise
                 except RayActorError:
-                    raise UserError(f"worker {rank} of {workers} died; `train --resume --workers {workers}` "
-                                    "continues from the last checkpoint") from None
+                    raise died(runs[done], workers) from None
         finally:
             for replica in replicas:
                 ray.kill(replica)
     return results[0]
+
+
+def died(rank: int, workers: int) -> UserError:
+    return UserError(f"worker {rank} of {workers} died; `train --resume --workers {workers}` continues "
+                     "from the last checkpoint")
