@@ -48,7 +48,7 @@ def test_each_replica_batches_its_own_chunks_of_an_epoch(store_url):
     read = {}
     for rank in (0, 1):
         dataset = StoreDataset(store_url, seed=2, rank=rank, world_size=2, buffer_chunks=1)
-        own = np.concatenate([w.rows for w in dataset.plan.epoch(0)[rank::2]])
+        own = np.concatenate([w.rows for w in dataset.plan.epoch(0, rank, 2)])
         n = len(own) // 3
         with Batches(dataset, 3) as batches:
             got = torch.cat([next(batches)["index"] for _ in range(n)]).numpy()
@@ -57,6 +57,11 @@ def test_each_replica_batches_its_own_chunks_of_an_epoch(store_url):
             np.testing.assert_array_equal(next(batches)["index"].numpy(), own[6:9])
         read[rank] = set(own // 4)  # chunks of 4 images
     assert not read[0] & read[1] and read[0] | read[1] == set(range(10))
+    # windows of 4 chunks: 10 chunks still split 5 and 5, so the replicas' epochs keep in step
+    plan = StoreDataset(store_url, seed=2, buffer_chunks=4).plan
+    for epoch in range(3):
+        shares = [[c for w in plan.epoch(epoch, rank, 2) for c in w.chunks] for rank in (0, 1)]
+        assert len(shares[0]) == len(shares[1]) == 5 and sorted(shares[0] + shares[1]) == list(range(10))
 
 
 @pytest.mark.slow
@@ -100,8 +105,8 @@ def test_two_gloo_workers_train_as_one_process_does_and_resume(store_url, tmp_pa
 def test_what_cannot_be_split_is_refused_in_one_line(store_url, tmp_path):
     with pytest.raises(UserError, match="batch 8 does not split evenly over 3 workers"):
         train_on_workers(store_url, tmp_path / "a", tiny_config(), workers=3)
-    with pytest.raises(UserError, match="3 workers, but the store has only 2 windows of 8 chunks"):
-        train_on_workers(store_url, tmp_path / "b", tiny_config(batch=9, buffer_chunks=8), workers=3)
+    with pytest.raises(UserError, match="11 workers, but the store has only 10 chunks to share out"):
+        train_on_workers(store_url, tmp_path / "b", tiny_config(batch=11), workers=11)
     with pytest.raises(UserError, match="--workers must be at least 1, not 0"):
         run_train(store_url, tmp_path / "c", workers=0, steps=2)
     with pytest.raises(UserError, match="--address is where --workers N"):

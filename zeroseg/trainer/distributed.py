@@ -59,11 +59,9 @@ def check_workers(store_url: str, run_dir: Path, config: TrainConfig | None, res
         raise UserError(f"--workers must be at least 1, not {workers}")
     check_output_dir(run_dir, "train")
     store, config, _, _, _ = open_run(store_url, run_dir, config, resume, workers, claim=False)
-    buffer = max(1, config.buffer_chunks)
-    windows = -(-store.n_chunks // buffer)  # each epoch's windows are shared out (loader.Plan)
-    if workers > windows:
-        raise UserError(f"{workers} workers, but the store has only {windows} windows of {buffer} chunks "
-                        "to share out: use fewer workers (or a store of more chunks)")
+    if workers > store.n_chunks:  # each replica reads its own chunks of every epoch (loader.Plan)
+        raise UserError(f"{workers} workers, but the store has only {store.n_chunks} chunks to share out: "
+                        "use fewer workers")
     return config
 
 
