@@ -124,7 +124,7 @@ def main() -> None:
 def data_parallel(url: str, work: Path, base, workers: int) -> None:
     """(c): one process vs `workers` Ray workers, the same global batch, one torch thread each. Each
     epoch's windows are single chunks (buffer_chunks 1), so that there are enough to share out."""
-    from zeroseg.trainer.distributed import train_on_workers
+    from zeroseg.trainer.launch import train_on_workers
 
     config = dataclasses.replace(base, threads=1, buffer_chunks=1)
     rates = {}

@@ -17,9 +17,9 @@ from synthetic import synthetic_store
 from zeroseg.errors import UserError
 from zeroseg.trainer.checkpoint import latest_checkpoint, load_student
 from zeroseg.trainer.config import recipe
-from zeroseg.trainer.distributed import train_on_workers
+from zeroseg.trainer.launch import train_on_workers
 from zeroseg.trainer.loader import Batches, StoreDataset
-from zeroseg.trainer.train import run_train, train
+from zeroseg.trainer.launch import run_train, train
 
 N_IMAGES, FAILED = 40, (6,)
 

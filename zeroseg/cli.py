@@ -211,7 +211,7 @@ def train(
     device: str = typer.Option(None, help="cpu (the default) | cuda (with --workers: one GPU each)"),
 ) -> None:
     """Train the ZeroSeg student from a store's cached crop features (no teacher is run)."""
-    from zeroseg.trainer.train import run_train
+    from zeroseg.trainer.launch import run_train
 
     result = run_train(
         store, out, preset_name=preset, recipe_name=recipe, epochs=epochs, grids=_grids(grids) if grids else None,

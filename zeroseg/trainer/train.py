@@ -28,11 +28,10 @@ from zeroseg.geometry import box_membership, cut_crops
 from zeroseg.outputs import claim_output_dir, write_atomic
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer import checkpoint as ckpt_io
-from zeroseg.trainer.config import TrainConfig, recipe
+from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.loader import Batches, Columns, StoreDataset, select_columns
-from zeroseg.trainer.losses import TERMS, LossConfig, zeroseg_losses
-from zeroseg.trainer.model import PRESETS, ZeroSegStudent
-from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
+from zeroseg.trainer.losses import TERMS, zeroseg_losses
+from zeroseg.trainer.model import ZeroSegStudent
 
 # data_wait: the share of the interval's wall time the loop waited for the next batch.
 METRICS = ["step", "epoch", "lr", "loss", *TERMS, "steps_per_s", "data_wait"]
@@ -214,7 +213,7 @@ def train(
     world_size > 1: a data-parallel run of that many replicas; replica r reads its own chunks of
     each epoch (shard r of the Plan) and batch // world_size images a step, with its own masks, and
     the replicas' gradients are averaged. With `rank`, this process is replica `rank` of a
-    torch.distributed group (trainer/distributed.py starts them; DDP averages) and only rank 0
+    torch.distributed group (trainer/launch.py starts them; DDP averages) and only rank 0
     writes the run dir. Without, this one process plays every replica in turn and averages their
     gradients itself: the same run, world_size times slower (the check of the distributed one).
     """
@@ -313,49 +312,3 @@ def train(
                 log.plot()
             result["step"] = done
     return result
-
-
-def run_train(
-    store_url: str, out: str | Path, *, preset_name: str | None = None, recipe_name: str | None = None,
-    epochs: float | None = None, grids: tuple[int, ...] | None = None, loss: str | None = None,
-    multiscale: bool | None = None, target_norm: str | None = None, resume: bool = False,
-    stop_after: int | None = None, progress: bool = True, workers: int | None = None, address: str | None = None,
-    **fields: Any,
-) -> dict[str, Any]:
-    """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own).
-    Every option left None keeps the recipe's or TrainConfig's value; `fields` are TrainConfig
-    fields (steps, batch, lr, mask_ratio, targets, targets_dtype, precision, seed, threads, device).
-    `loss` ("distill,match=0.5") replaces the recipe's loss terms. `workers` N > 1: N data-parallel
-    replicas on Ray (trainer/distributed.py; at `address`); otherwise this process alone, no Ray."""
-    if address is not None and workers in (None, 1):
-        raise UserError("--address is where --workers N (N >= 2) run: give --workers too")
-    config = None if resume else command_config(store_url, preset_name, recipe_name, epochs, grids, loss, multiscale,
-                                                target_norm, fields)
-    if workers in (None, 1):
-        return train(store_url, out, config, resume=resume, stop_after=stop_after, progress=progress)
-    from zeroseg.trainer.distributed import train_on_workers  # imports Ray: only for --workers N
-
-    return train_on_workers(store_url, out, config, workers=workers, address=address, resume=resume, stop_after=stop_after)
-
-
-def command_config(store_url: str, preset_name: str | None, recipe_name: str | None, epochs: float | None,
-                   grids: tuple[int, ...] | None, loss: str | None, multiscale: bool | None, target_norm: str | None,
-                   fields: dict[str, Any]) -> TrainConfig:
-    """A new run's TrainConfig from the command's options (see run_train)."""
-    preset_name = preset_name or DEFAULT_PRESET
-    if preset_name not in PRESETS:
-        raise UserError(f"unknown preset {preset_name!r} (have: {', '.join(PRESETS)})")
-    fields = {k: v for k, v in fields.items() if v is not None}
-    if "steps" in fields and epochs is not None:
-        raise UserError("give --steps or --epochs, not both")
-    store = FeatureStore.open(store_url)
-    config = recipe(recipe_name or DEFAULT_RECIPE, preset_name, grids=grids or store.config.grids, **fields)
-    if epochs is not None:
-        config = dataclasses.replace(config, steps=steps_for_epochs(epochs, int((store.status() == 1).sum()), config.batch))
-    multiscale = config.losses.multiscale if multiscale is None else multiscale
-    target_norm = target_norm or config.losses.target_norm
-    losses = (
-        LossConfig.parse(loss, target_norm, multiscale) if loss
-        else dataclasses.replace(config.losses, target_norm=target_norm, multiscale=multiscale)
-    )
-    return dataclasses.replace(config, losses=losses)

@@ -1,6 +1,6 @@
-"""Data-parallel training: `train --workers N` runs N replicas of the train loop as Ray actors,
-one process each, in one torch.distributed group (gloo on CPU, NCCL on GPUs); DDP averages their
-gradients in backward().
+"""How `zeroseg train` runs: its options made a TrainConfig, then the train loop (train.py) in this
+process alone, or `--workers N` replicas of it as Ray actors, one process each, in one
+torch.distributed group (gloo on CPU, NCCL on GPUs); DDP averages their gradients in backward().
 
 What each replica does is train.train(rank=r, world_size=N): its own chunks of every epoch,
 batch // N images a step, the global batch's learning-rate schedule and step count; rank 0 alone
@@ -9,11 +9,12 @@ be reachable under the same path or URL from every worker (one machine, or a sha
 
 Ray Train's TorchTrainer would start the same processes, but `ray.train` does not import in this
 environment (it needs pandas): the group is made here, on the Ray that zeroseg already uses
-(pipeline.distributor.ray_cluster), in a few lines.
+(pipeline.distributor.ray_cluster), in a few lines. A single process imports no Ray.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -23,13 +24,61 @@ import torch
 
 from zeroseg.errors import UserError
 from zeroseg.outputs import check_output_dir
-from zeroseg.trainer.config import TrainConfig
-from zeroseg.trainer.train import open_run, train
+from zeroseg.stores.features import FeatureStore
+from zeroseg.trainer.config import TrainConfig, recipe
+from zeroseg.trainer.losses import LossConfig
+from zeroseg.trainer.model import PRESETS
+from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
+from zeroseg.trainer.train import open_run, steps_for_epochs, train
 
 # A replica waiting this long for the others in a collective gives up (a peer is gone).
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 # How long the driver waits, after a replica failed, for Ray to report which peer died.
 DEATH_NOTICE_S = 10
+
+
+def run_train(
+    store_url: str, out: str | Path, *, preset_name: str | None = None, recipe_name: str | None = None,
+    epochs: float | None = None, grids: tuple[int, ...] | None = None, loss: str | None = None,
+    multiscale: bool | None = None, target_norm: str | None = None, resume: bool = False,
+    stop_after: int | None = None, progress: bool = True, workers: int | None = None, address: str | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own).
+    Every option left None keeps the recipe's or TrainConfig's value; `fields` are TrainConfig
+    fields (steps, batch, lr, mask_ratio, targets, targets_dtype, precision, seed, threads, device).
+    `loss` ("distill,match=0.5") replaces the recipe's loss terms. `workers` N > 1: N data-parallel
+    replicas on Ray (at `address`); otherwise this process alone, no Ray."""
+    if address is not None and workers in (None, 1):
+        raise UserError("--address is where --workers N (N >= 2) run: give --workers too")
+    config = None if resume else command_config(store_url, preset_name, recipe_name, epochs, grids, loss, multiscale,
+                                                target_norm, fields)
+    if workers in (None, 1):
+        return train(store_url, out, config, resume=resume, stop_after=stop_after, progress=progress)
+    return train_on_workers(store_url, out, config, workers=workers, address=address, resume=resume, stop_after=stop_after)
+
+
+def command_config(store_url: str, preset_name: str | None, recipe_name: str | None, epochs: float | None,
+                   grids: tuple[int, ...] | None, loss: str | None, multiscale: bool | None, target_norm: str | None,
+                   fields: dict[str, Any]) -> TrainConfig:
+    """A new run's TrainConfig from the command's options (see run_train)."""
+    preset_name = preset_name or DEFAULT_PRESET
+    if preset_name not in PRESETS:
+        raise UserError(f"unknown preset {preset_name!r} (have: {', '.join(PRESETS)})")
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if "steps" in fields and epochs is not None:
+        raise UserError("give --steps or --epochs, not both")
+    store = FeatureStore.open(store_url)
+    config = recipe(recipe_name or DEFAULT_RECIPE, preset_name, grids=grids or store.config.grids, **fields)
+    if epochs is not None:
+        config = dataclasses.replace(config, steps=steps_for_epochs(epochs, int((store.status() == 1).sum()), config.batch))
+    multiscale = config.losses.multiscale if multiscale is None else multiscale
+    target_norm = target_norm or config.losses.target_norm
+    losses = (
+        LossConfig.parse(loss, target_norm, multiscale) if loss
+        else dataclasses.replace(config.losses, target_norm=target_norm, multiscale=multiscale)
+    )
+    return dataclasses.replace(config, losses=losses)
 
 
 class Replica:
