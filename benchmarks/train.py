@@ -3,9 +3,11 @@
 (a) steps/s reading the Zarr store vs with every target preloaded in RAM (goal >= 0.9: the loader
     is never the bottleneck);
 (b) steps/s with cached targets vs `--targets online`, the teacher (ViT-B-32, random weights)
-    embedding the 30 crops of every image in the step (goal >= 10x).
+    embedding the 30 crops of every image in the step (goal >= 10x);
+(c) with --workers N: steps/s of N data-parallel workers (`train --workers N`, gloo) vs one process,
+    same global batch, one torch thread each (goal for 2 on 2 cores: >= 1.7x).
 
-    PYTHONPATH=. python benchmarks/train.py [--images 256] [--preset small] [--batch 32] [--device cpu]
+    PYTHONPATH=. python benchmarks/train.py [--images 256] [--preset small] [--batch 32] [--device cpu] [--workers 2]
 
 The store is built once (in --work) with the same teacher, so cached and online runs distil the
 same features. steps/s is taken over the steps after the first logging interval (warm-up).
@@ -14,6 +16,7 @@ same features. steps/s is taken over the steps after the first logging interval 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import os
 import platform
@@ -37,8 +40,9 @@ from synthetic import synthetic_store  # noqa: E402
 
 
 def steps_per_s(run_dir: Path) -> float:
-    rows = (run_dir / "metrics.csv").read_text().splitlines()[1:]
-    rates = [float(r.split(",")[-1]) for r in rows[1:]]  # skip the first interval (warm-up)
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rates = [float(r["steps_per_s"]) for r in rows[1:]]  # skip the first interval (warm-up)
     return statistics.mean(rates)
 
 
@@ -69,6 +73,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64, help="store chunk size in images")
     ap.add_argument("--rounds", type=int, default=2, help="zarr / RAM runs alternate this many times")
     ap.add_argument("--work", type=Path, default=None, help="folder for the store and runs (default: a temp dir)")
+    ap.add_argument("--workers", type=int, default=0, help="(c): N data-parallel workers vs 1 process (0: skip)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,8 +115,30 @@ def main() -> None:
     ram = statistics.mean(ram_rates)
     print(f"(a) zarr / RAM   = {cached:.3f} / {ram:.3f} = {cached / ram:.2f}  (goal >= 0.9)")
     print(f"(b) cached / online ({args.teacher}, 30 crops/image) = {cached:.3f} / {online:.3f} = {cached / online:.1f}x  (goal >= 10x)")
+    if args.workers > 1:
+        data_parallel(url, work, base, args.workers)
     if args.work is None:
         shutil.rmtree(work)
+
+
+def data_parallel(url: str, work: Path, base, workers: int) -> None:
+    """(c): one process vs `workers` Ray workers, the same global batch, one torch thread each. Each
+    epoch's windows are single chunks (buffer_chunks 1), so that there are enough to share out."""
+    from zeroseg.trainer.launch import train_on_workers
+
+    config = dataclasses.replace(base, threads=1, buffer_chunks=1)
+    rates = {}
+    for n in (1, workers):
+        run_dir = work / f"workers-{n}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if n == 1:
+            train(url, run_dir, config, progress=False)
+        else:  # steps/s of the global batch, as rank 0 timed them (the ranks step together)
+            train_on_workers(url, run_dir, config, workers=n)
+        rates[n] = steps_per_s(run_dir)
+        print(f"  {n} worker(s)     {rates[n]:8.3f} steps/s")
+    print(f"(c) {workers} workers / 1 process, global batch {config.batch}, 1 torch thread each = "
+          f"{rates[workers]:.3f} / {rates[1]:.3f} = {rates[workers] / rates[1]:.2f}x  (goal >= 1.7x for 2)")
 
 
 if __name__ == "__main__":

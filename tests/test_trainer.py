@@ -105,17 +105,17 @@ def test_shards_read_disjoint_chunks_and_together_the_whole_epoch(store_url):
         read = []
         for shard in range(n_shards):
             windows = dataset.windows(0, shard, n_shards)
-            for _ in range(sum(len(plan.epoch(e)[shard::n_shards]) for e in range(epoch))):
+            for _ in range(sum(len(plan.epoch(e, shard, n_shards)) for e in range(epoch))):
                 next(windows)  # this shard's earlier epochs
-            read += [c for _ in plan.epoch(epoch)[shard::n_shards] for c in next(windows)[0].chunks]
+            read += [c for _ in plan.epoch(epoch, shard, n_shards) for c in next(windows)[0].chunks]
         assert sorted(read) == list(range(FeatureStore.open(store_url).n_chunks))  # each chunk by one shard
     # a shard's resumed stream is its continuation
     shard = dict(seed=5, rank=1, world_size=2, buffer_chunks=2)
     straight = [b["index"] for b in itertools.islice(StoreDataset(store_url, **shard), 40)]
     resumed = [b["index"] for b in itertools.islice(StoreDataset(store_url, **shard, start=13), 27)]
     assert resumed == straight[13:]
-    with pytest.raises(UserError, match="2 shards, but an epoch has only 1 windows of 4 chunks"):
-        next(iter(StoreDataset(store_url, rank=1, world_size=2)))
+    with pytest.raises(UserError, match="5 shards, but the store has only 4 chunks"):
+        next(iter(StoreDataset(store_url, rank=1, world_size=5)))
 
 
 def test_the_dataset_in_a_dataloader_gives_views_and_their_targets(store_url):

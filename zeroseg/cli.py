@@ -208,15 +208,18 @@ def train(
     checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="steps between checkpoints (default 200)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out with its own config"),
     stop_after: int = typer.Option(None, "--stop-after", help="leave (with a checkpoint) after N steps of this call"),
+    workers: int = typer.Option(None, help="N data-parallel replicas on Ray, --batch split over them (default: this process alone)"),
+    address: str = typer.Option(None, help="run the --workers on this Ray cluster instead of a local one"),
+    device: str = typer.Option(None, help="cpu (the default) | cuda (with --workers: one GPU each)"),
 ) -> None:
     """Train the ZeroSeg student from a store's cached crop features (no teacher is run)."""
-    from zeroseg.trainer.train import run_train
+    from zeroseg.trainer.launch import run_train
 
     result = run_train(
         store, out, preset_name=preset, recipe_name=recipe, epochs=epochs, grids=_grids(grids) if grids else None,
         loss=loss, multiscale=multiscale, target_norm=target_norm, resume=resume, stop_after=stop_after,
         steps=steps, batch=batch, lr=lr, mask_ratio=mask_ratio, targets=targets, targets_dtype=targets_dtype, precision=precision, seed=seed,
-        threads=threads, checkpoint_every=checkpoint_every,
+        threads=threads, checkpoint_every=checkpoint_every, workers=workers, address=address, device=device,
     )
     print(f"step {result['step']}: {result.get('checkpoint', 'no new checkpoint')}  loss {result['metrics'].get('loss', '-')}")
 

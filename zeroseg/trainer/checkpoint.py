@@ -5,7 +5,8 @@ A run dir holds one complete checkpoint at a time:
     RUN_DIR/checkpoint-0000400/model.safetensors      the student's weights
                               /optimizer.safetensors  AdamW's per-parameter state
                               /state.json             step, config, store identity, RNG, optimizer
-                                                      hyper-parameters, sha256 of model.safetensors
+                                                      hyper-parameters, sha256 of model.safetensors,
+                                                      world_size of a data-parallel run
 
 state.json is written last (atomically), so a directory without it is an interrupted save and is
 ignored; the previous checkpoint is deleted only after the new one is complete.
@@ -39,9 +40,11 @@ class CheckpointError(UserError):
     """No checkpoint where one was asked for, or one that does not fit."""
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The torch seed of one train step: independent streams per (seed, step)."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def step_seed(seed: int, step: int, rank: int | None = None) -> int:
+    """The torch seed of one train step: independent streams per (seed, step), and per replica
+    `rank` in a data-parallel run (each replica masks its own images)."""
+    entropy = [seed, step] if rank is None else [seed, step, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def sha256_file(path: Path) -> str:
@@ -74,8 +77,10 @@ def _optimizer_state_dict(tensors: dict[str, torch.Tensor], groups: list[dict]) 
 
 def save_checkpoint(
     run_dir: Path, step: int, model: ZeroSegStudent, optimizer: torch.optim.Optimizer,
-    config: TrainConfig, store_identity: dict[str, Any],
+    config: TrainConfig, store_identity: dict[str, Any], world_size: int = 1,
 ) -> Path:
+    """world_size: the data-parallel replicas that trained it (recorded when > 1: the data order and
+    masks depend on it, so a resume must use as many)."""
     ckpt = run_dir / f"checkpoint-{step:07d}"
     if ckpt.exists():
         shutil.rmtree(ckpt)
@@ -90,6 +95,7 @@ def save_checkpoint(
         "rng": {"seed": config.seed, "step": step, "scheme": "torch reseeded from (seed, step) every step"},
         "optimizer": {"param_groups": groups},
         "sha256": sha256_file(ckpt / MODEL_FILE),
+        **({"world_size": world_size} if world_size > 1 else {}),
     })
     for old in run_dir.glob("checkpoint-*"):
         if old != ckpt:

@@ -8,8 +8,10 @@ resumed run fast-forwards by arithmetic, without reading anything it skips. With
 chunks are permuted (seed, epoch), then taken `buffer_chunks` at a time (a window), and the images
 of a window are shuffled together: whole-chunk reads, shuffled well enough for SGD.
 
-Shards. Data-parallel replicas and DataLoader workers each read their own windows of an epoch
-(window i goes to shard i % shards): no chunk is read twice in an epoch.
+Shards. Data-parallel replicas and DataLoader workers each read their own chunks of an epoch
+(chunk i of the epoch's permutation goes to shard i % shards, which makes it into windows and
+shuffles them with its own generator): no chunk is read twice in an epoch, and the shards' epochs
+hold the same number of chunks to one, so they keep in step.
 
 Speed. A background thread cuts batches and keeps `prefetch` of them queued; the chunks of the next
 windows are read ahead by a pool of reader threads (zarr's Blosc decompression and PIL's decoding
@@ -134,9 +136,13 @@ class Plan:
         if self.n_ok == 0:
             raise UserError("the store has no status-ok images to train on")
 
-    def epoch(self, epoch: int) -> list[Window]:
+    def epoch(self, epoch: int, shard: int = 0, n_shards: int = 1) -> list[Window]:
+        """The windows of one epoch, or of shard `shard` of it: every n_shards-th chunk of the
+        epoch's chunk permutation, shuffled with the shard's own generator."""
         rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(len(self.ok_rows))
+        perm = rng.permutation(len(self.ok_rows))[shard::n_shards]
+        if n_shards > 1:
+            rng = np.random.default_rng([self.seed, epoch, shard, n_shards])
         windows = []
         for i in range(0, len(perm), self.buffer_chunks):
             chunks = tuple(int(c) for c in perm[i : i + self.buffer_chunks])
@@ -146,18 +152,17 @@ class Plan:
 
     def windows_from(self, position: int, shard: int = 0, n_shards: int = 1) -> Iterator[tuple[Window, int]]:
         """From stream position on: (window, rows of it to skip), epoch after epoch, forever. With
-        `n_shards`, this shard's stream: window i of an epoch belongs to shard i % n_shards, so the
-        shards read disjoint chunks and together read every chunk of an epoch once."""
-        n_windows = -(-len(self.ok_rows) // self.buffer_chunks)
-        if n_shards > n_windows:
-            raise UserError(f"{n_shards} shards, but an epoch has only {n_windows} windows of {self.buffer_chunks} "
-                            "chunks: use fewer ranks or DataLoader workers, or a smaller buffer_chunks")
+        `n_shards`, this shard's stream (`epoch`): the shards read disjoint chunks and together read
+        every chunk of an epoch once."""
+        if n_shards > len(self.ok_rows):
+            raise UserError(f"{n_shards} shards, but the store has only {len(self.ok_rows)} chunks: use fewer ranks "
+                            "or DataLoader workers")
         epoch, offset = 0, position
         if n_shards == 1:  # every epoch holds all ok rows: skip whole epochs by arithmetic
             epoch, offset = divmod(position, self.n_ok)
         empty = 0  # epochs in a row in which this shard's chunks held no ok image
         while True:
-            windows = self.epoch(epoch)[shard::n_shards]
+            windows = self.epoch(epoch, shard, n_shards)
             empty = 0 if any(len(w.rows) for w in windows) else empty + 1
             if empty > 100:
                 raise UserError(f"shard {shard} of {n_shards} gets no status-ok images: use fewer shards")
@@ -244,7 +249,7 @@ class StoreDataset(torch.utils.data.IterableDataset):
 
 
 class Batches:
-    """Iterator of a dataset's batches from `start_step` on: dict of "pixels" (B, S, S, 3) uint8,
+    """Iterator of a dataset's batches (of its rank's shard) from `start_step` on: dict of "pixels" (B, S, S, 3) uint8,
     "features" (B, C', D) float16, float32 from compact targets (unless the dataset reads none), "index" (B,) int64 and
     "epoch" (float: stream position / ok images). `pin`: page-locked batches, so that copies to a
     GPU can be non-blocking. Call close() (or use as a context manager)."""
@@ -262,7 +267,8 @@ class Batches:
 
     def _produce(self) -> None:
         try:
-            windows = self.dataset.windows(self.position)
+            # this replica's own stream: its chunks, batch // world_size of its images a step
+            windows = self.dataset.windows(self.position, self.dataset.rank, self.dataset.world_size)
             pending: deque[tuple[Future, int]] = deque()
             carry: dict[str, np.ndarray] | None = None
             position = self.position
@@ -279,7 +285,7 @@ class Batches:
                     batch = {k: torch.from_numpy(np.ascontiguousarray(v[start : start + self.batch])) for k, v in data.items()}
                     if self.pin:
                         batch = {k: v.pin_memory() for k, v in batch.items()}
-                    batch["epoch"] = position / self.plan.n_ok
+                    batch["epoch"] = position * self.dataset.world_size / self.plan.n_ok
                     position += self.batch
                     if not self._put(batch):
                         return

@@ -28,11 +28,10 @@ from zeroseg.geometry import box_membership, cut_crops
 from zeroseg.outputs import claim_output_dir, write_atomic
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer import checkpoint as ckpt_io
-from zeroseg.trainer.config import TrainConfig, recipe
+from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.loader import Batches, Columns, StoreDataset, select_columns
-from zeroseg.trainer.losses import TERMS, LossConfig, zeroseg_losses
-from zeroseg.trainer.model import PRESETS, ZeroSegStudent
-from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
+from zeroseg.trainer.losses import TERMS, zeroseg_losses
+from zeroseg.trainer.model import ZeroSegStudent
 
 # data_wait: the share of the interval's wall time the loop waited for the next batch.
 METRICS = ["step", "epoch", "lr", "loss", *TERMS, "steps_per_s", "data_wait"]
@@ -151,22 +150,16 @@ def _complete(row: dict[str, Any]) -> bool:
     return None not in row.values() and None not in row and str(row.get("step", "")).isdigit()
 
 
-def train(
-    store_url: str, run_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
-    stop_after: int | None = None, preload: bool = False, progress: bool = True,
-) -> dict[str, Any]:
-    """Train (or resume) a student in run_dir from the store's cached targets (or online).
-
-    stop_after: leave after this many steps of this invocation (with a checkpoint), as a killed run
-    would; `resume=True` then continues it. preload: read the whole store into RAM first (the
-    benchmark's baseline). Returns {"step", "checkpoint", "metrics": the last logged row}.
-    """
-    run_dir = Path(run_dir)
+def open_run(store_url: str, run_dir: Path, config: TrainConfig | None, resume: bool, world_size: int,
+             claim: bool) -> tuple[FeatureStore, TrainConfig, int, Path | None, dict[str, Any] | None]:
+    """The store and the run to train: (store, config, start step, checkpoint, its state), or a
+    one-line UserError. `claim`: make run_dir a train output folder (the process that writes it)."""
     store = FeatureStore.open(store_url)
     if resume and not run_dir.is_dir():
         raise UserError(f"nothing to resume in {run_dir} (no such folder)")
-    claim_output_dir(run_dir, "train")  # anyone else's folder is refused before a byte is written
-    start_step, ckpt = 0, None
+    if claim:
+        claim_output_dir(run_dir, "train")  # anyone else's folder is refused before a byte is written
+    start_step, ckpt, state = 0, None, None
     if resume:
         ckpt = ckpt_io.latest_checkpoint(run_dir)
         if ckpt is None:
@@ -175,116 +168,147 @@ def train(
         config, start_step = TrainConfig.from_dict(state["config"]), state["step"]
         if not same_store(state["store"], store.identity()):
             raise UserError(f"{run_dir} was trained on another store than {store_url}")
+        trained_by = state.get("world_size", 1)
+        if trained_by != world_size:  # the data order and the masks depend on it
+            raise UserError(f"{run_dir} was trained by {trained_by} worker(s), not {world_size}: "
+                            f"resume it with --workers {trained_by}")
     elif config is None:
         raise ValueError("a new run needs a config")
     elif ckpt_io.latest_checkpoint(run_dir) is not None:
         raise UserError(f"{run_dir} already holds a run: --resume it or choose another --out")
+    if config.batch % world_size:
+        raise UserError(f"batch {config.batch} does not split evenly over {world_size} workers")
+    return store, config, start_step, ckpt, state
 
+
+def mean_over_replicas(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The values averaged over the replicas of a torch.distributed group (as they are without one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(values, (t / torch.distributed.get_world_size()).tolist()))
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The model under DDP (in a torch.distributed group). Parameters a recipe leaves unused (the
+    MAE decoder when its weight is 0) get no gradient on any replica, which DDP must expect."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def train(
+    store_url: str, run_dir: str | Path, config: TrainConfig | None = None, resume: bool = False,
+    stop_after: int | None = None, preload: bool = False, progress: bool = True,
+    world_size: int = 1, rank: int | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) a student in run_dir from the store's cached targets (or online).
+
+    stop_after: leave after this many steps of this invocation (with a checkpoint), as a killed run
+    would; `resume=True` then continues it. preload: read the whole store into RAM first (the
+    benchmark's baseline). Returns {"step", "checkpoint", "metrics": the last logged row}.
+
+    world_size > 1: a data-parallel run of that many replicas; replica r reads its own chunks of
+    each epoch (shard r of the Plan) and batch // world_size images a step, with its own masks, and
+    the replicas' gradients are averaged. With `rank`, this process is replica `rank` of a
+    torch.distributed group (trainer/launch.py starts them; DDP averages) and only rank 0
+    writes the run dir. Without, this one process plays every replica in turn and averages their
+    gradients itself: the same run, world_size times slower (the check of the distributed one).
+    """
+    run_dir = Path(run_dir)
+    writer = rank in (None, 0)  # the run dir is written by one process
+    store, config, start_step, ckpt, state = open_run(store_url, run_dir, config, resume, world_size, claim=writer)
     columns = check_fit(config, store)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, out_dim=store.dim))
-    ckpt_io.write_json(run_dir / "config.json", {"config": config.to_dict(), "store": store.identity()})
+    if writer:
+        ckpt_io.write_json(run_dir / "config.json", {"config": config.to_dict(), "store": store.identity(),
+                                                     **({"world_size": world_size} if world_size > 1 else {})})
 
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
-    model = ZeroSegStudent(config.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, foreach=True)
+    student = ZeroSegStudent(config.model).to(device)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, foreach=True)
     if ckpt is not None:
-        ckpt_io.load_weights(model, ckpt)
+        ckpt_io.load_weights(student, ckpt)
         ckpt_io.load_optimizer(optimizer, ckpt, state)
+    model = student
+    if rank is not None and world_size > 1:  # DDP averages the replicas' gradients in backward()
+        model = data_parallel(student, device)
     teacher = OnlineTeacher(store, columns, config.device) if config.targets == "online" else None
     local = torch.from_numpy(columns.local).to(device)
     member = box_membership(columns.boxes, config.model.grid).to(device)
     last_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
 
-    dataset = StoreDataset(store, config.grids, seed=config.seed, buffer_chunks=config.buffer_chunks,
-                           targets=teacher is None, targets_dtype=config.targets_dtype, decoders=config.workers,
-                           preload=preload)
-    log = RunLog(run_dir, start_step)
-    result: dict[str, Any] = {"step": start_step, "metrics": log.rows[-1] if log.rows else {}}
+    replicas = [rank] if rank is not None else list(range(world_size))  # the replicas this process plays
+    datasets = [StoreDataset(store, config.grids, seed=config.seed, rank=r, world_size=world_size,
+                             buffer_chunks=config.buffer_chunks, targets=teacher is None,
+                             targets_dtype=config.targets_dtype, decoders=config.workers, preload=preload)
+                for r in replicas]
+    log = RunLog(run_dir, start_step) if writer else None
+    result: dict[str, Any] = {"step": start_step, "metrics": log.rows[-1] if log and log.rows else {}}
     with ExitStack() as stack:
         if config.threads:
             stack.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(config.threads)
-        stack.callback(log.close)
-        stack.callback(dataset.close)
-        batches = stack.enter_context(Batches(dataset, config.batch, start_step, prefetch=config.prefetch,
-                                              readers=config.workers, pin=device.type == "cuda"))
+        if log:
+            stack.callback(log.close)
+        streams = []
+        for dataset in datasets:
+            stack.callback(dataset.close)
+            streams.append(stack.enter_context(Batches(
+                dataset, config.batch // world_size, start_step, prefetch=config.prefetch,
+                readers=config.workers, pin=device.type == "cuda")))
         bar = stack.enter_context(Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not progress,
+            TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not (progress and writer),
         ))
         task = bar.add_task("train", total=config.steps, completed=start_step, info="")
         sums: dict[str, float] = {}
         tick, tick_step, waited = time.perf_counter(), start_step, 0.0
         model.train()
         for step in range(start_step, last_step):
-            asked = time.perf_counter()
-            batch = next(batches)
-            waited += time.perf_counter() - asked
-            pixels = batch["pixels"].to(device, non_blocking=True)
-            features = teacher.features(pixels) if teacher else batch["features"].to(device, non_blocking=True)
             lr = lr_at(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(ckpt_io.step_seed(config.seed, step))  # masking and Gumbel noise
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-                out = model(pixels, config.mask_ratio, reconstruct=config.losses.mae > 0)
-            loss, terms = zeroseg_losses(out, features, local, config.losses, member)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for r, batches in zip(replicas, streams):
+                asked = time.perf_counter()
+                batch = next(batches)
+                waited += time.perf_counter() - asked
+                pixels = batch["pixels"].to(device, non_blocking=True)
+                features = teacher.features(pixels) if teacher else batch["features"].to(device, non_blocking=True)
+                # masking and Gumbel noise: a stream per step, and per replica
+                torch.manual_seed(ckpt_io.step_seed(config.seed, step, r if world_size > 1 else None))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                    out = model(pixels, config.mask_ratio, reconstruct=config.losses.mae > 0)
+                loss, terms = zeroseg_losses(out, features, local, config.losses, member)
+                (loss / len(replicas)).backward()
+                for k, v in {"loss": float(loss.detach()), **terms}.items():
+                    sums[k] = sums.get(k, 0.0) + v / len(replicas)
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
             optimizer.step()
 
-            for k, v in {"loss": float(loss.detach()), **terms}.items():
-                sums[k] = sums.get(k, 0.0) + v
             done = step + 1
             if done % config.log_every == 0 or done == last_step:
                 now = time.perf_counter()
                 n = done - tick_step
-                row = {k: f"{v / n:.6g}" for k, v in sums.items()}
+                means = mean_over_replicas({**sums, "data_wait": waited / (now - tick)}, device)
+                row = {k: f"{v / n:.6g}" for k, v in means.items() if k != "data_wait"}
                 row.update(step=done, epoch=f"{batch['epoch']:.4f}", lr=f"{lr:.6g}", steps_per_s=f"{n / (now - tick):.4g}",
-                           data_wait=f"{waited / (now - tick):.3f}")
-                log.add(row)
+                           data_wait=f"{means['data_wait']:.3f}")
+                if log:
+                    log.add(row)
                 result["metrics"] = row
                 bar.update(task, info=f"loss {row['loss']}  {row['steps_per_s']} steps/s  "
                                             f"waiting for data {float(row['data_wait']):.0%}")
                 sums, tick, tick_step, waited = {}, now, done, 0.0
             bar.update(task, completed=done)
-            if done % config.checkpoint_every == 0 or done == last_step:
-                result["checkpoint"] = str(ckpt_io.save_checkpoint(run_dir, done, model, optimizer, config, store.identity()))
+            if writer and (done % config.checkpoint_every == 0 or done == last_step):
+                result["checkpoint"] = str(ckpt_io.save_checkpoint(run_dir, done, student, optimizer, config,
+                                                                   store.identity(), world_size))
                 log.plot()
             result["step"] = done
     return result
-
-
-def run_train(
-    store_url: str, out: str | Path, *, preset_name: str | None = None, recipe_name: str | None = None,
-    epochs: float | None = None, grids: tuple[int, ...] | None = None, loss: str | None = None,
-    multiscale: bool | None = None, target_norm: str | None = None, resume: bool = False,
-    stop_after: int | None = None, progress: bool = True, **fields: Any,
-) -> dict[str, Any]:
-    """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own).
-    Every option left None keeps the recipe's or TrainConfig's value; `fields` are TrainConfig
-    fields (steps, batch, lr, mask_ratio, targets, targets_dtype, precision, seed, threads). `loss`
-    ("distill,match=0.5") replaces the recipe's loss terms."""
-    if resume:
-        return train(store_url, out, resume=True, stop_after=stop_after, progress=progress)
-    preset_name = preset_name or DEFAULT_PRESET
-    if preset_name not in PRESETS:
-        raise UserError(f"unknown preset {preset_name!r} (have: {', '.join(PRESETS)})")
-    fields = {k: v for k, v in fields.items() if v is not None}
-    if "steps" in fields and epochs is not None:
-        raise UserError("give --steps or --epochs, not both")
-    store = FeatureStore.open(store_url)
-    config = recipe(recipe_name or DEFAULT_RECIPE, preset_name, grids=grids or store.config.grids, **fields)
-    if epochs is not None:
-        config = dataclasses.replace(config, steps=steps_for_epochs(epochs, int((store.status() == 1).sum()), config.batch))
-    multiscale = config.losses.multiscale if multiscale is None else multiscale
-    target_norm = target_norm or config.losses.target_norm
-    losses = (
-        LossConfig.parse(loss, target_norm, multiscale) if loss
-        else dataclasses.replace(config.losses, target_norm=target_norm, multiscale=multiscale)
-    )
-    config = dataclasses.replace(config, losses=losses)
-    return train(store_url, out, config, stop_after=stop_after, progress=progress)
