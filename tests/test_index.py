@@ -565,5 +565,6 @@ def test_dry_run_prints_each_kind_and_writes_nothing(clustered_store, tmp_path, 
 def test_auto_reranks_from_the_store_when_ram_is_short():
     big = 1_000_000
     assert choose_kind(big, 512, in_store=True, available_bytes=64 * 2**30) == "ivf-pq"
+    assert choose_kind(big, 512, in_store=True, available_bytes=4 * 2**30) == "ivf-pq-sq8"  # 592 MB fits in 1 GiB
     assert choose_kind(big, 512, in_store=True, available_bytes=2 * 2**30) == "ivf-pq-store"
-    assert choose_kind(big, 512, in_store=False, available_bytes=2 * 2**30) == "ivf-pq"  # segments: not in the store
+    assert choose_kind(big, 512, in_store=False, available_bytes=2 * 2**30) == "ivf-pq-sq8"  # segments: not in the store

@@ -53,15 +53,17 @@ KINDS = ("auto", "flat", "hnsw", "ivf-pq", "ivf-pq-sq8", "ivf-pq-store")
 # only the PQ codes and ids. Crops only (a student's segment tokens are not in the store).
 STORE_RERANKED = "ivf-pq-store"
 # `auto` keeps a re-ranking copy in RAM (fast) while the whole index takes at most this share of
-# the memory available now; above it, it re-ranks from the store.
+# the memory available now; when none fits, it re-ranks from the store.
 AUTO_RAM_SHARE = 0.25
 # Decoded store chunks kept for re-ranking (an LRU): bounds the memory of a store-reranked index.
 RERANK_CACHE_BYTES = 256 * 2**20
 # Below this many vectors exact search is fast enough and needs no training (one 100k x 512
 # query: 24 ms on one thread of the busy 2-core dev box, and exact); above it `auto` takes the
-# approximate kind benchmarks/index.py measured best.
+# first of these that fits. benchmarks/index.py at 1M x 512 (benchmarks/README.md): ivf-pq 2128 B
+# a vector, recall@10 0.996, p50 0.45 ms; ivf-pq-sq8 592 B, 0.973, 0.40 ms; the store-reranked
+# kind 72 B and 0.993 but ~1.8 s a query (~240 chunk reads): the last resort.
 AUTO_EXACT_LIMIT = 100_000
-AUTO_APPROXIMATE = "ivf-pq"
+AUTO_APPROXIMATE = ("ivf-pq", "ivf-pq-sq8")
 
 
 class NeighbourIndexError(UserError):
@@ -83,16 +85,16 @@ class IndexSpec:
 
 
 def choose_kind(n_vectors: int, dim: int = 512, in_store: bool = False, available_bytes: int | None = None) -> str:
-    """`auto`: exact below AUTO_EXACT_LIMIT vectors; else IVF-PQ with its exact re-ranking copy in
-    RAM while that takes at most AUTO_RAM_SHARE of the memory available, and otherwise (vectors
-    that are in the store: crops) re-ranked from the store."""
+    """`auto`: exact below AUTO_EXACT_LIMIT vectors; else the first of AUTO_APPROXIMATE (fastest
+    first) whose RAM takes at most AUTO_RAM_SHARE of the memory available; when none does, vectors
+    that are in the store (crops) are re-ranked from it, others get the smallest in-RAM kind."""
     if n_vectors < AUTO_EXACT_LIMIT:
         return "flat"
     available = _available_memory() if available_bytes is None else available_bytes
-    in_ram = index_footprint(AUTO_APPROXIMATE, n_vectors, dim)["ram_bytes"]
-    if in_store and in_ram > AUTO_RAM_SHARE * available:
-        return STORE_RERANKED
-    return AUTO_APPROXIMATE
+    for kind in AUTO_APPROXIMATE:
+        if index_footprint(kind, n_vectors, dim)["ram_bytes"] <= AUTO_RAM_SHARE * available:
+            return kind
+    return STORE_RERANKED if in_store else AUTO_APPROXIMATE[-1]
 
 
 def _available_memory() -> int:
