@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,9 @@ import torch
 
 from cluster import LocalCluster
 from images import write_good
-from test_extract import assert_same_store
+from test_extract import assert_same_store, wait_for_a_written_chunk
 from zeroseg.pipeline.runner import ExtractConfig, run_extract
-from zeroseg.stores.features import FeatureStore, StoreError
-from zeroseg.stores.schema import Status
+from zeroseg.stores.features import FeatureStore
 
 ROOT = Path(__file__).resolve().parent.parent
 # One torch thread per worker: each node has one CPU, so this is what the cluster's workers get.
@@ -60,14 +58,7 @@ def test_extract_on_two_nodes_equals_in_process_and_survives_a_node_killed(tmp_p
 
         store = tmp_path / "killed.zarr"
         job = extract_on(cluster.address, images, store)
-        deadline = time.monotonic() + 300
-        while job.poll() is None and time.monotonic() < deadline:  # until the first chunk is written
-            try:
-                if (FeatureStore.open(str(store)).status() != Status.PENDING).any():
-                    break
-            except StoreError:  # not created yet
-                pass
-            time.sleep(0.02)
+        wait_for_a_written_chunk(job, store)
         cluster.kill_second_node()
         left = len(FeatureStore.open(str(store)).pending_chunks())
         output = job.communicate(timeout=600)[0]

@@ -25,7 +25,7 @@ from zeroseg.pipeline.mapper import embed_chunk
 from zeroseg.pipeline.reader import read_views
 from zeroseg.pipeline.runner import ExtractConfig, run_extract
 from zeroseg.pipeline.writer import ChunkWorker
-from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.features import FeatureStore, StoreError
 from zeroseg.stores.schema import Status
 from zeroseg.stores.lock import LOCK_NAME, LockedError, StoreLock
 
@@ -78,6 +78,18 @@ def assert_same_store(a: str, b: str) -> None:
             assert x[key].tobytes() == y[key].tobytes(), key  # bit for bit
         else:
             assert list(x[key]) == list(y[key]), key
+
+
+def wait_for_a_written_chunk(job: subprocess.Popen, store: Path, timeout_s: float = 300) -> None:
+    """Until the job (a running `extract`) has written its first chunk to STORE, or ended."""
+    deadline = time.monotonic() + timeout_s
+    while job.poll() is None and time.monotonic() < deadline:
+        try:
+            if (FeatureStore.open(str(store)).status() != Status.PENDING).any():
+                return
+        except StoreError:  # not created yet
+            pass
+        time.sleep(0.02)
 
 
 def test_features_equal_a_direct_teacher_forward(tmp_path, tiny_teacher):

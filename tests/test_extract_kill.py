@@ -6,15 +6,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from images import write_good
-from test_extract import assert_same_store
-from zeroseg.stores.features import FeatureStore, StoreError
-from zeroseg.stores.schema import Status
+from test_extract import assert_same_store, wait_for_a_written_chunk
+from zeroseg.stores.features import FeatureStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,14 +32,7 @@ def kill_mid_job(cmd: list[str], store: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and job.poll() is None:
-            try:
-                if (FeatureStore.open(str(store)).status() != Status.PENDING).any():
-                    break
-            except StoreError:  # not created yet
-                pass
-            time.sleep(0.02)
+        wait_for_a_written_chunk(job, store)
         os.kill(job.pid, signal.SIGKILL)  # the driver only: its Ray workers die with it
         job.wait()
     finally:
