@@ -140,11 +140,11 @@ TrialFn = Callable[[dict[str, Any], Path], dict[str, Any]]
 def run_trial(trial_fn: TrialFn, job: dict[str, Any]) -> dict[str, Any]:
     """Run one trial x seed in its dir unless it already succeeded there; never raises: a failure
     is a result with status "failed" and the error's first line (a re-run tries it again)."""
+    done = finished_result(job)
+    if done is not None:
+        return done
     run_dir = Path(job["run_dir"])
     result_file = run_dir / "result.json"
-    done = _read_result(result_file)
-    if done is not None and done.get("status") == "ok":
-        return done
     start = time.perf_counter()
     try:
         claim_output_dir(run_dir, "train")  # a trial's run dir is a train run (train.train claims it too)
@@ -157,6 +157,12 @@ def run_trial(trial_fn: TrialFn, job: dict[str, Any]) -> dict[str, Any]:
     if output_kind(run_dir) == "train":  # not into a folder the claim refused
         write_atomic(result_file, json.dumps(result, indent=2))
     return result
+
+
+def finished_result(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of a job that already succeeded in its run dir, else None."""
+    result = _read_result(Path(job["run_dir"]) / "result.json")
+    return result if result is not None and result.get("status") == "ok" else None
 
 
 def _read_result(path: Path) -> dict[str, Any] | None:
@@ -261,8 +267,8 @@ def _run_jobs(trial_fn: TrialFn, jobs: list[dict[str, Any]], parallel: int | Non
     one per CPU of the cluster), one CPU each."""
     rows: dict[str, dict[str, Any]] = {}
     for job in jobs:
-        result = _read_result(Path(job["run_dir"]) / "result.json")
-        if result is not None and result.get("status") == "ok":
+        result = finished_result(job)
+        if result is not None:
             rows[job["key"]] = result
             done()
     todo = [job for job in jobs if job["key"] not in rows]
