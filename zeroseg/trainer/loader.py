@@ -194,8 +194,9 @@ class StoreDataset(torch.utils.data.IterableDataset):
 
     Yields one dict per image: "pixels" (S, S, 3) uint8, the view the teacher embedded;
     "features" (C', D) float16, the cached crop targets of `grids` (default: all the store's; none
-    with targets=False; float32 decoded from the store's compact ones with targets_dtype int8 | pq); "index", the image's row. The order is the trainer's (chunk-shuffled, a
-    pure function of seed and epoch); epochs follow each other forever. Sharded without overlap by
+    with targets=False; float32 decoded from the store's compact ones with targets_dtype int8 | pq);
+    "index", the image's row. The order is the trainer's (chunk-shuffled, a pure function of seed
+    and epoch); epochs follow each other forever. Sharded without overlap by
     (rank, world_size) and by the DataLoader worker: each shard reads its own chunks. `start`
     resumes a shard's stream after that many images (exact with at most one DataLoader worker per
     rank: several workers each skip start // workers of their own streams)."""
