@@ -11,7 +11,7 @@ from PIL import Image
 from zeroseg.segment import render
 from zeroseg.segment.metrics import Confusion
 from zeroseg.segment.zeroshot import (
-    GridPredictor, StudentPredictor, TruthSegmentsPredictor, Vocabulary, calibrate_threshold, classify,
+    GridPredictor, StudentPredictor, TruthSegmentsPredictor, Vocabulary, calibrate_threshold, classify, object_crop,
 )
 
 # Three orthonormal directions: "red circle", "blue square", and one no class points at.
@@ -22,6 +22,7 @@ E = torch.eye(3)
 class Segments:
     tokens: torch.Tensor
     assignment: torch.Tensor
+    patches: torch.Tensor | None = None
 
 
 @dataclass
@@ -139,7 +140,7 @@ def test_ceiling_labels_each_true_segment_once_and_keeps_background(tiny_teacher
         assert len(np.unique(raw.scores[truth == c])) == 1
     assert set(np.unique(raw.mask(2.0))) == {0}  # cosine never reaches 2: all background
     # the crop is a square around the segment: segment 1 spans rows 5..19, cols 10..29, side 20 * 1.2
-    crop = predictor._crop(image, truth == 1, 24)
+    crop = object_crop(image, truth == 1, 24)
     box = (8, 0, 32, 24)  # centre (20, 12.5), side 24 -> x 8..32, y 0.5..24.5 rounded
     want = np.asarray(Image.fromarray(image).crop(box).resize((24, 24), Image.BICUBIC))
     assert np.allclose(crop.permute(1, 2, 0).numpy() * 255, want, atol=1e-3)

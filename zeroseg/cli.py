@@ -399,6 +399,26 @@ def eval_(
     print(json.dumps(report, indent=2))
 
 
+@app.command("diagnose")
+def diagnose(
+    run: Path = typer.Argument(..., help="student run dir or checkpoint file"),
+    heldout: Path = typer.Argument(..., help="held-out scenes folder (the objects scored)"),
+    store: str = typer.Option(..., "--store", help="the feature store the student was trained on"),
+    vocab: str = typer.Option(..., "--vocab", help="cached vocabulary naming the scenes' classes"),
+    train: Path = typer.Option(..., "--train", help="train scenes folder (the objects the linear probes are fit on)"),
+    limit: int = typer.Option(200, help="scenes of each split to read"),
+    out: Path = typer.Option(None, "--out", help="also write diagnose.json here"),
+) -> None:
+    """Where shape is lost: zero-shot and linear-probe accuracy of colour and shape per object, from
+    the teacher's crop around it, the cache's nearest grid crop, the student's patches and segment."""
+    from zeroseg.experiments.diagnose import diagnose as run_diagnose
+    from zeroseg.experiments.diagnose import diagnose_table
+
+    report = run_diagnose(run, store, vocab, train, heldout, out, limit)
+    err.print(diagnose_table(report))
+    print(json.dumps(report, indent=2))
+
+
 teacher_app = typer.Typer(no_args_is_help=True, help="The toy CLIP teacher of the offline default.")
 app.add_typer(teacher_app, name="teacher")
 

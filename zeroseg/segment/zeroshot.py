@@ -146,6 +146,18 @@ class GridPredictor:
         return out
 
 
+def object_crop(image: np.ndarray, where: np.ndarray, size: int, margin: float = 1.2) -> torch.Tensor:
+    """The square crop around the pixels `where` (its side `margin` times their box's longer
+    side), resized to size: (H, W, 3) uint8 -> (3, size, size) float in [0, 1]."""
+    ys, xs = np.nonzero(where)
+    h, w = where.shape
+    side = min(max(np.ptp(ys), np.ptp(xs)) + 1, max(h, w)) * margin
+    cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+    box = tuple(round(v) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
+    crop = Image.fromarray(image).crop(box).resize((size, size), Image.BICUBIC)  # outside the image: black
+    return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float().div(255)
+
+
 class TruthSegmentsPredictor:
     """The ceiling of any student of this teacher: the true segments, each labelled by the
     teacher's embedding of a square crop around it. Every pixel of a class in the truth is one
@@ -154,7 +166,6 @@ class TruthSegmentsPredictor:
 
     name = "ceiling"
     uses_truth = True
-    margin = 1.2  # the crop's side over the segment's longer box side
 
     def __init__(self, teacher, vocab: Vocabulary):
         self.teacher, self.vocab = teacher, vocab
@@ -168,21 +179,12 @@ class TruthSegmentsPredictor:
             labels = np.zeros(truth.shape, np.uint8)
             scores = np.full(truth.shape, -1.0, np.float32)
             if ids:
-                crops = torch.stack([self._crop(image, truth == c, s) for c in ids])  # (n, 3, s, s)
+                crops = torch.stack([object_crop(image, truth == c, s) for c in ids])  # (n, 3, s, s)
                 lab, sc = classify(self.teacher.encode_images(crops), self.vocab)
                 for c, l, v in zip(ids, lab.tolist(), sc.tolist()):
                     labels[truth == c], scores[truth == c] = l, v
             out.append(Raw(labels, scores))
         return out
-
-    def _crop(self, image: np.ndarray, where: np.ndarray, size: int) -> torch.Tensor:
-        ys, xs = np.nonzero(where)
-        h, w = where.shape
-        side = min(max(np.ptp(ys), np.ptp(xs)) + 1, max(h, w)) * self.margin
-        cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
-        box = tuple(round(v) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
-        crop = Image.fromarray(image).crop(box).resize((size, size), Image.BICUBIC)  # outside the image: black
-        return torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float().div(255)
 
 
 def _paint_float(assignment: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -216,6 +216,7 @@ class GroupingBlock(nn.Module):
 class Segments(NamedTuple):
     tokens: torch.Tensor  # (B, K, D) float32 segment embeddings in the teacher's space
     assignment: torch.Tensor  # (B, h, w) long in [0, K): hard patch-to-segment assignment
+    patches: torch.Tensor  # (B, h*w, D) float32 patch embeddings in the teacher's space (the region term's)
 
 
 class StudentOutput(NamedTuple):
@@ -367,13 +368,15 @@ class ZeroSegStudent(nn.Module):
             x = self.patch_embed(img).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, W)
             for block in self.encoder:
                 x = block(x)
-            seg, hard, _ = self.head(self.encoder_norm(x))  # (B, K, W), (B, N, K)
+            x = self.encoder_norm(x)
+            seg, hard, _ = self.head(x)  # (B, K, W), (B, N, K)
             tokens = self.segment_proj(self.segment_norm(seg)).float()  # (B, K, D)
+            patches = self.patch_proj(x).float()  # (B, N, D)
             g = self.config.grid
             assignment = hard.argmax(dim=-1).view(-1, g, g)  # (B, h, w)
         finally:
             self.train(was_training)
-        return Segments(tokens, assignment)
+        return Segments(tokens, assignment, patches)
 
 
 def _init_weights(m: nn.Module) -> None:
