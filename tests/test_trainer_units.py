@@ -288,8 +288,11 @@ def test_the_json_recipes_give_the_configs_of_before(name):
     assert all(before["model"][k] == v for k, v in REMOVED["model"].items())  # removed knobs held their only value
     assert all(before[k] == v for k, v in REMOVED["train"].items())
     config = recipe(name)
-    # fields added since (their defaults keep the old behaviour): targets_dtype (compact targets)
-    assert json.loads(json.dumps(config.to_dict())) == {**without_removed(before), "targets_dtype": "fp16"}
+    # fields added since (their defaults keep the old behaviour): targets_dtype (compact targets),
+    # model.stem (the conv stem of the shape recipe)
+    want = without_removed(before)
+    want = {**want, "targets_dtype": "fp16", "model": {**want["model"], "stem": "patch"}}
+    assert json.loads(json.dumps(config.to_dict())) == want
     # a config saved by the code before (removed knobs and all) still loads, as the same config
     assert TrainConfig.from_dict(before) == config
 
@@ -313,7 +316,8 @@ def test_one_default_recipe_and_every_recipe_says_everything():
     grouping = {"gumbel_noise", "group_residual", "center_logits"}
     for name in RECIPE_NAMES:
         r = load_recipe(name)
-        assert set(r["model"]) == grouping and set(r["losses"]) == {f.name for f in dataclasses.fields(LossConfig)}
+        assert grouping <= set(r["model"]) <= grouping | {"stem"}
+        assert set(r["losses"]) == {f.name for f in dataclasses.fields(LossConfig)}
 
 
 def test_printing_the_model_shows_its_grouping_settings():
@@ -321,3 +325,16 @@ def test_printing_the_model_shows_its_grouping_settings():
 
     text = repr(ZeroSegStudent(dataclasses.replace(recipe("localised", "tiny").model, out_dim=8)))
     assert "GroupingBlock(\n" in text and "gumbel_noise=0.0, residual=True, center=True\n" in text
+
+
+def test_the_conv_stem_gives_the_patch_grid_and_trains():
+    model = ZeroSegStudent(preset("tiny", out_dim=8, stem="conv"))  # 32 px, patch 8: three stride-2 convs
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    assert model.patch_embed(model.normalise(pixels)).shape == (2, 64, 4, 4)  # (B, W, S/P, S/P)
+    out = model(pixels)
+    out.segments.sum().backward()
+    assert model.patch_embed[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="not a power of 2"):
+        ZeroSegStudent(preset("tiny", out_dim=8, stem="conv", patch_size=6, image_size=36))
+    with pytest.raises(ValueError, match="unknown stem"):
+        ZeroSegStudent(preset("tiny", out_dim=8, stem="dense"))

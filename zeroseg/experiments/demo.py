@@ -176,10 +176,14 @@ def train_students(cfg: DemoConfig, store_url: str, out: Path) -> dict[str, list
 # ---- the whole loop --------------------------------------------------------------------------
 
 
-def run_demo(out: Path, preset: str = "default", console: Console | None = None) -> dict:
-    if preset not in PRESETS:
+def run_demo(out: Path, preset: str | DemoConfig = "default", console: Console | None = None) -> dict:
+    """The whole loop for a named preset, or for any DemoConfig (benchmarks/student_shape.py varies them)."""
+    if isinstance(preset, DemoConfig):
+        cfg, preset = preset, "custom"
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]
+    else:
         raise UserError(f"unknown demo preset {preset!r}: {' | '.join(PRESETS)}")
-    cfg = PRESETS[preset]
     console = console or Console()
     out = Path(out)
     claim_output_dir(out, "demo")  # ours: each stage reuses what is there; anyone else's: refused

@@ -68,6 +68,13 @@ class ModelConfig:
     # Subtract each group's mean logit over the tokens before the softmax over groups: removes the
     # per-group offset (q_g . mean_n k_n) that lets one group win every token.
     center_logits: bool = False
+    # How pixels become tokens: "patch" (ViT's linear P x P patch embedding) or "conv" (Xiao et al.
+    # 2021, "Early convolutions help transformers see better": stride-2 3x3 convolutions down to
+    # the patch grid, then a 1x1). Measured here: shape at the scale of a few patches is read by
+    # the conv stem, not by the patch embedding (docs/results.md). With MAE masking the conv stem
+    # lets a visible token see a few pixels of its hidden neighbours (its receptive field is wider
+    # than a patch): the masked patches are still never encoded.
+    stem: str = "patch"
 
     @property
     def grid(self) -> int:
@@ -230,6 +237,19 @@ class StudentOutput(NamedTuple):
     soft_assignment: torch.Tensor  # (B, V, K) soft patch-to-segment assignment, both groupings composed
 
 
+def conv_stem(width: int, patch: int) -> nn.Sequential:
+    """(B, 3, S, S) -> (B, W, S/P, S/P): log2(P) stride-2 3x3 convolutions, channels doubling up to
+    W, each with GroupNorm (one group: batch-independent, so data-parallel replicas stay exact)
+    and GELU, then a 1x1 convolution to W."""
+    layers, c_in = [], 3
+    n = int(math.log2(patch))
+    for i in range(n):
+        c_out = width // 2 ** (n - 1 - i)
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(1, c_out), nn.GELU()]
+        c_in = c_out
+    return nn.Sequential(*layers, nn.Conv2d(c_in, width, 1))
+
+
 # ---- the student -------------------------------------------------------------------------------
 
 
@@ -240,6 +260,10 @@ class ZeroSegStudent(nn.Module):
             raise ValueError("ModelConfig.out_dim (the teacher's dim) must be set")
         if config.image_size % config.patch_size:
             raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+        if config.stem not in ("patch", "conv"):
+            raise ValueError(f"unknown stem {config.stem!r} (patch or conv)")
+        if config.stem == "conv" and config.patch_size & (config.patch_size - 1):
+            raise ValueError(f"the conv stem halves the side down to the patch grid: patch_size {config.patch_size} is not a power of 2")
         if len(config.head_depths) != len(config.group_tokens) + 1:
             raise ValueError("head_depths needs one more entry than group_tokens (blocks after the last grouping)")
         self.config = c = config
@@ -248,7 +272,7 @@ class ZeroSegStudent(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
         # encoder
-        self.patch_embed = nn.Conv2d(3, w, kernel_size=p, stride=p)
+        self.patch_embed = conv_stem(w, p) if c.stem == "conv" else nn.Conv2d(3, w, kernel_size=p, stride=p)
         self.register_buffer("pos_embed", sincos_pos_embed(w, c.grid)[None], persistent=False)  # (1, N, W)
         self.encoder = nn.ModuleList(Block(w, c.heads, c.mlp_ratio) for _ in range(c.depth))
         self.encoder_norm = nn.LayerNorm(w)
