@@ -599,7 +599,10 @@ class FeatureStore:
     def read_text(self, vocab: str) -> tuple[list[str], np.ndarray]:
         if vocab not in self.vocabularies():
             have = ", ".join(self.vocabularies()) or "none"
-            raise StoreError(f"{self.url} has no vocabulary {vocab!r} (has: {have})")
+            whose = f" of teacher {self.teacher_key}" if self.is_added_teacher else ""
+            raise StoreError(f"{self.url} has no vocabulary {vocab!r}{whose} (has: {have})"
+                             + (f": `zeroseg text {self.url} --teacher-key {self.teacher_key} --vocab {vocab} ...` "
+                                "embeds it" if whose else ""))
         g = self._vocabulary_group(self.group[self._text_path][vocab])
         made_by = TeacherInfo.from_dict(g.attrs["teacher"])
         if made_by != self.config.teacher:

@@ -61,13 +61,25 @@ def store_info(url: str) -> dict[str, Any]:
             "features_per_image": round(features / written) if written else None,
             "raw_float16_per_image": raw,
         },
-        "teacher": dataclasses.asdict(store.config.teacher),
+        "teacher": {"key": store.teacher_key, **dataclasses.asdict(store.config.teacher)},
+        # teachers added beside the first (schema 5): their own features of the same rows
+        "added_teachers": [_added_teacher_info(url, key, written) for key in store.added_teachers],
         "grids": list(store.config.grids),
         "view_size": store.config.view_size,
         "compact": compact,
         "vocabularies": store.vocabularies(),
         "extract": store.extract_options,
     }
+
+
+def _added_teacher_info(url: str, key: str, written: int) -> dict[str, Any]:
+    store = FeatureStore.open(url, teacher=key)
+    status = store.status()
+    features = _disk_bytes(url, store.features.name)
+    return {"key": key, **dataclasses.asdict(store.config.teacher),
+            "status": {s.name.lower(): int((status == s).sum()) for s in Status},
+            "features_per_image": round(features / written) if written else None,
+            "vocabularies": store.vocabularies()}
 
 
 @dataclass
@@ -209,12 +221,18 @@ def format_info(info: dict[str, Any]) -> str:
         if info["duplicates"] is not None else "          duplicates not recorded (schema before 4: `zeroseg store migrate`)",
         f"features  {tuple(f['shape'])} {f['dtype']}, chunks {tuple(f['chunks'])} ({f['n_chunks']} chunks)",
         f"pixels    {tuple(info['pixels']) if info['pixels'] else 'not stored'}",
-        f"teacher   {t['arch']} ({t['pretrained']}, sha256 {t['sha256'][:12]}), input {t['input_size']} px, {t['embed_dim']} dims",
+        f"teacher   {t['key']}: {t['arch']} ({t['pretrained']}, sha256 {t['sha256'][:12]}), input {t['input_size']} px, "
+        f"{t['embed_dim']} dims",
         f"grids     {','.join(map(str, info['grids']))}, view {info['view_size']} px",
         f"on disk   {_mb(b['on_disk'])} in all, {_mb(b['per_image'])} per written image",
         f"          features {_mb(per_image)} per image, raw float16 {_mb(b['raw_float16_per_image'])}{ratio}",
         f"text      {', '.join(info['vocabularies']) or 'no vocabularies'}",
     ]
+    for a in info["added_teachers"]:  # `--teacher-key KEY` picks one for train, index build, ablate, text
+        counts = ", ".join(f"{n} {name}" for name, n in a["status"].items())
+        lines.append(f"teacher   {a['key']}: {a['arch']} ({a['pretrained']}, sha256 {a['sha256'][:12]}), "
+                     f"input {a['input_size']} px, {a['embed_dim']} dims; {counts}; "
+                     f"features {_mb(a['features_per_image'])} per image; text {', '.join(a['vocabularies']) or 'none'}")
     for kind, c in info["compact"].items():
         ratio = f" ({c['per_image'] / per_image:.2f}x the fp16 features)" if per_image and c["per_image"] else ""
         codebook = f", codebook {_mb(c['codebook_bytes'])}" if c["codebook_bytes"] else ""
