@@ -158,20 +158,26 @@ def test_another_grid_or_view_size_is_still_refused(two_teachers):
     assert tree_digest(Path(url)) == before
 
 
-def test_a_pending_chunk_of_the_second_teacher_is_redone_bit_identical(tmp_path):
+def test_a_damaged_chunk_of_the_second_teacher_is_found_repaired_and_redone(tmp_path, capsys):
+    from test_store_safety import chunk_file, flip_two_bytes
+
     imgs = image_folder(tmp_path)
     url = str(tmp_path / "s.zarr")
     run_extract(str(imgs), url, SMALL, notify=quiet)
     run_extract(str(imgs), url, TEACHER_B, notify=quiet)
     key = FeatureStore.open(url).teacher_keys()[1]
     done = teacher_arrays(url, key)
-    # as a kill leaves it: chunk 1's features written (here: zeroed), its status not
-    store = FeatureStore.open(url, mode="r+", teacher=key)
-    store.group[store.features.name][4:8] = np.zeros((4, 5, 64), np.float16)
-    store.group[store.array("images/status").name][4:8] = np.zeros(4, np.uint8)
-    summary = run_extract(str(imgs), url, TEACHER_B, notify=quiet)
+    flip_two_bytes(chunk_file(url, f"{TEACHERS_GROUP}/{key}/features", 1))
+    assert zeroseg(capsys, "store", "verify", url).exit_code == 0  # the first teacher's arrays are sound
+    result = zeroseg(capsys, "store", "verify", url, "--teacher-key", key, "--repair")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"{TEACHERS_GROUP}/{key}/features chunk 1 (images 4-7)" in text, text
+    assert "marked 1 chunks pending" in text
+    assert FeatureStore.open(url, teacher=key).pending_chunks() == [1] and FeatureStore.open(url).pending_chunks() == []
+    summary = run_extract(str(imgs), url, TEACHER_B, notify=quiet)  # as after a kill: only the pending chunk
     assert summary.done_this_run == 4 and summary.pending == 0
     assert_same_teacher(teacher_arrays(url, key), done)
+    assert zeroseg(capsys, "store", "verify", url, "--teacher-key", key).exit_code == 0
 
 
 def test_the_first_teacher_appends_and_the_second_follows(tmp_path):

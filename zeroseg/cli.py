@@ -118,16 +118,17 @@ def store_info(
 def store_verify(
     store: str = typer.Argument(..., help="the feature store"),
     repair: bool = typer.Option(False, "--repair", help="mark chunks with damaged data pending, for `extract` to redo"),
+    teacher_key: str = typer.Option(None, "--teacher-key", help="check this teacher's features of the store [default: its first]"),
 ) -> None:
     """Read every chunk (damaged ones are named) and check features against status; exit 1 on problems."""
     from zeroseg.stores.inspect import format_norms, repair_store, verify_store
 
-    report, problems, damage = verify_store(store)
+    report, problems, damage = verify_store(store, teacher_key)
     print(format_norms(report))
     for problem in problems:
         print(f"problem: {problem}")
     if damage and repair:
-        redo, cannot = repair_store(store, damage)
+        redo, cannot = repair_store(store, damage, teacher_key)
         if redo:
             print(f"repair: marked {len(redo)} chunks pending ({', '.join(map(str, redo))}): "
                   "re-run the same `zeroseg extract IMAGES STORE` to redo exactly them")

@@ -492,6 +492,11 @@ class FeatureStore:
                                   "free the space and re-run the same command") from None
         return slice(at, n)
 
+    def mark_pending(self, chunk: int) -> None:
+        """Set the chunk's status rows (the handle's teacher's) pending, for `extract` to redo it whole."""
+        sl = self.chunk_slice(chunk)
+        self.group[self._path("images/status")][sl] = np.full(sl.stop - sl.start, Status.PENDING, np.uint8)
+
     def pending_chunks(self) -> list[int]:
         """Chunks not yet complete. A chunk's status is written last and all at once, so one
         pending image means the chunk never finished."""
