@@ -13,6 +13,7 @@ import pytest
 from images import write_good
 from test_extract import SMALL, quiet, tree_digest, zeroseg
 from zeroseg.errors import UserError
+from zeroseg.pipeline.estimate import estimate
 from zeroseg.pipeline.runner import ExtractConfig, run_extract
 from zeroseg.stores.compact import CompactTargets
 from zeroseg.stores.features import FeatureStore, StoreError
@@ -82,9 +83,11 @@ def test_a_second_teacher_is_added_and_the_first_stays_byte_for_byte(two_teacher
     assert b["status"][empty] == Status.FAILED and b["errors"][empty] == first.errors()[empty]  # A's failure
     assert first.duplicate_of()[copy] == original and b["features"][copy].tobytes() == b["features"][original].tobytes()
 
-    # the same command again: nothing to do
+    # the same command again: nothing to do; --dry-run counts each teacher's own rows to do
     again = run_extract(str(imgs), url, TEACHER_B, notify=quiet)
     assert again.done_this_run == 0 and again.pending == 0
+    assert estimate(str(imgs), url, TEACHER_B, sample_images=1).pending == 0
+    assert estimate(str(imgs), url, dataclasses.replace(TEACHER_B, seed=1), sample_images=1).pending == 8
 
     info = store_info(url)
     assert info["teacher"]["key"] == first.first_teacher_key

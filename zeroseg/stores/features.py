@@ -476,9 +476,10 @@ class FeatureStore:
                 if name in self.group:
                     self.group[name].resize((n, *self.group[name].shape[1:]))
             # rows a shrink dropped come back with what they held (zarr keeps an edge chunk's bytes):
-            # pending and not hashed, so that the job hashes and writes them whole
-            for key in [None, *self.added_teachers]:  # the new rows are pending for every teacher
-                status = FeatureStore(self.group, self.url, key)._path("images/status")
+            # pending (for every teacher) and not hashed, so that the job hashes and writes them whole
+            statuses = ["images/status", *(f"{TEACHERS_GROUP}/{key}/{TEACHER_ARRAYS['images/status']}"
+                                           for key in self.added_teachers)]
+            for status in statuses:
                 self.group[status][at:n] = np.full(n - at, Status.PENDING, np.uint8)
             if self.has_dedup:
                 self.group["images/hash"][at:n] = np.full(n - at, "", dtype=str)
