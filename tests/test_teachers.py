@@ -256,3 +256,12 @@ def test_an_ablation_over_two_teachers_trains_and_evaluates_each(tmp_path):
             for r in report.rows]
     assert dims == [128, 64] and all(0.0 <= r["miou"] <= 1.0 for r in report.rows)
     assert f"teacher={keys[1]}" in report.markdown
+    # the teacher alone, B's grid with B's vocabulary; a student has its own teacher
+    from zeroseg.segment.evaluate import run_eval
+
+    grid = run_eval(None, scenes, url, "scenes", tmp_path / "ev", threshold=0.5, method="grid", progress=False,
+                    teacher_key=keys[1])
+    assert 0.0 <= grid["miou"] <= 1.0
+    with pytest.raises(UserError, match="--teacher-key is for --method grid"):
+        run_eval(tmp_path / "abl" / "trials" / report.rows[1]["key"], scenes, url, "scenes", tmp_path / "ev",
+                 threshold=0.5, progress=False, teacher_key=keys[1])
