@@ -1,4 +1,4 @@
-"""`store migrate`: a version-1 store (no checksums) made version 4 in place, also after a kill."""
+"""`store migrate`: a version-1 store (no checksums) made version 5 in place, also after a kill."""
 
 import shutil
 from pathlib import Path
@@ -61,7 +61,7 @@ def test_a_version_1_store_migrated_keeps_its_data_and_gains_checksums(v1, tmp_p
     shutil.copytree(v1, url)
     before = contents(url)
     result = zeroseg(capsys, "store", "migrate", url)
-    assert result.exit_code == 0 and "schema version 1 -> 4: 7 arrays rewritten" in result.output
+    assert result.exit_code == 0 and "schema version 1 -> 5: 7 arrays rewritten" in result.output
     assert "image hashes added" in result.output
     store = FeatureStore.open(url)
     assert store.group.attrs["schema_version"] == SCHEMA_VERSION and "migration" not in store.group.attrs
@@ -72,7 +72,7 @@ def test_a_version_1_store_migrated_keeps_its_data_and_gains_checksums(v1, tmp_p
     with pytest.raises(DamagedChunkError, match="crops/features chunk 0"):
         FeatureStore.open(url).features.read_chunk(0)
     assert (store.duplicate_of() == -1).all() and (store.hashes() == "").all()
-    assert "already schema version 4" in zeroseg(capsys, "store", "migrate", url).output
+    assert "already schema version 5" in zeroseg(capsys, "store", "migrate", url).output
 
 
 @pytest.mark.parametrize("killed_in", ["stage", "swap"])
@@ -98,7 +98,7 @@ def test_a_killed_migration_finishes_on_a_re_run(v1, tmp_path, monkeypatch, kill
         for name, data in contents(url).items():
             np.testing.assert_array_equal(data, before[name])
     notes = []
-    assert "1 -> 4" in migrate_store(url, notify=notes.append)
+    assert "1 -> 5" in migrate_store(url, notify=notes.append)
     assert notes and ("redoing" in notes[0] if killed_in == "stage" else "finishing" in notes[0])
     assert FeatureStore.open(url).group.attrs["schema_version"] == SCHEMA_VERSION
     for name, data in contents(url).items():
@@ -116,8 +116,8 @@ def test_versions_2_and_3_gain_the_hash_arrays_only(v1, tmp_path, version):
         del group[name]
     group.update_attributes({"schema_version": version})
     assert not FeatureStore.open(url).has_dedup
-    assert f"{version} -> 4: no array rewritten; image hashes added" in migrate_store(url, notify=quiet)
+    assert f"{version} -> 5: no array rewritten; image hashes added" in migrate_store(url, notify=quiet)
     store = FeatureStore.open(url)
-    assert store.has_dedup and store.group.attrs["schema_version"] == 4
+    assert store.has_dedup and store.group.attrs["schema_version"] == 5
     for name, data in contents(url).items():
         np.testing.assert_array_equal(data, before[name])

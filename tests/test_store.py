@@ -91,7 +91,7 @@ def test_schema_version_refused(tmp_path):
     url = str(tmp_path / "s")
     store = FeatureStore.create(url, make_config(), ["a"])
     store.group.attrs["schema_version"] = 99
-    with pytest.raises(StoreError, match="schema version 99, this zeroseg reads versions 1, 2, 3, 4"):
+    with pytest.raises(StoreError, match="schema version 99, this zeroseg reads versions 1, 2, 3, 4, 5"):
         FeatureStore.open(url)
 
 

@@ -118,16 +118,17 @@ def store_info(
 def store_verify(
     store: str = typer.Argument(..., help="the feature store"),
     repair: bool = typer.Option(False, "--repair", help="mark chunks with damaged data pending, for `extract` to redo"),
+    teacher_key: str = typer.Option(None, "--teacher-key", help="check this teacher's features of the store [default: its first]"),
 ) -> None:
     """Read every chunk (damaged ones are named) and check features against status; exit 1 on problems."""
     from zeroseg.stores.inspect import format_norms, repair_store, verify_store
 
-    report, problems, damage = verify_store(store)
+    report, problems, damage = verify_store(store, teacher_key)
     print(format_norms(report))
     for problem in problems:
         print(f"problem: {problem}")
     if damage and repair:
-        redo, cannot = repair_store(store, damage)
+        redo, cannot = repair_store(store, damage, teacher_key)
         if redo:
             print(f"repair: marked {len(redo)} chunks pending ({', '.join(map(str, redo))}): "
                   "re-run the same `zeroseg extract IMAGES STORE` to redo exactly them")
@@ -202,6 +203,7 @@ def train(
     target_norm: str = typer.Option(None, "--target-norm", help="l2 | none: teacher features as targets [default: the recipe's]"),
     targets: str = typer.Option(None, help="cached (the default: read the store) | online (run the teacher)"),
     targets_dtype: str = typer.Option(None, "--targets-dtype", help="fp16 (the default: as stored) | int8 | pq (the store's compact targets: `store compact`)"),
+    teacher_key: str = typer.Option(None, "--teacher-key", help="distil this teacher of the store (`store info` lists them) [default: its first]"),
     precision: str = typer.Option(None, help="fp32 (the default) | bf16 (autocast)"),
     seed: int = typer.Option(None, help="the run is a pure function of the seed and the store"),
     threads: int = typer.Option(None, help="torch compute threads (default: one per core; 1 on a busy machine)"),
@@ -218,7 +220,7 @@ def train(
     result = run_train(
         store, out, preset_name=preset, recipe_name=recipe, epochs=epochs, grids=_grids(grids) if grids else None,
         loss=loss, multiscale=multiscale, target_norm=target_norm, resume=resume, stop_after=stop_after,
-        steps=steps, batch=batch, lr=lr, mask_ratio=mask_ratio, targets=targets, targets_dtype=targets_dtype, precision=precision, seed=seed,
+        steps=steps, batch=batch, lr=lr, mask_ratio=mask_ratio, targets=targets, targets_dtype=targets_dtype, teacher_key=teacher_key, precision=precision, seed=seed,
         threads=threads, checkpoint_every=checkpoint_every, workers=workers, address=address, device=device,
     )
     print(f"step {result['step']}: {result.get('checkpoint', 'no new checkpoint')}  loss {result['metrics'].get('loss', '-')}")
@@ -235,6 +237,7 @@ def ablate(
     vocab: str = typer.Option(..., help="the store's text vocabulary to classify segments with"),
     grid: str = typer.Option(None, help="a YAML/JSON spec (file or inline): {grid: {field: [values]}} or {trials: [...]}"),
     preset: str = typer.Option(None, help="one of the paper's tables: scales | losses | mask-ratio | tokens"),
+    teachers: str = typer.Option(None, help="comma-separated teacher keys of the store (`store info`): every trial once per teacher"),
     steps: int = typer.Option(None, help="optimizer steps per trial [default: 300]"),
     seeds: str = typer.Option(None, help="comma-separated seeds; every trial runs once per seed [default: 0]"),
     student: str = typer.Option(None, help=f"student preset: tiny | small | base [default: {DEFAULT_PRESET}]"),
@@ -249,14 +252,15 @@ def ablate(
     """Many short trainings over one store, then the paper-style tables; re-run to resume."""
     from zeroseg.experiments.ablate import run_ablation
 
-    if (grid is None) == (preset is None):
-        raise UserError("give one of --grid SPEC or --preset NAME")
+    if grid is not None and preset is not None or grid is None and preset is None and teachers is None:
+        raise UserError("give one of --grid SPEC or --preset NAME (or --teachers alone)")
     try:
         seed_list = [int(s) for s in seeds.split(",")] if seeds is not None else None
     except ValueError:
         raise UserError(f"--seeds takes comma-separated integers, not {seeds!r}")
     # Options left out keep run_ablation's defaults (and TrainConfig's, through the recipe).
-    given = dict(steps=steps, seeds=seed_list, preset=student, recipe_name=recipe, batch=batch, online_ratio=online_ratio)
+    given = dict(steps=steps, seeds=seed_list, preset=student, recipe_name=recipe, batch=batch, online_ratio=online_ratio,
+                 teachers=teachers.split(",") if teachers else None)
     report = run_ablation(
         store, grid or preset, out, eval_dataset, vocab, calibrate_on=calibrate_on, threshold=bg_threshold,
         parallel=trials_parallel, address=address, **{k: v for k, v in given.items() if v is not None},
@@ -288,11 +292,13 @@ def index_build(
     kind: str = typer.Option("auto", help="auto | flat | hnsw | ivf-pq | ivf-pq-sq8 | ivf-pq-store (auto: flat below 100k "
                              "vectors, then by available memory)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the memory and disk each kind would take; build nothing"),
+    teacher_key: str = typer.Option(None, "--teacher-key", help="this teacher's crop features (`store info` lists them) [default: the store's first]"),
 ) -> None:
     """Index a store's crop features or a student's segment tokens for `zeroseg query`."""
     from zeroseg.segment.neighbours import BuildConfig, build_index, index_footprints
 
-    config = BuildConfig(source=source, kind=kind, checkpoint=checkpoint, grids=_grids(grids) if grids else None)
+    config = BuildConfig(source=source, kind=kind, checkpoint=checkpoint, grids=_grids(grids) if grids else None,
+                         teacher_key=teacher_key)
     if dry_run:
         n, auto, rows = index_footprints(store, config)
         print(f"{n} {source} vectors of {store}; computed from FAISS's layouts, nothing built or written")
@@ -341,12 +347,13 @@ def text(
     store: str = typer.Argument(..., help="feature store (path or URL) whose teacher embeds the names"),
     vocab: str = typer.Option(..., "--vocab", help="name to cache the vocabulary under (text/<vocab>)"),
     classes: str = typer.Option(..., "--classes", help="a file (one name a line) or a comma-separated list"),
+    teacher_key: str = typer.Option(None, "--teacher-key", help="embed with this teacher of the store, for its own vocabularies [default: its first]"),
 ) -> None:
     """Cache class-name text embeddings (prompt templates averaged) in the store."""
-    from zeroseg.segment.text import cache_vocabulary, parse_classes
+    from zeroseg.segment.text import TEMPLATES, cache_vocabulary, parse_classes
 
     names = parse_classes(classes)
-    emb = cache_vocabulary(store, vocab, names)
+    emb = cache_vocabulary(store, vocab, names, TEMPLATES, teacher=teacher_key)
     print(f"{store}: text/{vocab} {len(names)} classes x {emb.shape[1]} dims")
 
 
@@ -380,6 +387,7 @@ def eval_(
     dense_variant: str = typer.Option("maskclip", help="--method dense on a ViT teacher: maskclip | clearclip (no residual, no MLP in the last block)"),
     split: str = typer.Option("val", help="ImageSets/Segmentation/<split>.txt of a VOC folder"),
     limit: int = typer.Option(None, help="evaluate the first N images only"),
+    teacher_key: str = typer.Option(None, "--teacher-key", help="grid | dense | ceiling: this teacher of the store [default: its first]; a student uses its own"),
     out: Path = typer.Option(Path("eval-out"), "--out", help="folder for eval_<method>.json and its confusion PNG"),
 ) -> None:
     """Per-class IoU and mIoU (background included, 255 ignored) on a labelled dataset."""
@@ -394,7 +402,7 @@ def eval_(
     if dense_variant != "maskclip" and method != "dense":
         raise UserError("--dense-variant is for --method dense")
     report = run_eval(checkpoint, dataset, store, vocab, out, bg_threshold, calibrate_on, method, split, limit,
-                      dense_variant=dense_variant)
+                      dense_variant=dense_variant, teacher_key=teacher_key)
     err.print(str(Threshold(report["bg_threshold"], report["bg_threshold_source"])), markup=False, highlight=False, soft_wrap=True)
     print(json.dumps(report, indent=2))
 

@@ -3,6 +3,8 @@
 A spec names trainer config fields by dotted path (`grids`, `losses.match`, `mask_ratio`,
 `model.group_tokens`) and either a grid of values (every combination is a trial) or an explicit
 list of named trials (for tables whose rows are not a product, like the paper's loss table).
+A `teachers` list (keys of the store's teachers, `store info`) crosses every trial with each
+teacher: the same students distilled from each teacher's features of the same images.
 Each trial x seed trains from the cache and evaluates mIoU in its own run dir, as a Ray Tune trial.
 A trial's result file is keyed by the hash of everything that makes it, so a re-run skips what is
 done and a failed trial is recorded without stopping the others.
@@ -71,16 +73,30 @@ def load_spec(spec: str) -> dict[str, Any]:
         parsed = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise UserError(f"ablation spec is not YAML/JSON: {str(e).splitlines()[0]}")
-    if not isinstance(parsed, dict) or not ({"grid", "trials"} & parsed.keys()):
+    if not isinstance(parsed, dict) or not ({"grid", "trials", "teachers"} & parsed.keys()):
         raise UserError(
             f"ablation spec {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a mapping "
-            "with 'grid' (field: [values]) or 'trials' (a list of {name, field: value})"
+            "with 'grid' (field: [values]), 'trials' (a list of {name, field: value}) or 'teachers' (a list of keys)"
         )
     return parsed
 
 
 def expand(spec: dict[str, Any]) -> list[Trial]:
-    """Every combination of the grid's values (in the order given), or the listed trials."""
+    """Every combination of the grid's values (in the order given), or the listed trials (or the
+    recipe alone), each once per teacher of a `teachers` list."""
+    trials = _expand_fields(spec)
+    if "teachers" not in spec:
+        return trials
+    teachers = spec["teachers"]
+    if not isinstance(teachers, list) or not teachers or not all(isinstance(k, str) for k in teachers):
+        raise UserError("ablation spec 'teachers' needs a non-empty list of teacher keys (`zeroseg store info` lists them)")
+    return [Trial(f"{t.name}, teacher={key}" if t.overrides else f"teacher={key}", {**t.overrides, "teacher_key": key})
+            for t in trials for key in teachers]
+
+
+def _expand_fields(spec: dict[str, Any]) -> list[Trial]:
+    if "grid" not in spec and "trials" not in spec:
+        return [Trial("recipe", {})]
     if "trials" in spec:
         trials = []
         for i, row in enumerate(spec["trials"]):
@@ -219,15 +235,20 @@ def plan_jobs(
 
 
 def run_ablation(
-    store_url: str, spec: str, out: Path, dataset: str, vocab: str, *, steps: int = 300,
+    store_url: str, spec: str | None, out: Path, dataset: str, vocab: str, *, steps: int = 300,
     seeds: list[int] = (0,), preset: str = DEFAULT_PRESET, recipe_name: str = DEFAULT_RECIPE, batch: int | None = None,
     calibrate_on: str | None = None, threshold: float | None = None, parallel: int | None = None,
-    address: str | None = None, online_ratio: float = 191.0, progress: bool = True,
+    address: str | None = None, online_ratio: float = 191.0, progress: bool = True, teachers: list[str] | None = None,
 ) -> AblationReport:
     """Every trial x seed of `spec` over one store: Ray Tune trials of one CPU each (`parallel` at
-    a time; 0 runs them one by one in this process), resumable, then the tables, plot and cost."""
+    a time; 0 runs them one by one in this process), resumable, then the tables, plot and cost.
+    `teachers` (keys of the store's teachers) adds a teachers axis to the spec (or replaces its own);
+    with no spec, the trials are the recipe alone, once per teacher."""
     store = FeatureStore.open(store_url)
-    trials = expand(load_spec(spec))
+    loaded = load_spec(spec) if spec is not None else {}
+    trials = expand({**loaded, "teachers": teachers} if teachers else loaded)
+    for key in dict.fromkeys(t.overrides["teacher_key"] for t in trials if "teacher_key" in t.overrides):
+        FeatureStore.open(store_url, teacher=key).read_text(vocab)  # each teacher there, with the vocabulary: before any trial
     batch_given = {} if batch is None else {"batch": batch}  # else TrainConfig's
     base = recipe(recipe_name, preset, steps=steps, grids=store.config.grids, threads=1, **batch_given).to_dict()
     claim_output_dir(out, "ablation")  # ours is resumed; anyone else's folder is refused untouched

@@ -63,13 +63,14 @@ def run_in_process(worker: ChunkWorker, pending: list[int],
 def run_on_ray(url: str, teacher: TeacherSpec, batch: int, threads: int, n_workers: int,
                cluster: tuple[int, int], pending: list[int], teacher_sha: str, lock_token: str,
                finished: Callable[[ChunkResult], None], notify: Callable[[str], None],
-               waits_for: dict[int, set[int]] | None = None) -> dict[int, str]:
+               waits_for: dict[int, set[int]] | None = None, teacher_key: str | None = None) -> dict[int, str]:
     """Keep every actor busy with IN_FLIGHT_PER_WORKER chunks until none are left. An actor that
     dies (its process, or its whole node) hands its chunks back to the queue for the live actors,
     and a replacement is started that serves once it is up (on a node that is gone it never is); a
     chunk whose worker died MAX_TRIES_PER_CHUNK times stays pending for the next run. A chunk in
     `waits_for` (chunk -> chunks it copies duplicate rows from) starts once those are written.
-    Returns the chunks left pending with the reason. A failed write (disk full) stops the job at once: every
+    `teacher_key` names the store's teacher the actors write (None: the first). Returns the chunks
+    left pending with the reason. A failed write (disk full) stops the job at once: every
     later write would fail the same way."""
     import ray  # here, not at the top: see ray_cluster
     from ray.exceptions import RayActorError, RayTaskError
@@ -103,7 +104,7 @@ def run_on_ray(url: str, teacher: TeacherSpec, batch: int, threads: int, n_worke
     def start_actor() -> None:
         # Actors can outlive a SIGKILLed driver for a moment: with the job's lock token, each
         # checks before writing a chunk that no new job has taken the store over.
-        actor = actor_class.remote(url, teacher, batch, threads, lock_token=lock_token)
+        actor = actor_class.remote(url, teacher, batch, threads, lock_token=lock_token, teacher_key=teacher_key)
         every_actor.append(actor)
         starting[actor.describe.remote()] = actor
 

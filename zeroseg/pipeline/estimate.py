@@ -19,7 +19,7 @@ from zeroseg.pipeline.runner import DEFAULT_BATCH, DEFAULT_PRECISION, ExtractCon
 from zeroseg.pipeline.teacher import PRECISIONS, Teacher
 from zeroseg.pipeline.writer import ChunkWorker, TeacherSpec, resolve_device
 from zeroseg.stores.features import FeatureStore, check_location
-from zeroseg.stores.schema import Status
+from zeroseg.stores.schema import Status, teacher_key
 
 SAMPLE_IMAGES = 8  # timed per run; the first n of IMAGES
 
@@ -70,14 +70,20 @@ def estimate(images: str, url: str, config: ExtractConfig, sample_images: int = 
     if config.precision not in (None, *PRECISIONS):
         raise UserError(f"--precision {config.precision}: choose {' | '.join(PRECISIONS)}")
     paths = list_inputs(images, config.input_format, config.path_column).paths
-    pending = None
-    if check_location(url) == "store":
-        store = FeatureStore.open(url)
-        added = compare_listing([str(p) for p in store.listed_paths()], paths).new  # what the job would append
-        pending = int((store.status() == Status.PENDING).sum()) + len(added)
     device = resolve_device(config.device)
     precision = config.precision or DEFAULT_PRECISION
     teacher = TeacherSpec(config.teacher, config.pretrained, config.seed, device).load()
+    pending = None
+    if check_location(url) == "store":
+        store = FeatureStore.open(url)
+        key = teacher_key(teacher.info)
+        if key == store.first_teacher_key:
+            added = compare_listing([str(p) for p in store.listed_paths()], paths).new  # what the job would append
+            pending = int((store.status() == Status.PENDING).sum()) + len(added)
+        elif key in store.teacher_keys():  # another teacher of the store: its pending rows
+            pending = int((FeatureStore.open(url, teacher=key).status() == Status.PENDING).sum())
+        else:  # a new teacher: all the store's rows
+            pending = store.n_images
     sample = paths[:sample_images]
     k = len(sample)
     store_config = dataclasses.replace(_store_config(config, teacher.info), chunk_images=k)

@@ -19,8 +19,8 @@ from zeroseg.pipeline.distributor import extract_cluster, run_in_process, run_on
 from zeroseg.pipeline.teacher import PRECISIONS
 from zeroseg.pipeline.reader import list_inputs
 from zeroseg.pipeline.writer import ChunkResult, ChunkWorker, TeacherSpec, resolve_device
-from zeroseg.stores.features import FeatureStore, StoreNotFoundError, check_location, make_store_folder
-from zeroseg.stores.schema import Status, StoreConfig
+from zeroseg.stores.features import FeatureStore, StoreError, StoreNotFoundError, check_location, make_store_folder
+from zeroseg.stores.schema import Status, StoreConfig, config_mismatches, teacher_key
 from zeroseg.stores.lock import StoreLock
 
 DEFAULT_CHUNK_IMAGES = 64
@@ -111,13 +111,17 @@ def _store_config(config: ExtractConfig, teacher_info) -> StoreConfig:
 
 
 def open_existing(url: str, config: ExtractConfig, teacher_info) -> FeatureStore | None:
-    """The job's store if there is one (None: create it). An existing one must have been made the
-    same way (teacher, grids, view size, chunking, pixels), or this ends in a one-line error and
-    the store is not touched."""
+    """The job's store if there is one (None: create it), seen through its first teacher. An
+    existing one must have been made the same way (grids, view size, chunking, pixels), or this
+    ends in a one-line error and the store is not touched. Another teacher is no mismatch: the job
+    adds it beside the store's (check_beside_first)."""
     try:
-        store = FeatureStore.open(url, mode="r", expect=_store_config(config, teacher_info))
+        store = FeatureStore.open(url, mode="r")
     except StoreNotFoundError:
         return None
+    problems = config_mismatches(_store_config(config, teacher_info), store.config, teacher=False)
+    if problems:
+        raise StoreError(f"{url} was made differently: " + "; ".join(problems))
     have = store.config
     for name, value in dict(chunk_images=config.chunk_images, pixels=config.pixels).items():
         if value is not None and value != getattr(have, name):
@@ -171,6 +175,27 @@ def grow_store(url: str, images: str, listing, append: bool, notify: Callable[[s
     metadata = [listing.metadata[i] for i in change.new] if listing.metadata is not None else None
     rows = FeatureStore.open(url, mode="r+").append([listing.paths[i] for i in change.new], metadata)
     notify(f"{url}: {len(change.new)} new images from {images} added as rows {rows.start}-{rows.stop - 1}")
+
+
+def check_beside_first(url: str, store: FeatureStore, key: str, images: str, listing, config: ExtractConfig,
+                       notify: Callable[[str], None]) -> None:
+    """A teacher beside the store's first (added now, or resumed) embeds the store's rows as they
+    are, once the first teacher has done them all: IMAGES adds no rows (images the store does not
+    hold are reported: the first teacher adds them), and the rows the first teacher failed are
+    failed for it too."""
+    first = store.first_teacher_key
+    if config.append:
+        raise UserError(f"--append adds images with the store's first teacher ({first}), not with {key}")
+    if key not in store.teacher_keys():
+        store.require_teachers_schema()
+    todo = int((store.status() == Status.PENDING).sum())
+    if todo:
+        raise UserError(f"{url}: its first teacher {first} has {todo} images pending: finish them first "
+                        f"(extract with that teacher), then add {key}")
+    new = compare_listing([str(p) for p in store.listed_paths()], listing.paths).new
+    if new:
+        notify(f"note: {len(new)} images of {images} are not in {url}: teacher {key} embeds the store's "
+               f"{store.n_images} rows; extract with the first teacher ({first}) to add them")
 
 
 def mark_duplicates(url: str, notify: Callable[[str], None]) -> None:
@@ -278,9 +303,17 @@ def run_extract(
     t0 = time.perf_counter()
     done, copied, waited, chunk_s = 0, 0, 0.0, 0.0
     threads_before = torch.get_num_threads()
+    key = teacher_key(teacher.info)
     with StoreLock(url, notify=notify) as lock, contextlib.ExitStack() as stack:
         store = open_existing(url, config, teacher.info)
-        if store:
+        # Another teacher than the store's first is added beside it (or resumed), over its rows.
+        adding = store is not None and key != store.first_teacher_key
+        expect = _store_config(config, teacher.info)
+        if adding:
+            check_beside_first(url, store, key, images, listing, config, notify)
+            store = FeatureStore.open(url, teacher=key, expect=expect) if key in store.teacher_keys() else None
+        elif store:
+            FeatureStore.open(url, expect=expect)  # the same weights as the first teacher's, to the last digit
             grow_store(url, images, listing, config.append, notify)
             mark_duplicates(url, notify)
             store = FeatureStore.open(url)
@@ -303,10 +336,17 @@ def run_extract(
             for runtime_only in ("workers", "address", "append"):  # how it ran, not what it made
                 options.pop(runtime_only)
             options.update(dataclasses.asdict(compute))
-            FeatureStore.create(url, _store_config(config, teacher.info), paths, extract=options,
-                                metadata=listing.metadata)
-            mark_duplicates(url, notify)
-        store = FeatureStore.open(url, mode="r+")
+            if adding:
+                first = FeatureStore.open(url, mode="r+")
+                options.update(chunk_images=first.config.chunk_images, pixels=first.config.pixels)
+                first.add_teacher(teacher.info, options)
+                notify(f"{url}: teacher {key} added beside {first.first_teacher_key} "
+                       f"(train, index and ablate pick it with --teacher-key {key})")
+            else:
+                FeatureStore.create(url, _store_config(config, teacher.info), paths, extract=options,
+                                    metadata=listing.metadata)
+                mark_duplicates(url, notify)
+        store = FeatureStore.open(url, mode="r+", teacher=key)
         pending = store.pending_chunks()
         todo = int((store.status() == Status.PENDING).sum())
         if started:
@@ -323,16 +363,18 @@ def run_extract(
         try:
             if cluster is None:
                 # the driver's teacher serves; the token: a job that took the store over stops us too
-                worker = ChunkWorker(url, teacher, compute.batch, compute.threads_per_worker, lock_token=lock.token)
+                worker = ChunkWorker(url, teacher, compute.batch, compute.threads_per_worker, lock_token=lock.token,
+                                     teacher_key=key)
                 lost = run_in_process(worker, pending, finished)
             else:
                 del teacher  # the actors build their own
                 lost = run_on_ray(url, spec, compute.batch, compute.threads_per_worker, min(n_workers, len(pending)),
                                   cluster, pending, teacher_sha=store.config.teacher.sha256, lock_token=lock.token,
-                                  finished=finished, notify=notify, waits_for=copies_from(store, pending))
+                                  finished=finished, notify=notify, waits_for=copies_from(store, pending),
+                                  teacher_key=key)
         finally:
             torch.set_num_threads(threads_before)  # the in-process worker set the store's count
-    return dataclasses.replace(summarize(FeatureStore.open(url), done, time.perf_counter() - t0, lost),
+    return dataclasses.replace(summarize(FeatureStore.open(url, teacher=key), done, time.perf_counter() - t0, lost),
                                waited_s=waited, chunk_s=chunk_s, copied_this_run=copied)
 
 

@@ -75,17 +75,24 @@ class ChunkResult:
 class ChunkWorker:
     """Holds the teacher once and writes whole chunks of one store. Used as is in this process
     (given the driver's teacher) and wrapped as a Ray actor by the distributor (each actor: one
-    teacher, `threads` torch threads, so N actors share the cores instead of each taking them all)."""
+    teacher, `threads` torch threads, so N actors share the cores instead of each taking them all).
+    With `teacher_key` of a teacher added beside the first, it writes that teacher's arrays: the
+    rows the first teacher found failed are failed here too, without decoding them again."""
 
     def __init__(self, url: str, teacher: Teacher | TeacherSpec, batch: int, threads: int | None = None,
-                 lock_token: str | None = None):
+                 lock_token: str | None = None, teacher_key: str | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.teacher = teacher.load() if isinstance(teacher, TeacherSpec) else teacher
-        self.store = FeatureStore.open(url, mode="r+")
+        self.store = FeatureStore.open(url, mode="r+", teacher=teacher_key)
         self.batch = batch
         self.paths = self.store.paths()  # the store's list is authoritative
         self.duplicate_of = self.store.duplicate_of()  # marked by the job before any worker starts
+        # An added teacher's job starts once the first teacher's rows are all done: those it
+        # failed are failed rows for every teacher (the same image, the same decoder).
+        first = self.store.first_teacher()
+        self.failed_before = first.status() == Status.FAILED if self.store.is_added_teacher else np.zeros(len(self.paths), bool)
+        self.errors_before = first.errors() if self.store.is_added_teacher else None
         # the teacher's precision as the store records it (the job refuses a run that differs)
         self.precision = self.store.extract_options.get("precision", "fp32")
         self.boxes = self.store.boxes
@@ -99,8 +106,10 @@ class ChunkWorker:
                 "threads": torch.get_num_threads()}
 
     def _own_rows(self, chunk: int) -> np.ndarray:
-        """The chunk's rows (counted from its start) embedded here: all but duplicates of an earlier row."""
-        return np.flatnonzero(self.duplicate_of[self.store.chunk_slice(chunk)] < 0)
+        """The chunk's rows (counted from its start) embedded here: all but duplicates of an earlier
+        row and (for an added teacher) the rows the first teacher failed."""
+        sl = self.store.chunk_slice(chunk)
+        return np.flatnonzero((self.duplicate_of[sl] < 0) & ~self.failed_before[sl])
 
     def _decode(self, chunk: int) -> Iterator[Decoded]:
         """The views of the chunk's own rows, decoding from now on in the pool (or already, if read ahead)."""
@@ -111,8 +120,9 @@ class ChunkWorker:
         return read_views(list(paths), config.view_size, config.grids, self.decoder)
 
     def _with_duplicates(self, chunk: int, own: np.ndarray, embedded: ChunkArrays) -> ChunkArrays:
-        """The whole chunk's arrays: its own rows as embedded, each duplicate a copy of its first
-        row (in this chunk, or in a chunk already done: the job schedules this chunk after it)."""
+        """The whole chunk's arrays: its own rows as embedded, the rows the first teacher failed
+        failed with its error, each duplicate a copy of its first row (in this chunk, or in a chunk
+        already done: the job schedules this chunk after it)."""
         sl = self.store.chunk_slice(chunk)
         n = sl.stop - sl.start
         out = ChunkArrays(
@@ -123,6 +133,8 @@ class ChunkWorker:
         for k, i in enumerate(own):
             out.features[i], out.status[i], out.errors[i] = embedded.features[k], embedded.status[k], embedded.errors[k]
             out.sizes[i], out.views[i] = embedded.sizes[k], embedded.views[k]
+        for i in np.flatnonzero(self.failed_before[sl] & (self.duplicate_of[sl] < 0)):
+            out.status[i], out.errors[i] = Status.FAILED, str(self.errors_before[sl.start + i])
         done: dict[int, tuple] = {}  # another chunk -> its arrays, read once
         for i in np.flatnonzero(self.duplicate_of[sl] >= 0):
             first = int(self.duplicate_of[sl.start + i])

@@ -33,7 +33,7 @@ from zeroseg.segment.zeroshot import (
     predict_dataset,
 )
 from zeroseg.stores.features import FeatureStore
-from zeroseg.trainer.checkpoint import find_checkpoint, load_student_for, read_state, write_json
+from zeroseg.trainer.checkpoint import find_checkpoint, load_student_for, read_state, student_teacher_key, write_json
 
 DEFAULT_THRESHOLD = PAPER_THRESHOLDS["voc"]
 CALIBRATION_FILE = "calibration.json"  # in a run dir, beside its checkpoints
@@ -113,8 +113,10 @@ def choose_threshold(
     return Threshold(DEFAULT_THRESHOLD, f"the paper's VOC value; {why}")
 
 
-def load_vocabulary(store_url: str, vocab: str, classes: list[str] | None = None) -> tuple[FeatureStore, Vocabulary]:
-    store = FeatureStore.open(store_url)
+def load_vocabulary(store_url: str, vocab: str, classes: list[str] | None = None,
+                    teacher: str | None = None) -> tuple[FeatureStore, Vocabulary]:
+    """The store seen through `teacher` (None: its first) and that teacher's vocabulary `vocab`."""
+    store = FeatureStore.open(store_url, teacher=teacher)
     names, emb = store.read_text(vocab)  # refuses text of another teacher than the store's
     return store, Vocabulary.build(names, emb, classes)
 
@@ -128,7 +130,7 @@ def segment_images(
     """Write <stem>_mask.png (palette, pixel = label: 0 background, i = vocabulary entry i-1) and
     <stem>_overlay.png (with a legend) for each image; return the threshold used (`threshold`,
     else the run's calibrated one, else the paper's) and the (mask, overlay) paths."""
-    store, vocabulary = load_vocabulary(store_url, vocab)
+    store, vocabulary = load_vocabulary(store_url, vocab, teacher=student_teacher_key(checkpoint, FeatureStore.open(store_url)))
     predictor = StudentPredictor(load_student_for(checkpoint, store)[0], vocabulary)
     chosen = choose_threshold(threshold, checkpoint, vocab, vocabulary)
     out.mkdir(parents=True, exist_ok=True)
@@ -210,13 +212,20 @@ def run_eval(
     limit: int | None = None,
     progress: bool = True,
     dense_variant: str = "maskclip",
+    teacher_key: str | None = None,
 ) -> dict:
     """Evaluate one method on a labelled dataset; write out/eval_<method>.json and
     out/confusion_<method>.png; return the JSON dict. The background threshold is `threshold`,
     or calibrated on `calibrate_on` (a train split; stored in the student's run), or the run's
-    stored one, or the paper's VOC value; "bg_threshold_source" says which."""
+    stored one, or the paper's VOC value; "bg_threshold_source" says which. A student is evaluated
+    with the vocabulary of the store's teacher it was trained on; grid, dense and ceiling run the
+    store's `teacher_key` (None: its first) with that teacher's vocabulary."""
     dataset = load_dataset(dataset_path, split).subset(limit)
-    store, vocabulary = load_vocabulary(store_url, vocab, dataset.classes)
+    if method == "student" and checkpoint is not None:
+        if teacher_key is not None:
+            raise UserError("--teacher-key is for --method grid | dense | ceiling: a student uses the teacher it was trained on")
+        teacher_key = student_teacher_key(checkpoint, FeatureStore.open(store_url))
+    store, vocabulary = load_vocabulary(store_url, vocab, dataset.classes, teacher=teacher_key)
     predictor = make_predictor(method, checkpoint, store, vocabulary, dense_variant)
     calibration = None
     if threshold is None and calibrate_on is not None:

@@ -26,7 +26,7 @@ from zeroseg.outputs import check_output_dir, claim_output_dir
 from zeroseg.segment.render import contact_sheet
 from zeroseg.segment.text import embed_classes
 from zeroseg.stores.features import FeatureStore, StoreError
-from zeroseg.stores.schema import Status
+from zeroseg.stores.schema import Status, TeacherInfo, teacher_key
 from zeroseg.stores.index import (
     IndexMeta,
     NeighbourIndex,
@@ -52,6 +52,7 @@ class BuildConfig:
     grids: tuple[int, ...] | None = None  # crops: index only these grid levels (None = all)
     batch_vectors: int = 65_536  # vectors per add: bounds memory (64k x 512 float32 = 128 MB)
     seed: int = 0  # picks the training sample of an IVF index
+    teacher_key: str | None = None  # whose crop features (a teacher of the store; None its first)
 
 
 # ---- vector sources: a store chunk in, (ids, vectors) out ---------------------------------
@@ -156,7 +157,7 @@ def _kinds_for(source: str) -> list[str]:
 def index_footprints(store_url: str, config: BuildConfig) -> tuple[int, str, list[dict]]:
     """`index build --dry-run`: (vectors, the kind `auto` picks, each kind's index_footprint) for
     this store; builds nothing and writes nothing."""
-    store = FeatureStore.open(store_url)
+    store = FeatureStore.open(store_url, teacher=config.teacher_key)
     vectors = _vectors_for(store, config)
     n = vectors.estimate_count()
     auto = index_spec("auto", n, store.dim, in_store=vectors.source == "crops").kind
@@ -167,7 +168,7 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
     """Index the store's crops (or the student's segment tokens) into folder `out`."""
     if config.kind not in KINDS:
         raise UserError(f"unknown index kind {config.kind!r} (one of {', '.join(KINDS)})")
-    store = FeatureStore.open(store_url)
+    store = FeatureStore.open(store_url, teacher=config.teacher_key)
     check_complete(store)
     vectors = _vectors_for(store, config)
     if config.kind not in ["auto", *_kinds_for(vectors.source)]:
@@ -245,11 +246,11 @@ class QueryResult:
 
 def open_for_query(index_dir: str | Path, store_url: str | None) -> tuple[NeighbourIndex, FeatureStore]:
     """The index and the store it was built from (the recorded one unless `store_url` is given),
-    refusing a store other than the index's."""
+    seen through the teacher it was built with, refusing a store other than the index's."""
     index = NeighbourIndex.open(index_dir)
     url = store_url or index.meta.store["url"]
     try:
-        store = FeatureStore.open(url)
+        store = FeatureStore.open(url, teacher=teacher_key(TeacherInfo.from_dict(index.meta.store["teacher"])))
     except StoreError as e:
         hint = "" if store_url else " (the store recorded in the index; pass --store)"
         raise NeighbourIndexError(f"{e}{hint}")

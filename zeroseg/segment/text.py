@@ -56,15 +56,16 @@ def embed_classes(encode_text, names: Sequence[str], templates: Sequence[str] = 
 
 
 def cache_vocabulary(
-    store_url: str, vocab: str, names: Sequence[str], templates: Sequence[str] = TEMPLATES
+    store_url: str, vocab: str, names: Sequence[str], templates: Sequence[str] = TEMPLATES, teacher: str | None = None
 ) -> np.ndarray:
-    """Embed `names` with the store's own teacher and write them to text/<vocab>.
+    """Embed `names` with the store's teacher `teacher` (None: its first) and write them to that
+    teacher's vocabulary `vocab` (text/<vocab>, or teachers/<key>/text/<vocab>).
 
     The teacher is rebuilt from the store's attributes (arch + pretrained) and must hash to the
     store's sha256: text from any other teacher would live in another embedding space."""
     from zeroseg.pipeline.teacher import load_store_teacher  # open_clip: seconds to import; only embedding needs it
 
-    store = FeatureStore.open(store_url, mode="r+")
+    store = FeatureStore.open(store_url, mode="r+", teacher=teacher)
     teacher = load_store_teacher(store)
     emb = embed_classes(teacher.encode_text, names, templates)
     store.write_text(vocab, list(names), emb, list(templates))

@@ -134,6 +134,9 @@ class CompactTargets:
             raise UserError(f"targets dtype must be one of {', '.join(TARGET_DTYPES)}, not {self.dtype!r}")
         if self.dtype == "fp16":
             return
+        if self.store.is_added_teacher:
+            raise UserError(f"{self.store.url}: compact targets are the first teacher's ({self.store.first_teacher_key}); "
+                            f"teacher {self.store.teacher_key} has fp16 targets only")
         state = compact_kinds(self.store).get(self.dtype)
         if state != "complete" and not (self.partial and state):
             raise UserError(

@@ -26,10 +26,14 @@ from zeroseg.stores.schema import (
     DEDUP_ARRAYS,
     OUR_ENTRIES,
     READABLE_VERSIONS,
+    SCHEMA_VERSION,
+    TEACHER_ARRAYS,
+    TEACHERS_GROUP,
     Status,
     StoreConfig,
     TeacherInfo,
     config_mismatches,
+    teacher_key,
 )
 
 
@@ -169,12 +173,27 @@ class StoreArray:
 
 
 class FeatureStore:
-    """A handle on one store. Create with `create`, open with `open`; never construct directly."""
+    """A handle on one store, seen through one of its teachers. Create with `create`, open with
+    `open`; never construct directly.
 
-    def __init__(self, group: zarr.Group, url: str):
+    The handle's teacher (`teacher_key`; default the first) decides what `config.teacher`, `dim`,
+    `features`, `status()`, `errors()`, `extract_options`, the text vocabularies and `identity()`
+    are: an added teacher's own arrays (schema version 5), everything else shared. So a reader
+    opened with a teacher key (train, index build, query, text) reads that teacher throughout."""
+
+    def __init__(self, group: zarr.Group, url: str, teacher: str | None = None):
         self.group = group
         self.url = url
-        self.config = StoreConfig.from_attrs(dict(group.attrs))
+        first = StoreConfig.from_attrs(dict(group.attrs))
+        self.first_teacher_key = teacher_key(first.teacher)
+        self.teacher_key = teacher or self.first_teacher_key
+        if self.teacher_key == self.first_teacher_key:
+            self.config = first
+        elif self.teacher_key in self.added_teachers:
+            added = TeacherInfo.from_dict(self.added_teachers[self.teacher_key]["teacher"])
+            self.config = dataclasses.replace(first, teacher=added)
+        else:
+            raise StoreError(f"{url} has no teacher {self.teacher_key!r} (has: {', '.join(self.teacher_keys())})")
 
     # ---- create / open -------------------------------------------------------------------
 
@@ -241,8 +260,9 @@ class FeatureStore:
         return cls(group, url)
 
     @classmethod
-    def open(cls, url: str, mode: str = "r", expect: StoreConfig | None = None) -> FeatureStore:
-        """Open an existing store; with `expect`, refuse one whose features mean something else."""
+    def open(cls, url: str, mode: str = "r", expect: StoreConfig | None = None, teacher: str | None = None) -> FeatureStore:
+        """Open an existing store through `teacher` (a key of teacher_keys(); None the first); with
+        `expect`, refuse one whose features mean something else."""
         try:
             group = zarr.open_group(_zarr_store(url, read_only=mode == "r"), mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
@@ -258,12 +278,73 @@ class FeatureStore:
                 f"{url}: schema version {version}, this zeroseg reads versions "
                 f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
-        fs = cls(group, url)
+        fs = cls(group, url, teacher)
         if expect is not None:
             problems = config_mismatches(expect, fs.config)
             if problems:
                 raise StoreError(f"{url} was made differently: " + "; ".join(problems))
         return fs
+
+    # ---- teachers ----------------------------------------------------------------------
+
+    @property
+    def added_teachers(self) -> dict[str, dict[str, Any]]:
+        """key -> {"teacher": TeacherInfo as a dict, "extract": its job's options}: the teachers
+        added beside the first (schema version 5)."""
+        return dict(self.group.attrs.get("teachers", {}))
+
+    def teacher_keys(self) -> list[str]:
+        """Every teacher's key, the first teacher's first."""
+        return [self.first_teacher_key, *self.added_teachers]
+
+    @property
+    def is_added_teacher(self) -> bool:
+        return self.teacher_key != self.first_teacher_key
+
+    def first_teacher(self) -> FeatureStore:
+        """This store seen through its first teacher (whose rows decide which images failed)."""
+        return self if not self.is_added_teacher else FeatureStore(self.group, self.url)
+
+    def _path(self, name: str) -> str:
+        """Where the handle's teacher keeps array `name`: an added teacher's own features, status
+        and error are under teachers/<key>/; every other array is shared."""
+        if self.is_added_teacher and name in TEACHER_ARRAYS:
+            return f"{TEACHERS_GROUP}/{self.teacher_key}/{TEACHER_ARRAYS[name]}"
+        return name
+
+    def require_teachers_schema(self) -> None:
+        """Refuse, in one line, to add a teacher to a store older than version 5 (an older zeroseg
+        could open it and grow its rows without the added teacher's)."""
+        version = self.group.attrs["schema_version"]
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.url} is schema version {version}; another teacher needs version {SCHEMA_VERSION}: "
+                             f"run `zeroseg store migrate {self.url}` first")
+
+    def add_teacher(self, teacher: TeacherInfo, extract: dict[str, Any]) -> FeatureStore:
+        """Add `teacher` beside the store's (schema version 5): its features, status (all pending)
+        and error arrays, then its record in the attributes (one write: the teacher exists once its
+        arrays do; arrays an interrupted add left are made again). Returns the store seen through
+        it. Call it holding the lock, on a store whose first teacher is done."""
+        self.require_teachers_schema()
+        key = teacher_key(teacher)
+        if key in self.teacher_keys():
+            raise StoreError(f"{self.url} already has teacher {key}")
+        n, c, b = self.n_images, self.n_crops, self.config.chunk_images
+        try:
+            group = self.group.require_group(TEACHERS_GROUP)
+            if key in group:
+                del group[key]  # an interrupted add's, never registered
+            own = group.create_group(key)
+            own.create_array("features", shape=(n, c, teacher.embed_dim), chunks=(b, c, teacher.embed_dim),
+                             dtype="float16", compressors=COMPRESSED, fill_value=0)
+            own.create_array("status", shape=(n,), chunks=(b,), dtype="uint8", fill_value=0, compressors=CHECKED)
+            own.create_array("error", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
+            added = {**self.added_teachers, key: {"teacher": dataclasses.asdict(teacher), "extract": extract}}
+            self.group.update_attributes({"teachers": added})
+        except OSError as e:
+            raise StoreWriteError(f"{self.url}: adding teacher {key} failed: {e.strerror or e}; "
+                                  "free the space and re-run the same command") from None
+        return FeatureStore(self.group, self.url, key)
 
     # ---- shape -------------------------------------------------------------------------
 
@@ -289,6 +370,9 @@ class FeatureStore:
 
     @property
     def extract_options(self) -> dict[str, Any]:
+        """The extract options of the handle's teacher's job."""
+        if self.is_added_teacher:
+            return dict(self.added_teachers[self.teacher_key].get("extract", {}))
         return dict(self.group.attrs.get("extract", {}))
 
     def chunk_slice(self, chunk: int) -> slice:
@@ -299,8 +383,9 @@ class FeatureStore:
 
     def array(self, name: str) -> StoreArray:
         """A per-image array ("crops/features", "images/status", ...; PER_IMAGE_ARRAYS) whose reads
-        name a damaged chunk in one line."""
-        return StoreArray(self.group[name], name, self.url)
+        name a damaged chunk in one line; features, status and error are the handle's teacher's."""
+        path = self._path(name)
+        return StoreArray(self.group[path], path, self.url)
 
     @property
     def features(self) -> StoreArray:
@@ -386,12 +471,16 @@ class FeatureStore:
         try:
             grown = ("crops/features", "images/pixels", "images/size", "images/error", "images/status", "images/meta",
                      *DEDUP_ARRAYS)
+            grown += tuple(f"{TEACHERS_GROUP}/{key}/{leaf}" for key in self.added_teachers for leaf in TEACHER_ARRAYS.values())
             for name in grown:
                 if name in self.group:
                     self.group[name].resize((n, *self.group[name].shape[1:]))
             # rows a shrink dropped come back with what they held (zarr keeps an edge chunk's bytes):
-            # pending and not hashed, so that the job hashes and writes them whole
-            self.group["images/status"][at:n] = np.full(n - at, Status.PENDING, np.uint8)
+            # pending (for every teacher) and not hashed, so that the job hashes and writes them whole
+            statuses = ["images/status", *(f"{TEACHERS_GROUP}/{key}/{TEACHER_ARRAYS['images/status']}"
+                                           for key in self.added_teachers)]
+            for status in statuses:
+                self.group[status][at:n] = np.full(n - at, Status.PENDING, np.uint8)
             if self.has_dedup:
                 self.group["images/hash"][at:n] = np.full(n - at, "", dtype=str)
                 self.group["images/duplicate_of"][at:n] = np.full(n - at, -1, np.int64)
@@ -403,6 +492,11 @@ class FeatureStore:
             raise StoreWriteError(f"{self.url}: appending {n - at} images failed: {e.strerror or e}; "
                                   "free the space and re-run the same command") from None
         return slice(at, n)
+
+    def mark_pending(self, chunk: int) -> None:
+        """Set the chunk's status rows (the handle's teacher's) pending, for `extract` to redo it whole."""
+        sl = self.chunk_slice(chunk)
+        self.group[self._path("images/status")][sl] = np.full(sl.stop - sl.start, Status.PENDING, np.uint8)
 
     def pending_chunks(self) -> list[int]:
         """Chunks not yet complete. A chunk's status is written last and all at once, so one
@@ -433,19 +527,21 @@ class FeatureStore:
         features, status, errors, sizes = features[skip:], np.asarray(status)[skip:], list(errors)[skip:], sizes[skip:]
         pixels = pixels[skip:] if pixels is not None else None
         # A compact copy of this chunk (schema: compact targets) is marked unwritten first, so
-        # that it cannot outlive the features it was made from.
-        for _, scale in COMPACT_ARRAYS.values():
+        # that it cannot outlive the features it was made from (the first teacher's only).
+        for _, scale in COMPACT_ARRAYS.values() if not self.is_added_teacher else ():
             if scale in self.group and self.group[scale].shape[0] > sl.start:
                 stop = min(sl.stop, self.group[scale].shape[0])
                 self.group[scale][sl.start:stop] = np.full((stop - sl.start, self.n_crops), np.nan, np.float16)
         writes = [("crops/features", features.astype(np.float16))]
-        if self.has_pixels and pixels is not None:
-            writes.append(("images/pixels", pixels))
-        writes += [("images/size", sizes), ("images/error", np.asarray(errors, dtype=str)),
+        if not self.is_added_teacher:  # an added teacher writes only its own arrays: views and sizes are the first's
+            if self.has_pixels and pixels is not None:
+                writes.append(("images/pixels", pixels))
+            writes.append(("images/size", sizes))
+        writes += [("images/error", np.asarray(errors, dtype=str)),
                    ("images/status", np.asarray(status, dtype=np.uint8))]  # status last: see above
         for name, data in writes:
             try:
-                self.group[name][sl] = data
+                self.group[self._path(name)][sl] = data
             except OSError as e:  # disk full, permissions, a vanished mount: stop, name it
                 raise StoreWriteError(
                     f"{self.url}: writing {name} of chunk {chunk} (images {sl.start}-{sl.stop - 1}) failed: "
@@ -466,10 +562,15 @@ class FeatureStore:
     # and the next write clears what an interrupted one left. Stores written before generations
     # hold names and embeddings directly in text/<vocab> (no pointer); they still read.
 
+    @property
+    def _text_path(self) -> str:
+        """The handle's teacher's vocabularies: text/ for the first, teachers/<key>/text for an added one."""
+        return f"{TEACHERS_GROUP}/{self.teacher_key}/text" if self.is_added_teacher else "text"
+
     def vocabularies(self) -> list[str]:
-        if "text" not in self.group:
+        if self._text_path not in self.group:
             return []
-        text = self.group["text"]
+        text = self.group[self._text_path]
         return sorted(v for v in text.group_keys() if self._vocabulary_group(text[v]) is not None)
 
     @staticmethod
@@ -491,7 +592,7 @@ class FeatureStore:
                 f"vocabulary {vocab}: embeddings {embeddings.shape}, store wants ({len(names)}, {self.dim})"
             )
         with StoreLock(self.url):
-            g = self.group.require_group("text").require_group(vocab)
+            g = self.group.require_group(self._text_path).require_group(vocab)
             generation = f"g{uuid.uuid4().hex[:12]}"
             new = g.create_group(generation)
             new.create_array("names", shape=(len(names),), dtype=str, compressors=CHECKED)[:] = np.asarray(names, dtype=str)
@@ -504,8 +605,11 @@ class FeatureStore:
     def read_text(self, vocab: str) -> tuple[list[str], np.ndarray]:
         if vocab not in self.vocabularies():
             have = ", ".join(self.vocabularies()) or "none"
-            raise StoreError(f"{self.url} has no vocabulary {vocab!r} (has: {have})")
-        g = self._vocabulary_group(self.group["text"][vocab])
+            whose = f" of teacher {self.teacher_key}" if self.is_added_teacher else ""
+            raise StoreError(f"{self.url} has no vocabulary {vocab!r}{whose} (has: {have})"
+                             + (f": `zeroseg text {self.url} --teacher-key {self.teacher_key} --vocab {vocab} ...` "
+                                "embeds it" if whose else ""))
+        g = self._vocabulary_group(self.group[self._text_path][vocab])
         made_by = TeacherInfo.from_dict(g.attrs["teacher"])
         if made_by != self.config.teacher:
             raise StoreError(

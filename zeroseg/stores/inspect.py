@@ -18,7 +18,7 @@ import numpy as np
 from zeroseg.geometry import grid_boxes, grid_levels
 from zeroseg.stores.compact import compact_kinds, compact_report, mark_unwritten
 from zeroseg.stores.features import DamagedChunkError, FeatureStore, StoreArray
-from zeroseg.stores.schema import COMPACT_ARRAYS, PER_IMAGE_ARRAYS, PQ_CODEBOOK, Status
+from zeroseg.stores.schema import COMPACT_ARRAYS, PER_IMAGE_ARRAYS, PQ_CODEBOOK, TEACHER_ARRAYS, Status
 from zeroseg.stores.lock import StoreLock
 
 
@@ -61,13 +61,25 @@ def store_info(url: str) -> dict[str, Any]:
             "features_per_image": round(features / written) if written else None,
             "raw_float16_per_image": raw,
         },
-        "teacher": dataclasses.asdict(store.config.teacher),
+        "teacher": {"key": store.teacher_key, **dataclasses.asdict(store.config.teacher)},
+        # teachers added beside the first (schema 5): their own features of the same rows
+        "added_teachers": [_added_teacher_info(url, key, written) for key in store.added_teachers],
         "grids": list(store.config.grids),
         "view_size": store.config.view_size,
         "compact": compact,
         "vocabularies": store.vocabularies(),
         "extract": store.extract_options,
     }
+
+
+def _added_teacher_info(url: str, key: str, written: int) -> dict[str, Any]:
+    store = FeatureStore.open(url, teacher=key)
+    status = store.status()
+    features = _disk_bytes(url, store.features.name)
+    return {"key": key, **dataclasses.asdict(store.config.teacher),
+            "status": {s.name.lower(): int((status == s).sum()) for s in Status},
+            "features_per_image": round(features / written) if written else None,
+            "vocabularies": store.vocabularies()}
 
 
 @dataclass
@@ -93,12 +105,12 @@ def _read_chunked(arr: StoreArray, fill, damage: list[Damage]) -> np.ndarray:
     return out
 
 
-def verify_store(url: str) -> tuple[dict[str, Any], list[str], list[Damage]]:
+def verify_store(url: str, teacher: str | None = None) -> tuple[dict[str, Any], list[str], list[Damage]]:
     """Read every chunk of every per-image array and check each image's features against its
-    status. Returns (feature norms per grid level over ok images, problems, damaged chunks); no
-    problems means the store is complete and sound. Rows of a damaged chunk are left out of the
-    other checks (the damage is the problem there)."""
-    store = FeatureStore.open(url)
+    status, those of the store's `teacher` (None: its first). Returns (feature norms per grid
+    level over ok images, problems, damaged chunks); no problems means the store is complete and
+    sound. Rows of a damaged chunk are left out of the other checks (the damage is the problem there)."""
+    store = FeatureStore.open(url, teacher=teacher)
     damage: list[Damage] = []
     status = _read_chunked(store.array("images/status"), 255, damage)
     errors = _read_chunked(store.array("images/error"), "", damage)
@@ -120,7 +132,7 @@ def verify_store(url: str) -> tuple[dict[str, Any], list[str], list[Damage]]:
         try:
             f = store.features.read_chunk(chunk)  # (b, C, D) float16
         except DamagedChunkError as e:
-            damage.append(Damage("crops/features", chunk, sl, str(e)))
+            damage.append(Damage(store.features.name, chunk, sl, str(e)))
             readable[sl] = False
             continue
         zero_row = (f == 0).all(axis=2)
@@ -162,7 +174,7 @@ def verify_store(url: str) -> tuple[dict[str, Any], list[str], list[Damage]]:
             norms_report[f"{g}x{g}"] = {"min": float(lo[ok].min()), "mean": float(mean[ok].mean()),
                                         "max": float(hi[ok].max())}
     report = {"images": n, "ok": int(ok.sum()), "norms": norms_report}
-    if not damage:
+    if not damage and not store.is_added_teacher:  # compact targets are the first teacher's
         report["compact"] = compact_report(store)  # cosine of int8 / PQ targets to the fp16 features
         for kind, c in report["compact"].items():
             for chunk, message in c["damaged"].items():
@@ -172,18 +184,23 @@ def verify_store(url: str) -> tuple[dict[str, Any], list[str], list[Damage]]:
     return report, problems, damage
 
 
-def repair_store(url: str, damage: list[Damage]) -> tuple[list[int], list[str]]:
+def repair_store(url: str, damage: list[Damage], teacher: str | None = None) -> tuple[list[int], list[str]]:
     """Mark every chunk with damaged per-image data pending (its status rows rewritten whole), so
-    that re-running `extract` redoes it; rewrite damaged crop boxes from the grids. Returns (the
-    chunks marked pending, what cannot be repaired here). Holds the store's lock meanwhile."""
+    that re-running `extract` redoes it; rewrite damaged crop boxes from the grids. Damage found
+    through an added `teacher` marks its own chunk pending when its own features, status or error
+    are damaged, the first teacher's when shared data (sizes, pixels) are. Returns (the chunks
+    marked pending, what cannot be repaired here). Holds the store's lock meanwhile."""
     cannot = [f"{d.where} cannot be repaired: it is the store's own list of images; extract into a new STORE"
               for d in damage if d.array == "images/path"]
-    redo = sorted({d.chunk for d in damage if d.array in PER_IMAGE_ARRAYS and d.array != "images/path"})
     with StoreLock(url):
-        store = FeatureStore.open(url, mode="r+")
-        for chunk in redo:
-            sl = store.chunk_slice(chunk)
-            store.group["images/status"][sl] = np.full(sl.stop - sl.start, Status.PENDING, np.uint8)
+        store = FeatureStore.open(url, mode="r+", teacher=teacher)
+        own = {store.array(name).name for name in TEACHER_ARRAYS}
+        redo = set()
+        for d in damage:
+            if d.array in own or d.array in PER_IMAGE_ARRAYS and d.array != "images/path":
+                (store if d.array in own else store.first_teacher()).mark_pending(d.chunk)
+                redo.add(d.chunk)
+        redo = sorted(redo)
         for kind, (codes, _) in COMPACT_ARRAYS.items():
             for d in damage:
                 if d.array == codes:  # derived data: `compact` writes it again
@@ -209,12 +226,18 @@ def format_info(info: dict[str, Any]) -> str:
         if info["duplicates"] is not None else "          duplicates not recorded (schema before 4: `zeroseg store migrate`)",
         f"features  {tuple(f['shape'])} {f['dtype']}, chunks {tuple(f['chunks'])} ({f['n_chunks']} chunks)",
         f"pixels    {tuple(info['pixels']) if info['pixels'] else 'not stored'}",
-        f"teacher   {t['arch']} ({t['pretrained']}, sha256 {t['sha256'][:12]}), input {t['input_size']} px, {t['embed_dim']} dims",
+        f"teacher   {t['key']}: {t['arch']} ({t['pretrained']}, sha256 {t['sha256'][:12]}), input {t['input_size']} px, "
+        f"{t['embed_dim']} dims",
         f"grids     {','.join(map(str, info['grids']))}, view {info['view_size']} px",
         f"on disk   {_mb(b['on_disk'])} in all, {_mb(b['per_image'])} per written image",
         f"          features {_mb(per_image)} per image, raw float16 {_mb(b['raw_float16_per_image'])}{ratio}",
         f"text      {', '.join(info['vocabularies']) or 'no vocabularies'}",
     ]
+    for a in info["added_teachers"]:  # `--teacher-key KEY` picks one for train, index build, ablate, text
+        counts = ", ".join(f"{n} {name}" for name, n in a["status"].items())
+        lines.append(f"teacher   {a['key']}: {a['arch']} ({a['pretrained']}, sha256 {a['sha256'][:12]}), "
+                     f"input {a['input_size']} px, {a['embed_dim']} dims; {counts}; "
+                     f"features {_mb(a['features_per_image'])} per image; text {', '.join(a['vocabularies']) or 'none'}")
     for kind, c in info["compact"].items():
         ratio = f" ({c['per_image'] / per_image:.2f}x the fp16 features)" if per_image and c["per_image"] else ""
         codebook = f", codebook {_mb(c['codebook_bytes'])}" if c["codebook_bytes"] else ""

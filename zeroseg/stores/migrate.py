@@ -1,4 +1,6 @@
-"""`zeroseg store migrate STORE`: a version-1, -2 or -3 store made version 4, in place, crash-safe.
+"""`zeroseg store migrate STORE`: a version-1 to -4 store made version 5, in place, crash-safe.
+
+4 -> 5 changes no array (version 5 only allows teachers beside the first): one attribute write.
 
 3 -> 4 adds images/hash (all "": the rows extracted before are not hashed, so a later row is
 never taken for a duplicate of one of them) and images/duplicate_of (all -1), then writes the
@@ -64,7 +66,7 @@ def _swap(fs, root: str, name: str) -> None:
 
 
 def migrate_store(url: str, notify: Callable[[str], None] = print) -> str:
-    """Make the store at `url` version 4; returns what was done, in one line."""
+    """Make the store at `url` version 5 (SCHEMA_VERSION); returns what was done, in one line."""
     with StoreLock(url):
         store = FeatureStore.open(url, mode="r+")
         version = store.group.attrs["schema_version"]
@@ -73,13 +75,14 @@ def migrate_store(url: str, notify: Callable[[str], None] = print) -> str:
         done = "no array rewritten"
         if version == 1:
             done = _checksums(store, url, notify)
-        for name in DEDUP_ARRAYS:  # both or neither: a kill between them leaves the first
-            if name in store.group:
-                del store.group[name]
-        create_dedup_arrays(store.group, store.n_images, store.config.chunk_images)
+        if version < 4:
+            for name in DEDUP_ARRAYS:  # both or neither: a kill between them leaves the first
+                if name in store.group:
+                    del store.group[name]
+            create_dedup_arrays(store.group, store.n_images, store.config.chunk_images)
+            done += "; image hashes added (empty for the rows extracted before: they are not deduplicated)"
         store.group.update_attributes({"schema_version": SCHEMA_VERSION})
-    return (f"{url}: schema version {version} -> {SCHEMA_VERSION}: {done}; image hashes added "
-            "(empty for the rows extracted before: they are not deduplicated)")
+    return f"{url}: schema version {version} -> {SCHEMA_VERSION}: {done}"
 
 
 def _checksums(store: FeatureStore, url: str, notify: Callable[[str], None]) -> str:

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from zeroseg.errors import UserError
 from zeroseg.outputs import write_atomic
 from zeroseg.stores.features import FeatureStore, StoreError
+from zeroseg.stores.schema import TeacherInfo, teacher_key
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.model import ZeroSegStudent
 
@@ -163,9 +164,18 @@ def load_student_for(path: str | Path, store: FeatureStore) -> tuple[ZeroSegStud
     model, config, meta = load_student(path)
     trained_on, have = meta["store"].get("teacher", {}), store.config.teacher
     if trained_on.get("sha256") != have.sha256:
+        key = student_teacher_key(path, store)
         raise StoreError(
             f"{path} was trained on features of {trained_on.get('arch')}/{trained_on.get('pretrained')} "
             f"({str(trained_on.get('sha256'))[:12]}), the store {store.url} holds features of "
-            f"{have.arch}/{have.pretrained} ({have.sha256[:12]})"
+            f"{have.arch}/{have.pretrained} ({have.sha256[:12]})" + (f" by default: pass --teacher-key {key}" if key else "")
         )
     return model, config, meta
+
+
+def student_teacher_key(path: str | Path, store: FeatureStore) -> str | None:
+    """The key in `store` of the teacher whose features the student at `path` was trained on;
+    None when the store has no such teacher (load_student_for then refuses, naming both)."""
+    trained_on = read_state(find_checkpoint(path))["store"].get("teacher")
+    key = teacher_key(TeacherInfo.from_dict(trained_on)) if trained_on else None
+    return key if key in store.teacher_keys() else None

@@ -37,6 +37,7 @@ class TrainConfig:
     grids: tuple[int, ...] = (1, 2, 3, 4)  # the crop scales to distil (a subset of the store's)
     targets: str = "cached"  # "cached" (read the store) | "online" (run the teacher each step)
     targets_dtype: str = "fp16"  # cached targets as stored, or the store's compact "int8" | "pq" ones
+    teacher_key: str | None = None  # whose features to distil: a teacher of the store (`store info`); None its first
     # fp32 by default: on this project's 2-core AMD EPYC (AVX2, no native bf16) bf16 autocast made a
     # train step 2.2x (tiny) to 7x (small) slower (benchmarks/presets.py); "bf16" autocasts the
     # student's forward pass, for CPUs with AMX/AVX512-bf16 and for GPUs.

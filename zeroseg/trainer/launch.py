@@ -46,7 +46,7 @@ def run_train(
 ) -> dict[str, Any]:
     """The `zeroseg train` verb: a config from command-line options (a resumed run keeps its own).
     Every option left None keeps the recipe's or TrainConfig's value; `fields` are TrainConfig
-    fields (steps, batch, lr, mask_ratio, targets, targets_dtype, precision, seed, threads, device).
+    fields (steps, batch, lr, mask_ratio, targets, targets_dtype, teacher_key, precision, seed, threads, device).
     `loss` ("distill,match=0.5") replaces the recipe's loss terms. `workers` N > 1: N data-parallel
     replicas on Ray (at `address`); otherwise this process alone, no Ray."""
     if address is not None and workers in (None, 1):
@@ -68,7 +68,7 @@ def command_config(store_url: str, preset_name: str | None, recipe_name: str | N
     fields = {k: v for k, v in fields.items() if v is not None}
     if "steps" in fields and epochs is not None:
         raise UserError("give --steps or --epochs, not both")
-    store = FeatureStore.open(store_url)
+    store = FeatureStore.open(store_url, teacher=fields.get("teacher_key"))
     config = recipe(recipe_name or DEFAULT_RECIPE, preset_name, grids=grids or store.config.grids, **fields)
     if epochs is not None:
         config = dataclasses.replace(config, steps=steps_for_epochs(epochs, int((store.status() == 1).sum()), config.batch))

@@ -195,7 +195,8 @@ class StoreDataset(torch.utils.data.IterableDataset):
     Yields one dict per image: "pixels" (S, S, 3) uint8, the view the teacher embedded;
     "features" (C', D) float16, the cached crop targets of `grids` (default: all the store's; none
     with targets=False; float32 decoded from the store's compact ones with targets_dtype int8 | pq);
-    "index", the image's row. The order is the trainer's (chunk-shuffled, a pure function of seed
+    "index", the image's row. `teacher` picks whose features (a key of the store's teacher_keys();
+    None its first, or the given FeatureStore's). The order is the trainer's (chunk-shuffled, a pure function of seed
     and epoch); epochs follow each other forever. Sharded without overlap by
     (rank, world_size) and by the DataLoader worker: each shard reads its own chunks. `start`
     resumes a shard's stream after that many images (exact with at most one DataLoader worker per
@@ -203,9 +204,10 @@ class StoreDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, store: str | FeatureStore, grids: Sequence[int] | None = None, *, seed: int = 0,
                  start: int = 0, rank: int = 0, world_size: int = 1, buffer_chunks: int = 4,
-                 targets: bool = True, targets_dtype: str = "fp16", decoders: int = 2, preload: bool = False):
-        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store)
-        self.url, self.grids = store.url, tuple(grids or store.config.grids)
+                 targets: bool = True, targets_dtype: str = "fp16", decoders: int = 2, preload: bool = False,
+                 teacher: str | None = None):
+        store = store if isinstance(store, FeatureStore) else FeatureStore.open(store, teacher=teacher)
+        self.url, self.teacher_key, self.grids = store.url, store.teacher_key, tuple(grids or store.config.grids)
         self.columns = select_columns(store.boxes, store.config.grids, self.grids)
         self.plan = Plan(store.status(), store.config.chunk_images, seed, buffer_chunks, store.duplicate_of())
         self.start, self.rank, self.world_size = start, rank, world_size
@@ -217,7 +219,7 @@ class StoreDataset(torch.utils.data.IterableDataset):
     def source(self) -> StoreSource | MemorySource:
         """The chunk reader, made in the process that reads (a DataLoader worker makes its own)."""
         if self._source is None:
-            self._store = self._store or FeatureStore.open(self.url)
+            self._store = self._store or FeatureStore.open(self.url, teacher=self.teacher_key)
             source = StoreSource(self._store, self.columns, features=self.targets, workers=self.decoders,
                                  targets_dtype=self.targets_dtype)
             self._source = MemorySource(source, self._store.n_chunks) if self.preload else source

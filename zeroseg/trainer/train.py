@@ -153,8 +153,9 @@ def _complete(row: dict[str, Any]) -> bool:
 def open_run(store_url: str, run_dir: Path, config: TrainConfig | None, resume: bool, world_size: int,
              claim: bool) -> tuple[FeatureStore, TrainConfig, int, Path | None, dict[str, Any] | None]:
     """The store and the run to train: (store, config, start step, checkpoint, its state), or a
-    one-line UserError. `claim`: make run_dir a train output folder (the process that writes it)."""
-    store = FeatureStore.open(store_url)
+    one-line UserError. `claim`: make run_dir a train output folder (the process that writes it).
+    The store is seen through the config's teacher (a resumed run's own)."""
+    store = FeatureStore.open(store_url, teacher=config.teacher_key if config else None)
     if resume and not run_dir.is_dir():
         raise UserError(f"nothing to resume in {run_dir} (no such folder)")
     if claim:
@@ -166,6 +167,7 @@ def open_run(store_url: str, run_dir: Path, config: TrainConfig | None, resume: 
             raise UserError(f"nothing to resume in {run_dir} (no complete checkpoint)")
         state = ckpt_io.read_state(ckpt)
         config, start_step = TrainConfig.from_dict(state["config"]), state["step"]
+        store = FeatureStore.open(store_url, teacher=config.teacher_key)  # names the run's teacher if the store lost it
         if not same_store(state["store"], store.identity()):
             raise UserError(f"{run_dir} was trained on another store than {store_url}")
         trained_by = state.get("world_size", 1)
