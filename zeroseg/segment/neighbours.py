@@ -3,7 +3,8 @@ zeroseg.stores.index, the pictures in zeroseg.segment.render).
 
 "Which crops does the text 'red circle' match?", "which segments elsewhere look like this one?":
 `build_index` feeds a store's crop features (`CropVectors`) or a student's segment tokens
-(`SegmentVectors`) to an index folder; `query_index` finds the neighbours of a crop, a token or a
+(`SegmentVectors`, staged chunk by chunk in the index folder and computed on Ray workers by
+zeroseg.segment.tokens) to an index folder; `query_index` finds the neighbours of a crop, a token or a
 text and, when asked, has their contact sheet drawn.
 """
 

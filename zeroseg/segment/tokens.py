@@ -135,6 +135,8 @@ class StagedTokens:
             for path in stale:  # ours only: the chunk files, by name
                 path.unlink()
             write_atomic(record_path, json.dumps(record, indent=2))  # after the deletes: never a stale chunk under it
+        for path in staging.folder.glob(".chunk-*.tmp"):  # a write killed before its rename (write_atomic)
+            path.unlink()
         return staging
 
     def chunk_files(self) -> list[Path]:
