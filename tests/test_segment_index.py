@@ -144,3 +144,41 @@ def test_workers_options_that_do_not_fit_are_one_line(student, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert e.value.code == 2 and words in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ix").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigkill_mid_build_then_the_same_command_finishes_it(student, tmp_path, tiny_teacher, request, workers):
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    _, _, run = student  # the student loads on any store of its teacher
+    url = str(tmp_path / "store.zarr")
+    synthetic_store(url, tiny_teacher, 96, grids=(1, 2), chunk_images=1, seed=3)  # 96 chunks
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    build_index(url, whole, BuildConfig(source="segments", checkpoint=run))
+
+    cmd = [sys.executable, "-m", "zeroseg", "index", "build", url, "--source", "segments", "--checkpoint", run,
+           "--out", str(killed), "--workers", str(workers)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_AUTH_MODE": "disabled"}
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while job.poll() is None and time.monotonic() < deadline and not list((killed / STAGING_DIR).glob("chunk-*")):
+            time.sleep(0.005)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the build and, with workers, its Ray (same process group)
+        job.wait()
+    first = file_stamps(killed)
+    assert 0 < len(first) < 96 and not (killed / INDEX_FILE).exists(), "the kill must land mid-build"
+
+    if workers > 1:
+        request.getfixturevalue("ray_session")  # the re-run here: on the tests' one Ray
+    build_index(url, killed, BuildConfig(source="segments", checkpoint=run, workers=workers))
+    after = file_stamps(killed)
+    assert {name: after[name] for name in first} == first and len(after) == 96
+    assert not list((killed / STAGING_DIR).glob(".*.tmp"))  # a write cut by the kill is cleared
+    assert (killed / INDEX_FILE).read_bytes() == (whole / INDEX_FILE).read_bytes()
