@@ -293,12 +293,16 @@ def index_build(
                              "vectors, then by available memory)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the memory and disk each kind would take; build nothing"),
     teacher_key: str = typer.Option(None, "--teacher-key", help="this teacher's crop features (`store info` lists them) [default: the store's first]"),
+    workers: int = typer.Option(1, help="segments: Ray actors computing the student's tokens, one torch thread "
+                                "each (1: this process, no Ray)"),
+    address: str = typer.Option(None, help="segments: join the Ray cluster at ADDRESS for --workers N"),
 ) -> None:
-    """Index a store's crop features or a student's segment tokens for `zeroseg query`."""
+    """Index a store's crop features or a student's segment tokens for `zeroseg query`. Segment
+    tokens are staged in OUT chunk by chunk: re-run the same command to resume a killed build."""
     from zeroseg.segment.neighbours import BuildConfig, build_index, index_footprints
 
     config = BuildConfig(source=source, kind=kind, checkpoint=checkpoint, grids=_grids(grids) if grids else None,
-                         teacher_key=teacher_key)
+                         teacher_key=teacher_key, workers=workers, address=address)
     if dry_run:
         n, auto, rows = index_footprints(store, config)
         print(f"{n} {source} vectors of {store}; computed from FAISS's layouts, nothing built or written")

@@ -3,7 +3,8 @@ zeroseg.stores.index, the pictures in zeroseg.segment.render).
 
 "Which crops does the text 'red circle' match?", "which segments elsewhere look like this one?":
 `build_index` feeds a store's crop features (`CropVectors`) or a student's segment tokens
-(`SegmentVectors`) to an index folder; `query_index` finds the neighbours of a crop, a token or a
+(`SegmentVectors`, staged chunk by chunk in the index folder and computed on Ray workers by
+zeroseg.segment.tokens) to an index folder; `query_index` finds the neighbours of a crop, a token or a
 text and, when asked, has their contact sheet drawn.
 """
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -41,7 +41,7 @@ from zeroseg.stores.index import (
     store_fingerprint,
 )
 from zeroseg.stores.views import row_views
-from zeroseg.trainer.checkpoint import load_student_for
+from zeroseg.segment.tokens import SegmentVectors, StagedTokens, stage_tokens, staging_record
 
 
 @dataclass
@@ -53,6 +53,8 @@ class BuildConfig:
     batch_vectors: int = 65_536  # vectors per add: bounds memory (64k x 512 float32 = 128 MB)
     seed: int = 0  # picks the training sample of an IVF index
     teacher_key: str | None = None  # whose crop features (a teacher of the store; None its first)
+    workers: int = 1  # segments: Ray actors computing the tokens (1: this process, no Ray)
+    address: str | None = None  # segments: the Ray cluster of `workers` (None: a local Ray)
 
 
 # ---- vector sources: a store chunk in, (ids, vectors) out ---------------------------------
@@ -88,51 +90,6 @@ class CropVectors:
         return encode_ids(image.ravel(), crop.ravel(), self.stride), feats.reshape(-1, feats.shape[-1])
 
 
-class SegmentVectors:
-    """A trained student's segment tokens for every status-ok image; tokens that own no patch
-    (empty segments) are left out. The student sees each image's training view (`row_views`:
-    the store's pixels, or the file decoded as the extractor did); it resizes that itself."""
-
-    source = "segments"
-
-    def __init__(self, store: FeatureStore, checkpoint: str, batch_images: int = 32):
-        model, _, meta = load_student_for(checkpoint, store)
-        self.store = store
-        self.ok = store.status() == Status.OK  # read once: one byte per image
-        self.model = model
-        self.batch_images = batch_images
-        self.grids = None  # crops only
-        self.checkpoint = {"path": str(Path(meta["checkpoint"]).resolve()), "sha256": meta["sha256"]}
-        blank = np.zeros((1, store.config.view_size, store.config.view_size, 3), dtype=np.uint8)
-        self.stride = int(self.segment(blank)[0].shape[1])  # K tokens per image
-
-    def estimate_count(self) -> int:
-        """An upper bound (empty segments are dropped): sizes the index kind."""
-        return int(self.ok.sum()) * self.stride
-
-    def segment(self, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """views (B, S, S, 3) uint8 -> tokens (B, K, D) float32, assignment (B, h, w) int64."""
-        tokens, assignment = [], []
-        with torch.inference_mode():
-            for i in range(0, len(views), self.batch_images):
-                seg = self.model.segment(torch.from_numpy(np.array(views[i : i + self.batch_images])))  # a writable copy
-                tokens.append(seg.tokens.numpy())
-                assignment.append(seg.assignment.numpy())
-        return np.concatenate(tokens), np.concatenate(assignment)
-
-    def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Chunk i -> ids (n,) int64, vectors (n, D) float32 of its non-empty segments."""
-        sl = self.store.chunk_slice(i)
-        ok = np.flatnonzero(self.ok[sl])
-        if len(ok) == 0:
-            return np.zeros(0, np.int64), np.zeros((0, self.store.dim), np.float32)
-        tokens, assignment = self.segment(row_views(self.store, sl.start + ok))  # (n, K, D), (n, h, w)
-        k = tokens.shape[1]
-        used = (assignment.reshape(len(ok), -1)[:, :, None] == np.arange(k)).any(axis=1)  # (n, K)
-        image, token = np.nonzero(used)
-        return encode_ids(sl.start + ok[image], token, self.stride), tokens[image, token]
-
-
 def _vectors_for(store: FeatureStore, config: BuildConfig) -> CropVectors | SegmentVectors:
     if config.source == "crops":
         if config.checkpoint:
@@ -165,9 +122,12 @@ def index_footprints(store_url: str, config: BuildConfig) -> tuple[int, str, lis
 
 
 def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMeta:
-    """Index the store's crops (or the student's segment tokens) into folder `out`."""
+    """Index the store's crops (or the student's segment tokens) into folder `out`. Segment
+    tokens are first staged in `out` chunk by chunk (zeroseg.segment.tokens: resumable, and
+    computed on `config.workers` Ray actors when more than one), then indexed from there."""
     if config.kind not in KINDS:
         raise UserError(f"unknown index kind {config.kind!r} (one of {', '.join(KINDS)})")
+    _check_workers(config)
     store = FeatureStore.open(store_url, teacher=config.teacher_key)
     check_complete(store)
     vectors = _vectors_for(store, config)
@@ -175,7 +135,7 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
         raise UserError(f"kind {config.kind} re-ranks from the store's crop features: not for --source {vectors.source}")
     n = vectors.estimate_count()
     spec = index_spec(config.kind, n, store.dim, in_store=vectors.source == "crops")
-    check_output_dir(out, "index")  # refused before any work; created only once there is an index to save
+    check_output_dir(out, "index")  # refused before any work; crops: created only once there is an index to save
     meta = IndexMeta(
         source=vectors.source, kind=spec.kind, factory=spec.factory, build_params=spec.build_params,
         search_params=spec.search_params, dim=store.dim, stride=vectors.stride, count=0,
@@ -187,12 +147,34 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
     first = f"training {spec.factory} on {spec.train_size} vectors, then {indexing}" if index.needs_training else indexing
     columns = TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
     with Progress(*columns, console=Console(stderr=True)) as progress:
+        chunk = vectors.chunk
+        if isinstance(vectors, SegmentVectors):
+            claim_output_dir(out, "index")  # the staged tokens live in it
+            notify = lambda line: progress.console.print(line, markup=False, highlight=False)  # noqa: E731
+            staging = StagedTokens.open(out, staging_record(vectors), notify)
+            staged = len(staging.staged())
+            where = f"on {config.workers} Ray workers" if config.workers > 1 else "in this process"
+            if staged:
+                notify(f"{staged} of {store.n_chunks} chunks' tokens already staged in {staging.folder}")
+            tokens = progress.add_task(f"segment tokens ({where})", total=store.n_chunks, completed=staged)
+            stage_tokens(vectors, staging, workers=config.workers, address=config.address,
+                         on_chunk=lambda: progress.update(tokens, advance=1))
+            chunk = staging.read
         task = progress.add_task(first, total=store.n_chunks)
-        index.fill(vectors.chunk, store.n_chunks, batch_vectors=config.batch_vectors, seed=config.seed,
+        index.fill(chunk, store.n_chunks, batch_vectors=config.batch_vectors, seed=config.seed,
                    on_chunk=lambda: progress.update(task, advance=1, description=indexing))
     claim_output_dir(out, "index")  # a folder of ours is rebuilt; anyone else's was refused above
     index.save(out)
     return index.meta
+
+
+def _check_workers(config: BuildConfig) -> None:
+    if config.workers < 1:
+        raise UserError(f"--workers must be at least 1, not {config.workers}")
+    if config.workers > 1 and config.source != "segments":
+        raise UserError("--workers computes a student's segment tokens: it is for --source segments")
+    if config.address is not None and config.workers == 1:
+        raise UserError("--address is where --workers N (N >= 2) run: give --workers too")
 
 
 # ---- query -------------------------------------------------------------------------------
@@ -250,7 +232,10 @@ def open_for_query(index_dir: str | Path, store_url: str | None) -> tuple[Neighb
     index = NeighbourIndex.open(index_dir)
     url = store_url or index.meta.store["url"]
     try:
-        store = FeatureStore.open(url, teacher=teacher_key(TeacherInfo.from_dict(index.meta.store["teacher"])))
+        store = FeatureStore.open(url)
+        key = teacher_key(TeacherInfo.from_dict(index.meta.store["teacher"]))
+        if key in store.teacher_keys():  # else check_store below names both teachers
+            store = FeatureStore.open(url, teacher=key)
     except StoreError as e:
         hint = "" if store_url else " (the store recorded in the index; pass --store)"
         raise NeighbourIndexError(f"{e}{hint}")
