@@ -63,7 +63,7 @@ def main() -> None:
             *(f"{d[src]['zero_shot_shape']:.3f}" for src in SOURCES), f"{d[SOURCES[2]]['probe_shape']:.3f}",
             f"{time.perf_counter() - t0:.0f}",
         )
-        Console().print(table)
+        Console(width=200).print(table)
 
 
 if __name__ == "__main__":
