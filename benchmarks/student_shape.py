@@ -35,8 +35,7 @@ VARIANTS = {
     "base": variant(),
     "teacher1000": variant(1000),
     "teacher2000": variant(2000),
-    "teacher2000+conv": variant(2000, recipe="shape"),
-    "teacher2000+conv+1000steps": variant(2000, recipe="shape", steps=1000),
+    "teacher2000+conv": variant(2000, recipe="shape"),  # the shape recipe: localised + conv stem
 }
 
 

@@ -288,10 +288,10 @@ def test_the_json_recipes_give_the_configs_of_before(name):
     assert all(before["model"][k] == v for k, v in REMOVED["model"].items())  # removed knobs held their only value
     assert all(before[k] == v for k, v in REMOVED["train"].items())
     config = recipe(name)
-    # fields added since (their defaults keep the old behaviour): targets_dtype (compact targets),
+    # fields added since (their defaults keep the old behaviour): targets_dtype (compact targets), teacher_key,
     # model.stem (the conv stem of the shape recipe)
     want = without_removed(before)
-    want = {**want, "targets_dtype": "fp16", "model": {**want["model"], "stem": "patch"}}
+    want = {**want, "targets_dtype": "fp16", "teacher_key": None, "model": {**want["model"], "stem": "patch"}}
     assert json.loads(json.dumps(config.to_dict())) == want
     # a config saved by the code before (removed knobs and all) still loads, as the same config
     assert TrainConfig.from_dict(before) == config

@@ -452,7 +452,7 @@ def teacher_train(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="folder for scenes, store, run, results"),
-    preset: str = typer.Option("default", help="default | tiny (seconds, for tests)"),
+    preset: str = typer.Option("default", help="default (<= 10 min) | quality (`make quality`: the student with a real budget, 3 seeds, <= 60 min) | tiny (seconds, for tests)"),
 ) -> None:
     """The whole ZeroSeg loop offline: scenes, toy teacher, cache, text, student, mIoU, overlays."""
     from zeroseg.experiments.demo import run_demo

@@ -89,6 +89,13 @@ STUDENTS = {
 
 PRESETS = {
     "default": DemoConfig(),
+    # `make quality`: the student with a real budget (issue 15), <= 60 min on 2 cores from an empty
+    # cache: the toy teacher 4x longer (bound 0.394 -> 0.652, benchmarks/student_shape.py), 2000
+    # scenes, 1000 steps, the shape recipe beside the paper's and the no-match ablation, 3 seeds.
+    "quality": DemoConfig(
+        teacher=dataclasses.replace(ToyTeacherConfig(), steps=2000), n_train=2000, n_heldout=200, recipe="shape",
+        students=("student", "no-match", "paper"), seeds=(0, 1, 2), steps=1000,
+    ),
     "tiny": DemoConfig(
         teacher=TEACHER_PRESETS["tiny"], scene_size=64, n_train=16, n_heldout=6, extract_workers=0,
         student_preset="tiny", steps=3, batch=8, calibrate_images=8, overlays=2,

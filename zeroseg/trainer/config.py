@@ -99,8 +99,9 @@ def _without_removed(d: dict[str, Any], removed: dict[str, Any], prefix: str) ->
 
 def recipe(name: str = DEFAULT_RECIPE, preset_name: str = DEFAULT_PRESET, **fields: Any) -> TrainConfig:
     """A TrainConfig from a recipe (trainer/recipes/<name>.json) and a student preset; `fields`
-    set any other TrainConfig field."""
+    set any other TrainConfig field (over the recipe's own, e.g. its mask_ratio)."""
     r = load_recipe(name)
     return TrainConfig(
-        model=preset(preset_name, **r["model"]), preset=preset_name, recipe=name, losses=LossConfig(**r["losses"]), **fields,
+        model=preset(preset_name, **r["model"]), preset=preset_name, recipe=name, losses=LossConfig(**r["losses"]),
+        **{**r["train"], **fields},
     )

@@ -22,8 +22,9 @@ RECIPE_NAMES = tuple(sorted(p.stem for p in RECIPE_DIR.glob("*.json")))
 
 @functools.cache
 def load_recipe(name: str) -> dict[str, dict[str, Any]]:
-    """{"model": {grouping fields}, "losses": {LossConfig fields}} of recipe `name`."""
+    """{"model": {grouping fields}, "losses": {LossConfig fields}, "train": {other TrainConfig
+    fields the recipe sets, e.g. mask_ratio; often none}} of recipe `name`."""
     if name not in RECIPE_NAMES:
         raise UserError(f"unknown recipe {name!r} (have: {', '.join(RECIPE_NAMES)})")
     data = json.loads((RECIPE_DIR / f"{name}.json").read_text())
-    return {"model": data["model"], "losses": data["losses"]}
+    return {"model": data["model"], "losses": data["losses"], "train": data.get("train", {})}
