@@ -26,6 +26,7 @@ def test_diagnose_verb_scores_every_source_on_every_object(tiny_demo, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "diagnose.json").read_text())
+    assert json.loads(result.stdout) == report  # stdout is the report alone (progress goes to stderr)
     # every object of the 6 held-out and 16 train tiny scenes (1..4 objects each) is a sample
     assert 6 <= report["objects"]["test"] <= 24 and 16 <= report["objects"]["fit"] <= 64
     assert list(report["sources"]) == list(SOURCES)

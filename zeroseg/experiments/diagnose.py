@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
@@ -90,7 +91,7 @@ def collect(dataset: LabelledDataset, student, teacher, boxes: np.ndarray, view_
     dataset = dataset.subset(limit)
     s, g = teacher.info.input_size, student.config.grid
     classes, vectors = [], {name: [] for name in SOURCES}
-    for start in track(range(0, len(dataset), BATCH), description=f"objects of {dataset.name}"):
+    for start in track(range(0, len(dataset), BATCH), description=f"objects of {dataset.name}", console=Console(stderr=True)):
         items = [dataset.load(i) for i in range(start, min(start + BATCH, len(dataset)))]
         views = torch.from_numpy(np.stack([student_input(im, view_size) for im, _ in items]))
         cells = teacher.encode_images(cut_crops(views, boxes, s)).float().view(len(items), len(boxes), -1)  # (B, C, D)
