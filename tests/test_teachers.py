@@ -265,3 +265,17 @@ def test_an_ablation_over_two_teachers_trains_and_evaluates_each(tmp_path):
     with pytest.raises(UserError, match="--teacher-key is for --method grid"):
         run_eval(tmp_path / "abl" / "trials" / report.rows[1]["key"], scenes, url, "scenes", tmp_path / "ev",
                  threshold=0.5, progress=False, teacher_key=keys[1])
+
+
+def test_a_segments_index_of_the_second_teachers_student_on_ray_workers(two_teachers, tmp_path, capsys, ray_session):
+    """The Ray workers see the store through the driver's teacher, so they accept B's student."""
+    from zeroseg.segment.neighbours import BuildConfig, build_index
+
+    _, url, _, key = two_teachers
+    trained = zeroseg(capsys, "train", url, "--out", tmp_path / "b", "--teacher-key", key, "--preset", "tiny",
+                      "--steps", "2", "--batch", "4", "--threads", "1")
+    assert trained.exit_code == 0, trained.output
+    for workers in (1, 2):
+        build_index(url, tmp_path / f"ix{workers}", BuildConfig(source="segments", checkpoint=str(tmp_path / "b"),
+                                                                teacher_key=key, workers=workers))
+    assert (tmp_path / "ix1" / "index.faiss").read_bytes() == (tmp_path / "ix2" / "index.faiss").read_bytes()

@@ -171,9 +171,10 @@ class StagedTokens:
 class TokenWorker:
     """A Ray actor: loads the student once, then computes whole chunks' tokens on request."""
 
-    def __init__(self, store_url: str, checkpoint: str):
+    def __init__(self, store_url: str, teacher: str, checkpoint: str):
         torch.set_num_threads(THREADS_PER_WORKER)  # its own process: set for good
-        self.vectors = SegmentVectors(FeatureStore.open(store_url), checkpoint)
+        # seen through the driver's teacher: a student of an added teacher is checked against it
+        self.vectors = SegmentVectors(FeatureStore.open(store_url, teacher=teacher), checkpoint)
 
     def describe(self) -> dict[str, Any]:
         return {"sha256": self.vectors.checkpoint["sha256"], "pid": os.getpid(), "host": socket.gethostname()}
@@ -220,7 +221,8 @@ def _stage_on_ray(vectors: SegmentVectors, staging: StagedTokens, todo: list[int
         actor_class = ray.remote(num_cpus=THREADS_PER_WORKER, max_restarts=0)(TokenWorker)
         # The same path or URL must reach the store and the student from every worker.
         url, checkpoint = canonical_location(vectors.store.url), vectors.checkpoint["path"]
-        pool = [actor_class.remote(url, checkpoint) for _ in range(min(workers, len(todo)))]
+        teacher = vectors.store.teacher_key
+        pool = [actor_class.remote(url, teacher, checkpoint) for _ in range(min(workers, len(todo)))]
         resume = "what was staged is kept: run the same command again to continue"
         try:
             try:
