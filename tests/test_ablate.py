@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,13 +114,17 @@ def test_tables_from_a_hand_made_results_file(tmp_path):
     assert one_field.count("mIoU (%)") == 1  # one field varies: the trial table alone
 
 
-def test_an_ablation_over_the_tiny_demo_store_runs_resumes_and_records_failures(tiny_demo, ray_session, tmp_path):
+def test_an_ablation_over_the_tiny_demo_store_runs_resumes_and_records_failures(tiny_demo, ray_session, tmp_path, monkeypatch):
+    import os
+
     from zeroseg.experiments.ablate import run_ablation
 
     out, summary = tiny_demo
+    monkeypatch.chdir(tmp_path)  # paths relative to here: Tune runs each trial in a folder of its own
+    store, heldout = os.path.relpath(summary["store"]), os.path.relpath(out / "scenes" / "heldout")
     spec = '{"grid": {"mask_ratio": [0.25, 1.5]}}'  # 1.5 is no ratio: that trial must fail alone
     kwargs = dict(steps=2, seeds=[0], preset="tiny", batch=4, threshold=0.5, parallel=2, progress=False)
-    report = run_ablation(summary["store"], spec, tmp_path, str(out / "scenes" / "heldout"), "scenes", **kwargs)
+    report = run_ablation(store, spec, Path("."), heldout, "scenes", **kwargs)
     ok, failed = report.rows
     assert ok["status"] == "ok" and ok["steps"] == 2 and 0.0 <= ok["miou"] <= 1.0 and ok["mask_ratio"] == 0.25
     assert failed["status"] == "failed" and "mask ratio must be in [0, 1)" in failed["error"]
@@ -129,6 +134,6 @@ def test_an_ablation_over_the_tiny_demo_store_runs_resumes_and_records_failures(
     assert "| mask_ratio=0.25 | 0.25 |" in report.markdown and "Failed trials" in report.markdown
 
     stamp = (run_dir / "result.json").stat().st_mtime_ns
-    again = run_ablation(summary["store"], spec, tmp_path, str(out / "scenes" / "heldout"), "scenes", **kwargs)
+    again = run_ablation(store, spec, Path("."), heldout, "scenes", **kwargs)
     assert again.rows[0] == ok  # finished: read back, not re-run
     assert (run_dir / "result.json").stat().st_mtime_ns == stamp

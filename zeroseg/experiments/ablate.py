@@ -244,6 +244,9 @@ def run_ablation(
     a time; 0 runs them one by one in this process), resumable, then the tables, plot and cost.
     `teachers` (keys of the store's teachers) adds a teachers axis to the spec (or replaces its own);
     with no spec, the trials are the recipe alone, once per teacher."""
+    # Tune runs each trial in a folder of its own: every path it is given must be absolute
+    store_url, dataset, out = canonical_location(store_url), canonical_location(dataset), Path(canonical_location(str(out)))
+    calibrate_on = canonical_location(calibrate_on) if calibrate_on else None
     store = FeatureStore.open(store_url)
     loaded = load_spec(spec) if spec is not None else {}
     trials = expand({**loaded, "teachers": teachers} if teachers else loaded)
