@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from zeroseg.experiments.diagnose import object_patches
 from zeroseg.segment.datasets import SCENE_CLASSES, SCENE_SHAPES, load_dataset
 from zeroseg.segment.zeroshot import student_input
 from zeroseg.trainer.config import recipe
 from zeroseg.trainer.model import ZeroSegStudent
+from zeroseg.trainer.train import lr_at
 
 
 def load(folder: Path, n: int | None, size: int, grid: int) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
@@ -51,8 +53,7 @@ def object_accuracy(model: ZeroSegStudent, views: torch.Tensor, masks: list[np.n
     right_shape = right_colour = total = 0
     for b, mask in enumerate(masks):
         for c in [c for c in np.unique(mask).tolist() if 0 < c < len(SCENE_CLASSES)]:
-            share = F.adaptive_avg_pool2d(torch.from_numpy(mask == c).float()[None, None], g).flatten()
-            mine = share >= 0.5 if (share >= 0.5).any() else share == share.max()
+            mine = object_patches(mask == c, g)
             guess = int(logits[b, mine].mean(0)[1:].argmax()) + 1  # an object class: the object is there
             right_shape += (guess - 1) % len(SCENE_SHAPES) == (c - 1) % len(SCENE_SHAPES)
             right_colour += (guess - 1) // len(SCENE_SHAPES) == (c - 1) // len(SCENE_SHAPES)
@@ -74,9 +75,8 @@ def run(scenes: Path, stem: str, steps: int, n_train: int, image_size: int, patc
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
-        for group in opt.param_groups:  # linear warm-up over a quarter of the steps, then cosine, as train
-            warm = config.warmup * steps
-            group["lr"] = lr * (step + 1) / warm if step < warm else lr * 0.5 * (1 + np.cos(np.pi * (step - warm) / (steps - warm)))
+        for group in opt.param_groups:  # the trainer's schedule: linear warm-up, then cosine
+            group["lr"] = lr_at(step, config)
         idx = torch.from_numpy(rng.choice(len(views), batch, replace=False))
         out = model(views[idx], 0.0, reconstruct=False)
         target = labels[idx].gather(1, out.keep)  # the patches come in the order of keep (a permutation)

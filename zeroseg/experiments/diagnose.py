@@ -69,6 +69,13 @@ class Objects:
         return (self.classes - 1) % len(SCENE_SHAPES)
 
 
+def object_patches(where: np.ndarray, grid: int) -> torch.Tensor:
+    """(H, W) bool -> (grid*grid,) bool: the patches of a grid x grid student the object covers,
+    at least half of each, else its most covered patch."""
+    share = F.adaptive_avg_pool2d(torch.from_numpy(where).float()[None, None], grid).flatten()  # (grid*grid,)
+    return share >= 0.5 if (share >= 0.5).any() else share == share.max()
+
+
 def _box(where: np.ndarray) -> np.ndarray:
     """(H, W) bool -> fractional x0, y0, x1, y1 of its bounding box."""
     ys, xs = np.nonzero(where)
@@ -99,9 +106,7 @@ def collect(dataset: LabelledDataset, student, teacher, boxes: np.ndarray, view_
         for b, (image, truth) in enumerate(items):
             for c in [c for c in np.unique(truth).tolist() if 0 < c < len(SCENE_CLASSES)]:
                 where = truth == c
-                # share of each of the student's g x g patches the object covers
-                share = F.adaptive_avg_pool2d(torch.from_numpy(where).float()[None, None], g).flatten()  # (g*g,)
-                mine = share >= 0.5 if (share >= 0.5).any() else share == share.max()
+                mine = object_patches(where, g)
                 owner = seg.assignment[b].flatten()[mine].mode().values
                 classes.append(c)
                 vectors[SOURCES[0]].append(teacher.encode_images(object_crop(image, where, s)[None])[0].float())
