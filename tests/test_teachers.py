@@ -44,6 +44,15 @@ def assert_same_teacher(a: dict, b: dict) -> None:
     assert a["status"].tobytes() == b["status"].tobytes() and list(a["errors"]) == list(b["errors"])
 
 
+def store_of_two_teachers(root: Path) -> tuple[Path, str, str]:
+    """A fresh store made with A, then B added: (images, url, B's key)."""
+    imgs = image_folder(root)
+    url = str(root / "s.zarr")
+    run_extract(str(imgs), url, SMALL, notify=quiet)
+    run_extract(str(imgs), url, TEACHER_B, notify=quiet)
+    return imgs, url, FeatureStore.open(url).teacher_keys()[1]
+
+
 @pytest.fixture(scope="module")
 def two_teachers(tmp_path_factory):
     """A store made with A, its files' digests, then B added: (images, url, digests before B, B's key)."""
@@ -164,11 +173,7 @@ def test_another_grid_or_view_size_is_still_refused(two_teachers):
 def test_a_damaged_chunk_of_the_second_teacher_is_found_repaired_and_redone(tmp_path, capsys):
     from test_store_safety import chunk_file, flip_two_bytes
 
-    imgs = image_folder(tmp_path)
-    url = str(tmp_path / "s.zarr")
-    run_extract(str(imgs), url, SMALL, notify=quiet)
-    run_extract(str(imgs), url, TEACHER_B, notify=quiet)
-    key = FeatureStore.open(url).teacher_keys()[1]
+    imgs, url, key = store_of_two_teachers(tmp_path)
     done = teacher_arrays(url, key)
     flip_two_bytes(chunk_file(url, f"{TEACHERS_GROUP}/{key}/features", 1))
     assert zeroseg(capsys, "store", "verify", url).exit_code == 0  # the first teacher's arrays are sound
@@ -184,11 +189,7 @@ def test_a_damaged_chunk_of_the_second_teacher_is_found_repaired_and_redone(tmp_
 
 
 def test_the_first_teacher_appends_and_the_second_follows(tmp_path):
-    imgs = image_folder(tmp_path)
-    url = str(tmp_path / "s.zarr")
-    run_extract(str(imgs), url, SMALL, notify=quiet)
-    run_extract(str(imgs), url, TEACHER_B, notify=quiet)
-    key = FeatureStore.open(url).teacher_keys()[1]
+    imgs, url, key = store_of_two_teachers(tmp_path)
     before = teacher_arrays(url, key)
     write_good(imgs, 3, seed=1, prefix="more")
     notes = []
