@@ -225,11 +225,17 @@ def test_cli_train_and_one_line_errors(store_url, tmp_path, monkeypatch, capsys)
         (["train", store_url, "--out", str(tmp_path / "y"), "--loss", "hungarian"], "unknown loss"),
         (["train", store_url, "--out", str(tmp_path / "y"), "--recipe", "hungarian"], "unknown recipe"),
         (["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "z")], "no feature store"),
+        # a resumed run keeps its own config: an option that would change it is refused, not ignored
+        (["train", store_url, "--out", str(out), "--resume", "--steps", "8", "--lr", "0.1"],
+         f"--resume continues the run in {out} with its own config: --steps, --lr would change it"),
     ]:
         code, _, stderr = run_cli(monkeypatch, capsys, bad_args)
         # one message, no traceback (rich wraps a long line at the console width, hence the join)
         assert code == 2 and message in " ".join(stderr.split()) and "Traceback" not in stderr
         assert stderr.startswith("error:") and stderr.count("error:") == 1
+    assert json.loads((out / "config.json").read_text())["config"]["steps"] == 4  # the refused resume wrote nothing
+    code, stdout, _ = run_cli(monkeypatch, capsys, ["train", store_url, "--out", str(out), "--resume"])
+    assert code == 0 and "step 4" in stdout  # already finished: nothing more to do
 
 
 def test_a_student_is_loaded_only_for_a_store_of_its_teacher(store_url, tmp_path, tiny_teacher):

@@ -51,6 +51,13 @@ def run_train(
     replicas on Ray (at `address`); otherwise this process alone, no Ray."""
     if address is not None and workers in (None, 1):
         raise UserError("--address is where --workers N (N >= 2) run: give --workers too")
+    if resume:  # the run's config is its own (the schedule depends on its steps): refuse, never ignore
+        given = {"preset": preset_name, "recipe": recipe_name, "epochs": epochs, "grids": grids, "loss": loss,
+                 "multiscale": multiscale, "target_norm": target_norm, **fields}
+        changed = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None]
+        if changed:
+            raise UserError(f"--resume continues the run in {out} with its own config: {', '.join(changed)} "
+                            "would change it; train another config into a new --out")
     config = None if resume else command_config(store_url, preset_name, recipe_name, epochs, grids, loss, multiscale,
                                                 target_norm, fields)
     if workers in (None, 1):
