@@ -3,6 +3,7 @@ its end, resumably; the result equals one extraction of the whole listing, the o
 they were, vanished images are reported and kept, and an index built before says it is stale."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from images import write_good
+from images import write_good, write_photos
 from test_extract import SMALL, assert_same_store, quiet, store_arrays, zeroseg
 from zeroseg.errors import UserError
 from zeroseg.pipeline.runner import ExtractConfig, compare_listing, run_extract
@@ -56,6 +57,35 @@ def test_a_grown_listing_is_appended_and_equals_one_extraction(tmp_path):
     # Nothing new the second time: nothing done, nothing added.
     again = run_extract(str(imgs), url, WITH_PIXELS, notify=notes.append)
     assert again.done_this_run == 0 and again.n_images == 11
+
+
+def test_photographs_appended_equal_one_extraction_and_a_copied_photo_is_not_embedded_again(tmp_path):
+    """A lab's photographs (EXIF orientations 1-8, progressive, CMYK, 16-bit grey, RGBA, WebP,
+    TIFF, a 12-Mpx JPEG, animations) appended to a store of PNGs: the store one extraction of
+    everything makes, the old rows untouched; a phone photo copied under another name is a copy of
+    its row, not embedded again."""
+    imgs = tmp_path / "imgs"
+    write_good(imgs, 3)
+    url = str(tmp_path / "s.zarr")
+    run_extract(str(imgs), url, WITH_PIXELS, notify=quiet)
+    before = store_arrays(url)
+    expect = write_photos(imgs / "photos")
+    shutil.copy(imgs / "photos" / "exif6.jpg", imgs / "photos" / "zz-exif6-copy.jpg")
+    summary = run_extract(str(imgs), url, WITH_PIXELS, notify=quiet)
+    n = 3 + len(expect) + 1
+    assert (summary.n_images, summary.ok, summary.done_this_run, summary.copied_this_run) == (n, n, n - 3, 1)
+    assert_old_rows_kept(before, url)
+    assert_same_store(extract_whole(tmp_path, imgs), url)
+    store = FeatureStore.open(url)
+    rows = {Path(p).name: i for i, p in enumerate(store.paths())}
+    copy, source = rows["zz-exif6-copy.jpg"], rows["exif6.jpg"]
+    assert store.duplicate_of()[copy] == source and np.array_equal(store.features[copy], store.features[source])
+    # every orientation was turned upright on the way in: its view is exif1's, up to JPEG noise
+    views = store.pixels
+    upright = views[rows["exif1.jpg"]].astype(int)
+    for o in range(2, 9):
+        assert np.abs(views[rows[f"exif{o}.jpg"]].astype(int) - upright).mean() < 4, o
+    assert np.abs(views[rows["exif6.jpg"]].astype(int) - upright[:, ::-1]).mean() > 20  # a turn would show
 
 
 def test_an_append_killed_after_a_chunk_then_rerun_equals_one_extraction(tmp_path):
