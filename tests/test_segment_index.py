@@ -2,7 +2,10 @@
 index folder (a failed build resumes without recomputing what was staged, and ends with the index
 of an uninterrupted build), computed on Ray workers alike, never reused for another student."""
 
+import os
+import signal
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +13,7 @@ import pytest
 from synthetic import synthetic_store
 from zeroseg.errors import UserError
 from zeroseg.segment.neighbours import BuildConfig, build_index
-from zeroseg.segment.tokens import RECORD_FILE, STAGING_DIR
+from zeroseg.segment.tokens import RECORD_FILE, STAGING_DIR, StagedTokens
 from zeroseg.stores.index import INDEX_FILE, NeighbourIndex
 from zeroseg.trainer.config import recipe
 from zeroseg.trainer.train import train
@@ -107,6 +110,50 @@ def test_two_ray_workers_stage_what_one_process_does(student, one_process, tmp_p
     assert_same_index(tmp_path / "ix", one_process)
 
 
+def kill_token_workers(how_many: int) -> int:
+    """SIGKILL up to how_many of Ray's TokenWorker processes (found by the process title Ray gives
+    them, in /proc); returns how many were killed."""
+    killed = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            title = cmdline.read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        if killed < how_many and b"TokenWorker" in title and int(cmdline.parent.name) != os.getpid():
+            os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+@pytest.mark.parametrize("deaths", [1, 2])
+def test_a_dead_token_worker_s_chunks_go_to_the_live_one(student, one_process, tmp_path, ray_session, monkeypatch,
+                                                          deaths):
+    """One of two workers SIGKILLed after the first chunk is staged: the live one computes the dead
+    one's chunks and the index is the one-process build's. Both killed: one line, the staged
+    chunks kept, and the same command finishes the build to the same index."""
+    url, _, run = student
+    write, killed = StagedTokens.write, []
+
+    def write_then_kill(self, chunk, ids, vectors):
+        write(self, chunk, ids, vectors)
+        if not killed:
+            killed.append(kill_token_workers(deaths))
+
+    monkeypatch.setattr(StagedTokens, "write", write_then_kill)
+    out = tmp_path / "ix"
+    config = BuildConfig(source="segments", checkpoint=run, workers=2)
+    if deaths == 1:
+        build_index(url, out, config)
+    else:
+        with pytest.raises(UserError, match="a token worker died .*no live worker left; what was staged is kept"):
+            build_index(url, out, config)
+        assert 1 <= len(staged(out)) < N_IMAGES // CHUNK_IMAGES and not (out / INDEX_FILE).exists()
+        monkeypatch.setattr(StagedTokens, "write", write)
+        build_index(url, out, config)
+    assert killed == [deaths]
+    assert_same_index(out, one_process)
+
+
 def test_another_checkpoint_does_not_reuse_staged_tokens(student, one_process, tmp_path, capsys):
     import json
     import shutil
@@ -149,8 +196,6 @@ def test_workers_options_that_do_not_fit_are_one_line(student, tmp_path, monkeyp
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigkill_mid_build_then_the_same_command_finishes_it(student, tmp_path, tiny_teacher, request, workers):
-    import os
-    import signal
     import subprocess
     import time
     from pathlib import Path

@@ -208,12 +208,13 @@ def stage_tokens(vectors: SegmentVectors, staging: StagedTokens, *, workers: int
 def _stage_on_ray(vectors: SegmentVectors, staging: StagedTokens, todo: list[int], workers: int,
                   address: str | None, on_chunk: Callable[[], None] | None) -> None:
     """The chunks of `todo` on Ray actors, handed out as actors finish (IN_FLIGHT_PER_WORKER each
-    queued); the driver writes each result. A failure ends the build: what was staged stays, and
-    the same command continues from there."""
+    queued); the driver writes each result. A worker that dies has its chunks handed to the live
+    ones (each chunk tried at most MAX_TRIES_PER_CHUNK times); an error, or no live worker left,
+    ends the build: what was staged stays, and the same command continues from there."""
     import ray  # here, not at the top: a build without --workers imports no Ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    from zeroseg.pipeline.distributor import IN_FLIGHT_PER_WORKER, ray_cluster
+    from zeroseg.pipeline.distributor import IN_FLIGHT_PER_WORKER, MAX_TRIES_PER_CHUNK, ray_cluster
 
     with ray_cluster(address) as (cpus, _):
         if workers * THREADS_PER_WORKER > cpus:
@@ -234,30 +235,40 @@ def _stage_on_ray(vectors: SegmentVectors, staging: StagedTokens, todo: list[int
                     raise UserError(f"worker pid {info['pid']} on {info['host']} loaded another student from "
                                     f"{checkpoint} ({info['sha256'][:12]}, here {vectors.checkpoint['sha256'][:12]})")
             queue = collections.deque(todo)
-            in_flight = {}  # chunk() call -> its actor
+            in_flight = {}  # chunk() call -> (its actor, its chunk)
+            live, tries = list(pool), collections.Counter()
 
-            def submit(actor) -> None:
-                if queue:
-                    in_flight[actor.chunk.remote(queue.popleft())] = actor
+            def fill() -> None:  # every live actor up to IN_FLIGHT_PER_WORKER calls
+                for actor in live:
+                    load = sum(a is actor for a, _ in in_flight.values())
+                    for _ in range(IN_FLIGHT_PER_WORKER - load):
+                        if queue:
+                            chunk = queue.popleft()
+                            in_flight[actor.chunk.remote(chunk)] = (actor, chunk)
 
-            for actor in pool:
-                for _ in range(IN_FLIGHT_PER_WORKER):
-                    submit(actor)
+            fill()
             while in_flight:
                 (done,), _ = ray.wait(list(in_flight), num_returns=1)
-                actor = in_flight.pop(done)
+                actor, chunk = in_flight.pop(done)
                 try:
-                    chunk, ids, x = ray.get(done)
+                    _, ids, x = ray.get(done)
                 except RayTaskError as e:
                     if isinstance(e.cause, UserError):
                         raise UserError(f"{e.cause}; {resume}") from None
                     raise
-                except RayActorError as e:
-                    raise UserError(f"a token worker died ({str(e).strip().splitlines()[0]}); {resume}") from None
-                staging.write(chunk, ids, x)
-                if on_chunk:
-                    on_chunk()
-                submit(actor)
+                except RayActorError as e:  # gone: its chunks go to the live workers
+                    if actor in live:
+                        live.remove(actor)
+                    tries[chunk] += 1
+                    if not live or tries[chunk] >= MAX_TRIES_PER_CHUNK:
+                        why = "no live worker left" if not live else f"chunk {chunk} lost {tries[chunk]} workers"
+                        raise UserError(f"a token worker died ({str(e).strip().splitlines()[0]}), {why}; {resume}") from None
+                    queue.appendleft(chunk)
+                else:
+                    staging.write(chunk, ids, x)
+                    if on_chunk:
+                        on_chunk()
+                fill()
         finally:
             for actor in pool:
                 ray.kill(actor)
