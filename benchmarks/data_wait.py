@@ -4,6 +4,7 @@ reads any store (chunks shuffled per epoch, rows shuffled within a buffer of chu
 thread keeping batches ready).
 
     PYTHONPATH=. python benchmarks/data_wait.py --images 20000 --steps 200   # benchmarks/README.md
+    PYTHONPATH=. python benchmarks/data_wait.py --device cuda --precision bf16 --preset base --batch 64   # a GPU
 
 The store holds blocky pixels (as `extract --pixels` stores views) and random unit features in
 float16 for grids 1-4 (30 crops of 512 dims an image: the features' bytes of a ViT-B teacher;
@@ -28,6 +29,7 @@ import torch
 from zeroseg.stores.features import FeatureStore
 from zeroseg.stores.schema import Status, StoreConfig, TeacherInfo
 from zeroseg.trainer.config import recipe
+from zeroseg.trainer.model import PRESETS
 from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
 from zeroseg.trainer.train import train
 
@@ -55,26 +57,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=20_000)
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--view", type=int, default=64, help="stored view size (the student's input)")
+    ap.add_argument("--view", type=int, default=None, help="stored view size (default: the preset's input size)")
     ap.add_argument("--chunk", type=int, default=64, help="store chunk size in images")
     ap.add_argument("--preset", default=DEFAULT_PRESET)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the train loop")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", help="fp32 | bf16 (autocast: for GPUs)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/zeroseg-data-wait"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    url = str(args.work / "store.zarr")
-    if not (args.work / "store.zarr").exists():
+    view = args.view or PRESETS[args.preset].image_size
+    name = f"store-{args.images}-{view}px.zarr"
+    url = str(args.work / name)
+    if not (args.work / name).exists():
         t0 = time.perf_counter()
-        write_store(url, args.images, args.dim, args.view, args.chunk)
+        write_store(url, args.images, args.dim, view, args.chunk)
         print(f"store: {args.images} images x 30 crops x {args.dim} float16 written in {time.perf_counter() - t0:.0f} s")
     store = FeatureStore.open(url)
     disk = sum(f.stat().st_size for f in Path(url).rglob("*") if f.is_file())
     config = recipe(DEFAULT_RECIPE, args.preset, steps=args.steps, batch=args.batch, log_every=10,
-                    checkpoint_every=10**9, device=args.device, threads=args.threads)
+                    checkpoint_every=10**9, device=args.device, threads=args.threads, precision=args.precision)
     run_dir = args.work / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
@@ -85,7 +90,8 @@ def main() -> None:
     wait = [float(r["data_wait"]) for r in rows]
     rate = statistics.median(float(r["steps_per_s"]) for r in rows)
     print(f"\nstore {store.n_images} images in {store.n_chunks} chunks of {args.chunk}, {disk / 2**20:.0f} MiB on disk; "
-          f"`{args.preset}` student, batch {args.batch}, {args.threads} torch thread(s), {args.device}, "
+          f"{view}-px views, `{args.preset}` student, batch {args.batch}, {args.threads} torch thread(s), "
+          f"{args.device} {args.precision}, "
           f"{args.steps} steps in {wall:.0f} s (epoch {float(rows[-1]['epoch']):.2f} at the end)\n")
     print("| steps/s (median) | data wait, median of intervals | data wait, max | goal |")
     print("|---:|---:|---:|---|")
