@@ -152,6 +152,22 @@ def test_text_vocabularies_are_each_teachers_own(two_teachers):
         FeatureStore.open(url, teacher=key).read_text("animals")
 
 
+def test_export_either_teacher(two_teachers, tmp_path, capsys):
+    from test_export import read_back
+
+    _, url, _, key = two_teachers
+    for teacher, dim in ((None, 128), (key, 64)):
+        out = tmp_path / f"export-{dim}"
+        result = zeroseg(capsys, "store", "export", url, out, *(["--teacher-key", teacher] if teacher else []))
+        assert result.exit_code == 0 and "7 rows of 7 ok images" in result.output, result.output
+        store = FeatureStore.open(url, teacher=teacher)
+        ok = np.flatnonzero(store.status() == Status.OK)
+        emb, meta, _ = read_back(out)
+        assert emb.shape == (7, dim)
+        np.testing.assert_array_equal(emb, store.features[:][ok, 0])
+        assert meta["image_index"] == list(ok)
+
+
 def test_compact_targets_are_the_first_teachers_only(two_teachers):
     _, url, _, key = two_teachers
     with pytest.raises(UserError, match=f"compact targets are the first teacher's .*teacher {key} has fp16 targets only"):

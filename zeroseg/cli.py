@@ -174,11 +174,12 @@ def store_export(
     grid: int = typer.Option(1, help="the grid whose crops are exported (1: one row per image)"),
     part_rows: int = typer.Option(1_000_000, "--part-rows", help="rows per img_emb_N.npy / metadata_N.parquet part"),
     dtype: str = typer.Option("float16", help="float16 (as stored) | float32"),
+    teacher_key: str = typer.Option(None, "--teacher-key", help="export this teacher's features (`store info` lists them) [default: its first]"),
 ) -> None:
     """Export the ok images' embeddings for autofaiss / clip-retrieval (numpy + Parquet)."""
     from zeroseg.stores.export import export_store
 
-    done = export_store(store, out, fmt, grid, part_rows, dtype)
+    done = export_store(store, out, fmt, grid, part_rows, dtype, teacher_key)
     print(f"{out}: {done['rows']} rows of {done['images']} ok images in {done['parts']} parts")
 
 

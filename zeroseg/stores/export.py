@@ -73,16 +73,17 @@ class _Parts:
 
 def export_store(
     url: str, out: str | Path, fmt: str = "npy-parquet", grid: int = 1, part_rows: int = 1_000_000,
-    dtype: str = "float16",
+    dtype: str = "float16", teacher_key: str | None = None,
 ) -> dict[str, int]:
-    """Write the export; returns {"rows", "parts", "images"}."""
+    """Write the export of the store's teacher `teacher_key` (None: its first); returns {"rows",
+    "parts", "images"}."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     if dtype not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if part_rows < 1:
         raise UserError("--part-rows must be positive")
-    store = FeatureStore.open(url)
+    store = FeatureStore.open(url, teacher=teacher_key)
     levels = dict(grid_levels(store.config.grids))
     if grid not in levels:
         raise UserError(f"--grid {grid}: the store has grids {','.join(map(str, store.config.grids))}")

@@ -56,7 +56,7 @@ extract options are in attrs["teachers"][key], written after its arrays, so a te
 its arrays do. A chunk of an added teacher is written like one of the first (features and error
 first, its status last), only once the first teacher's rows are all done: a row failed for the
 first teacher (its image did not decode) is a failed row for every teacher, with the same error.
-Compact targets and exports are the first teacher's only.
+Compact targets are the first teacher's only (an export reads any teacher, as every reader does).
 
 `zeroseg store migrate` (zeroseg.stores.migrate) makes a version-1 to -4 store version 5 in place.
 
