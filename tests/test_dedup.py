@@ -4,12 +4,16 @@ embedded; `store info` counts them and the trainer sees each distinct image once
 
 import shutil
 
+import faiss
 import numpy as np
+import pytest
 
 from images import write_good
 from test_extract import SMALL, assert_same_store, one_thread, quiet, zeroseg  # noqa: F401 (fixture)
 from zeroseg.pipeline.runner import ExtractConfig, run_extract
+from zeroseg.segment.neighbours import BuildConfig, build_index, query_index
 from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.index import NeighbourIndex, decode_ids
 from zeroseg.stores.schema import Status
 from zeroseg.trainer.loader import StoreDataset
 
@@ -49,6 +53,13 @@ def test_the_same_bytes_are_embedded_once_and_copied(tmp_path, capsys):
     assert zeroseg(capsys, "store", "verify", url).exit_code == 0  # copies agree with their status
     # the trainer's epoch: each distinct image once
     assert StoreDataset(url, seed=0).plan.n_ok == 7
+    # the index: each distinct image once (a copy would come back as its own neighbour at score 1)
+    meta = build_index(url, tmp_path / "ix", BuildConfig(kind="flat"))
+    index = NeighbourIndex.open(tmp_path / "ix").index  # held: id_map lives as long as it does
+    ids = faiss.vector_to_array(index.id_map)
+    assert meta.count == 7 * store.n_crops and set(decode_ids(ids, store.n_crops)[0]) == set(range(7))
+    found = query_index(tmp_path / "ix", image=7, crop=0, k=2)  # a copy's query: its first row, whole
+    assert found.neighbours[0].image == 1 and found.neighbours[0].score == pytest.approx(1.0, abs=1e-3)
 
 
 def test_ray_copies_after_the_first_row_is_written_and_equals_in_process(tmp_path, ray_session, one_thread):

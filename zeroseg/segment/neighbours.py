@@ -72,19 +72,19 @@ class CropVectors:
         if missing:
             raise UserError(f"store has grids {','.join(map(str, have))}, not {','.join(map(str, missing))}")
         self.store = store
-        self.ok = store.status() == Status.OK  # read once: one byte per image
+        self.rows = store.distinct_ok()  # read once; a copy of an earlier row would be found twice
         self.grids = grids
         self.crops = np.concatenate([np.arange(c.start, c.stop) for g, c in grid_levels(have) if g in grids])
         self.stride = store.n_crops
         self.checkpoint = None
 
     def estimate_count(self) -> int:
-        return int(self.ok.sum()) * len(self.crops)
+        return int(self.rows.sum()) * len(self.crops)
 
     def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Chunk i -> ids (n,) int64, vectors (n, D) float16."""
         sl = self.store.chunk_slice(i)
-        ok = np.flatnonzero(self.ok[sl])
+        ok = np.flatnonzero(self.rows[sl])
         feats = self.store.features[sl][ok][:, self.crops]  # (n_ok, c, D)
         image, crop = np.meshgrid(sl.start + ok, self.crops, indexing="ij")
         return encode_ids(image.ravel(), crop.ravel(), self.stride), feats.reshape(-1, feats.shape[-1])

@@ -39,7 +39,6 @@ from zeroseg.errors import UserError
 from zeroseg.outputs import canonical_location, write_atomic
 from zeroseg.stores.features import FeatureStore
 from zeroseg.stores.index import encode_ids, store_fingerprint
-from zeroseg.stores.schema import Status
 from zeroseg.stores.views import row_views
 from zeroseg.trainer.checkpoint import load_student_for
 
@@ -62,7 +61,7 @@ class SegmentVectors:
     def __init__(self, store: FeatureStore, checkpoint: str, batch_images: int = 32):
         model, _, meta = load_student_for(checkpoint, store)
         self.store = store
-        self.ok = store.status() == Status.OK  # read once: one byte per image
+        self.rows = store.distinct_ok()  # read once; a copy of an earlier row would be found twice
         self.model = model
         self.batch_images = batch_images
         self.grids = None  # crops only
@@ -72,7 +71,7 @@ class SegmentVectors:
 
     def estimate_count(self) -> int:
         """An upper bound (empty segments are dropped): sizes the index kind."""
-        return int(self.ok.sum()) * self.stride
+        return int(self.rows.sum()) * self.stride
 
     def segment(self, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """views (B, S, S, 3) uint8 -> tokens (B, K, D) float32, assignment (B, h, w) int64."""
@@ -87,7 +86,7 @@ class SegmentVectors:
     def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Chunk i -> ids (n,) int64, vectors (n, D) float32 of its non-empty segments."""
         sl = self.store.chunk_slice(i)
-        ok = np.flatnonzero(self.ok[sl])
+        ok = np.flatnonzero(self.rows[sl])
         if len(ok) == 0:
             return np.zeros(0, np.int64), np.zeros((0, self.store.dim), np.float32)
         tokens, assignment = self.segment(row_views(self.store, sl.start + ok))  # (n, K, D), (n, h, w)

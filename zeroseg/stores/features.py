@@ -428,6 +428,11 @@ class FeatureStore:
         """Each image's first row with the same bytes, -1 none (the store embedded it itself)."""
         return self.array("images/duplicate_of")[:] if self.has_dedup else np.full(self.n_images, -1, np.int64)
 
+    def distinct_ok(self) -> np.ndarray:
+        """(n_images,) bool: status-ok rows that are not a copy of an earlier row (duplicate_of):
+        what an index holds, each distinct image once."""
+        return (self.status() == Status.OK) & (self.duplicate_of() < 0)
+
     def mark_duplicates(self, hashes: dict[int, str]) -> np.ndarray:
         """Record the content hashes of pending rows (row -> hash, "" unreadable), then point each
         pending row at the first row with the same hash (duplicate_of; -1 none). Done rows keep
