@@ -88,6 +88,20 @@ def test_photographs_appended_equal_one_extraction_and_a_copied_photo_is_not_emb
     assert np.abs(views[rows["exif6.jpg"]].astype(int) - upright[:, ::-1]).mean() > 20  # a turn would show
 
 
+def test_a_run_on_a_store_that_grew_since_is_refused_saying_so(tmp_path):
+    from zeroseg.trainer.config import recipe
+    from zeroseg.trainer.launch import run_train
+    from zeroseg.trainer.train import train
+
+    imgs, url, _ = grown_folder(tmp_path, 8, 4)
+    config = recipe("paper", "tiny", steps=4, batch=4, grids=SMALL.grids, checkpoint_every=2, threads=1)
+    train(url, tmp_path / "run", config, stop_after=2, progress=False)
+    run_extract(str(imgs), url, WITH_PIXELS, notify=quiet)  # 4 images appended
+    with pytest.raises(UserError, match="trained on another store .*: it grew from 8 to 12 images since the run "
+                                        "started; train a new --out on the grown store"):
+        run_train(url, tmp_path / "run", resume=True, progress=False)
+
+
 def test_an_append_killed_after_a_chunk_then_rerun_equals_one_extraction(tmp_path):
     imgs, url, before = grown_folder(tmp_path, 6, 7)
 

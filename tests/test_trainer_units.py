@@ -338,3 +338,12 @@ def test_the_conv_stem_gives_the_patch_grid_and_trains():
         ZeroSegStudent(preset("tiny", out_dim=8, stem="conv", patch_size=6, image_size=36))
     with pytest.raises(ValueError, match="unknown stem"):
         ZeroSegStudent(preset("tiny", out_dim=8, stem="dense"))
+
+
+def test_a_store_difference_is_named():
+    from zeroseg.trainer.train import store_difference
+
+    run = {"url": "a.zarr", "n_images": 8, "grids": [1, 2], "view_size": 32, "teacher": {"arch": "A"}}
+    assert store_difference(run, {**run, "url": "b.zarr", "n_images": 12}).startswith("it grew from 8 to 12 images")
+    assert store_difference(run, {**run, "n_images": 6, "teacher": {"arch": "B"}}) == (
+        '8 vs 6 images; teacher {"arch": "A"} vs {"arch": "B"}')

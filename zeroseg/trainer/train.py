@@ -57,6 +57,19 @@ def same_store(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return strip(a) == strip(b)
 
 
+def store_difference(recorded: dict[str, Any], current: dict[str, Any]) -> str:
+    """What differs between a run's recorded store identity and the store given, in words."""
+    grew = recorded["n_images"] < current["n_images"]
+    changed = [k for k in current if k not in ("url", "n_images") and json.dumps(recorded.get(k)) != json.dumps(current[k])]
+    if grew and not changed:  # `extract` appended images: the run's data order is over the old ones
+        return (f"it grew from {recorded['n_images']} to {current['n_images']} images since the run started; "
+                "train a new --out on the grown store")
+    parts = [f"{k} {json.dumps(recorded.get(k))} vs {json.dumps(current[k])}" for k in changed]
+    if recorded["n_images"] != current["n_images"]:
+        parts.insert(0, f"{recorded['n_images']} vs {current['n_images']} images")
+    return "; ".join(parts)
+
+
 def check_fit(config: TrainConfig, store: FeatureStore) -> Columns:
     """The crop columns to train on; a one-line UserError if the store cannot serve this config."""
     if config.model.out_dim and config.model.out_dim != store.dim:
@@ -169,7 +182,8 @@ def open_run(store_url: str, run_dir: Path, config: TrainConfig | None, resume: 
         config, start_step = TrainConfig.from_dict(state["config"]), state["step"]
         store = FeatureStore.open(store_url, teacher=config.teacher_key)  # names the run's teacher if the store lost it
         if not same_store(state["store"], store.identity()):
-            raise UserError(f"{run_dir} was trained on another store than {store_url}")
+            raise UserError(f"{run_dir} was trained on another store than {store_url}: "
+                            + store_difference(state["store"], store.identity()))
         trained_by = state.get("world_size", 1)
         if trained_by != world_size:  # the data order and the masks depend on it
             raise UserError(f"{run_dir} was trained by {trained_by} worker(s), not {world_size}: "
