@@ -83,3 +83,22 @@ def test_an_image_appended_again_under_another_path_is_copied(tmp_path):
     store = FeatureStore.open(url)
     assert store.duplicate_of()[5] == 3 and store.status()[5] == Status.OK
     assert np.array_equal(store.features[5], store.features[3])
+
+
+def test_verify_finds_a_copy_that_differs_from_its_first_row_and_repair_redoes_both(tmp_path, capsys):
+    manifest = images_with_copies(tmp_path / "imgs")
+    url = str(tmp_path / "s.zarr")
+    run_extract(str(manifest), url, WITH_PIXELS, notify=quiet)
+    whole = str(tmp_path / "whole.zarr")
+    run_extract(str(manifest), whole, WITH_PIXELS, notify=quiet)
+    # row 7 is a copy of row 1: give it other (finite, non-zero) features, its checksum rewritten by zarr
+    features = FeatureStore.open(url, mode="r+").group["crops/features"]
+    features[7] = features[7] * 0.5
+    result = zeroseg(capsys, "store", "verify", url)
+    assert result.exit_code == 1, result.output
+    assert "1 copies whose features or status differ from their first row's (images/duplicate_of) (e.g. 7 " in result.output
+    result = zeroseg(capsys, "store", "verify", "--repair", url)
+    assert "marked 2 chunks pending (0, 1)" in result.output, result.output  # row 1's chunk and row 7's
+    run_extract(str(manifest), url, WITH_PIXELS, notify=quiet)
+    assert zeroseg(capsys, "store", "verify", url).exit_code == 0
+    assert_same_store(whole, url)

@@ -9,6 +9,7 @@ mismatch, a truncated file) is named; `--repair` marks such chunks pending, so t
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,6 +125,13 @@ def verify_store(url: str, teacher: str | None = None) -> tuple[dict[str, Any], 
                 damage.append(Damage("images/pixels", chunk, store.chunk_slice(chunk), str(e)))
     levels = grid_levels(store.config.grids)
     n = len(status)
+    # Copies (images/duplicate_of) must hold their first row's features bit for bit: a digest of
+    # each row that is a copy or copied, taken as its chunk is read.
+    dup = _read_chunked(store.array("images/duplicate_of"), -1, damage) if store.has_dedup else np.full(n, -1)
+    copied = np.zeros(n, bool)
+    copied[dup >= 0] = True
+    copied[dup[(dup >= 0) & (dup < n)]] = True
+    digest: dict[int, int] = {}
     readable = np.ones(n, bool)
     nonfinite, any_zero, all_zero = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
     per_level = np.zeros((len(levels), 3, n), np.float32)  # (level, min/mean/max, image)
@@ -135,6 +143,8 @@ def verify_store(url: str, teacher: str | None = None) -> tuple[dict[str, Any], 
             damage.append(Damage(store.features.name, chunk, sl, str(e)))
             readable[sl] = False
             continue
+        for r in np.flatnonzero(copied[sl]):
+            digest[sl.start + int(r)] = zlib.crc32(np.ascontiguousarray(f[r]).tobytes())
         zero_row = (f == 0).all(axis=2)
         nonfinite[sl], any_zero[sl], all_zero[sl] = ~np.isfinite(f).all(axis=(1, 2)), zero_row.any(1), zero_row.all(1)
         norms = np.sqrt((f.astype(np.float32) ** 2).sum(axis=2))  # (b, C)
@@ -161,6 +171,17 @@ def verify_store(url: str, teacher: str | None = None) -> tuple[dict[str, Any], 
     check(failed & (errors == ""), "failed images without a reason in images/error")
     check(ok & (errors != ""), "ok images with a reason in images/error")
     check(ok & (sizes.min(axis=1) <= 0), "ok images without an original size")
+    bad_copy = np.zeros(n, bool)
+    for i in np.flatnonzero(dup >= 0):
+        j = dup[i]
+        if j >= i or readable[i] and readable[j] and (status[i] != status[j] or digest.get(i) != digest.get(j)):
+            bad_copy[i] = True
+    check(bad_copy, "copies whose features or status differ from their first row's (images/duplicate_of)")
+    for chunk in sorted({int(r) // store.config.chunk_images for i in np.flatnonzero(bad_copy) for r in (i, dup[i])}):
+        # the copy's chunk and its first row's: `--repair` marks both pending, and extract redoes the
+        # first row, then the copy from it (damage by content, not by checksum)
+        damage.append(Damage(store.features.name, chunk, store.chunk_slice(chunk),
+                             f"{store.features.name} chunk {chunk}: copies disagree with their first rows"))
     try:
         if not np.allclose(store.boxes, grid_boxes(store.config.grids)):
             problems.append(f"crops/boxes do not match grids {store.config.grids}")
