@@ -133,7 +133,8 @@ def test_index_build_and_query_with_the_second_teacher(two_teachers, tmp_path, c
     result = zeroseg(capsys, "index", "build", url, "--out", tmp_path / "ix", "--teacher-key", key)
     assert result.exit_code == 0, result.output
     meta = json.loads((tmp_path / "ix" / "meta.json").read_text())
-    assert meta["dim"] == 64 and meta["count"] == 7 * 5 and meta["store"]["teacher"]["arch"] == "zeroseg-toy"
+    # 7 ok rows, one a copy of another: 6 distinct images of 5 crops
+    assert meta["dim"] == 64 and meta["count"] == 6 * 5 and meta["store"]["teacher"]["arch"] == "zeroseg-toy"
     found = query_index(tmp_path / "ix", image=1, crop=0, k=3)  # reopens the store through B (row 0: empty.png)
     assert found.itself.score == pytest.approx(1.0, abs=1e-3) and len(found.neighbours) == 3
 
@@ -150,6 +151,20 @@ def test_text_vocabularies_are_each_teachers_own(two_teachers):
     np.testing.assert_array_equal(FeatureStore.open(url, teacher=key).read_text("colours")[1], emb)
     with pytest.raises(StoreError, match=f"no vocabulary 'animals' of teacher {key}.*--teacher-key {key}"):
         FeatureStore.open(url, teacher=key).read_text("animals")
+
+
+def test_an_added_teacher_embeds_the_stored_views_and_needs_no_file(tmp_path):
+    """A store with views (`--pixels`): B embeds the stored views, so a file gone since A's
+    extraction is still an ok row for B, and B is bit for bit a B-only extraction of the files."""
+    imgs = image_folder(tmp_path)
+    url, fresh = str(tmp_path / "s.zarr"), str(tmp_path / "b.zarr")
+    run_extract(str(imgs), url, dataclasses.replace(SMALL, pixels=True), notify=quiet)
+    run_extract(str(imgs), fresh, dataclasses.replace(TEACHER_B, pixels=True), notify=quiet)
+    (imgs / "good003.png").unlink()
+    summary = run_extract(str(imgs), url, dataclasses.replace(TEACHER_B, pixels=True), notify=quiet)
+    assert (summary.ok, summary.failed) == (7, 1)  # the empty file only, as for A
+    key = FeatureStore.open(url).teacher_keys()[1]
+    assert_same_teacher(teacher_arrays(url, key), teacher_arrays(fresh, None))
 
 
 def test_export_either_teacher(two_teachers, tmp_path, capsys):

@@ -112,9 +112,16 @@ class ChunkWorker:
         return np.flatnonzero((self.duplicate_of[sl] < 0) & ~self.failed_before[sl])
 
     def _decode(self, chunk: int) -> Iterator[Decoded]:
-        """The views of the chunk's own rows, decoding from now on in the pool (or already, if read ahead)."""
+        """The views of the chunk's own rows, decoding from now on in the pool (or already, if read
+        ahead), or an added teacher's from the store's stored views."""
         if chunk in self.ahead:
             return self.ahead.pop(chunk)
+        if self.store.is_added_teacher and self.store.has_pixels:
+            # The first teacher stored every row's view (its rows are all done): the same bytes a
+            # decode would give, so an added teacher embeds those and never opens a file again.
+            own = self._own_rows(chunk)
+            views, sizes = self.store.pixels.read_chunk(chunk)[own], self.store.array("images/size").read_chunk(chunk)[own]
+            return iter([Decoded(view, (int(h), int(w))) for view, (h, w) in zip(views, sizes)])
         config = self.store.config
         paths = self.paths[self.store.chunk_slice(chunk)][self._own_rows(chunk)]
         return read_views(list(paths), config.view_size, config.grids, self.decoder)
