@@ -177,7 +177,8 @@ def verify_store(url: str, teacher: str | None = None) -> tuple[dict[str, Any], 
         if j >= i or readable[i] and readable[j] and (status[i] != status[j] or digest.get(i) != digest.get(j)):
             bad_copy[i] = True
     check(bad_copy, "copies whose features or status differ from their first row's (images/duplicate_of)")
-    for chunk in sorted({int(r) // store.config.chunk_images for i in np.flatnonzero(bad_copy) for r in (i, dup[i])}):
+    for chunk in sorted({int(r) // store.config.chunk_images for i in np.flatnonzero(bad_copy)
+                        for r in (i, dup[i]) if r < n}):
         # the copy's chunk and its first row's: `--repair` marks both pending, and extract redoes the
         # first row, then the copy from it (damage by content, not by checksum)
         damage.append(Damage(store.features.name, chunk, store.chunk_slice(chunk),
