@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -38,54 +38,112 @@ SUBSPACE = 64
 GRIDS = (1, 2, 3, 4)  # 30 crops per image
 
 
-def clustered_vectors(n: int, dim: int, clusters: int, seed: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, dim) float32 database and (queries, dim) queries, made batch by batch into one array."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    basis = rng.standard_normal((SUBSPACE, dim), dtype=np.float32) / np.sqrt(dim)  # rows ~unit
+class Clustered:
+    """`clusters` centres on the unit sphere, a spread in a SUBSPACE-dimensional subspace and a little
+    isotropic noise; `draw(m)` continues one random sequence (so n vectors drawn in BATCH-sized
+    calls are the same whether kept in RAM or streamed to a store)."""
 
-    def draw(m: int) -> np.ndarray:
-        label = rng.integers(0, clusters, m)
-        spread = rng.standard_normal((m, SUBSPACE), dtype=np.float32) @ basis * (0.5 / np.sqrt(SUBSPACE))
+    def __init__(self, dim: int, clusters: int, seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.centres = self.rng.standard_normal((clusters, dim), dtype=np.float32)
+        self.centres /= np.linalg.norm(self.centres, axis=1, keepdims=True)
+        self.basis = self.rng.standard_normal((SUBSPACE, dim), dtype=np.float32) / np.sqrt(dim)  # rows ~unit
+
+    def draw(self, m: int) -> np.ndarray:
+        rng, dim = self.rng, self.centres.shape[1]
+        label = rng.integers(0, len(self.centres), m)
+        spread = rng.standard_normal((m, SUBSPACE), dtype=np.float32) @ self.basis * (0.5 / np.sqrt(SUBSPACE))
         noise = rng.standard_normal((m, dim), dtype=np.float32) * (0.1 / np.sqrt(dim))
-        return centres[label] + spread + noise
+        return self.centres[label] + spread + noise
 
-    data = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, BATCH):
-        data[start : start + BATCH] = draw(min(BATCH, n - start))
-    return data, draw(queries).astype(np.float32)
-
-
-def rss_bytes() -> int:
-    """Resident memory now (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+    def batches(self, n: int):
+        for start in range(0, n, BATCH):
+            yield self.draw(min(BATCH, n - start))
 
 
-def write_store(url: str, data: np.ndarray, dim: int) -> None:
-    """data (n_images * 30, dim) as a complete store of crop features, chunk by chunk."""
+def clustered_vectors(n: int, dim: int, clusters: int, seed: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, dim) float32 database and (queries, dim) queries, held in RAM (benchmarks/index_refine.py)."""
+    gen = Clustered(dim, clusters, seed)
+    return np.concatenate(list(gen.batches(n))), gen.draw(queries).astype(np.float32)
+
+
+def anon_rss() -> int:
+    """This process's own resident memory now (Linux /proc/self/status RssAnon)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def mapped_rss(folder: str) -> int:
+    """Resident pages of the files under `folder` that this process maps (/proc/self/smaps): a
+    mapped store's page cache, shared with other readers and reclaimable."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if head and "-" in head[0] and len(head) >= 5:  # a mapping's header line
+                inside = len(head) >= 6 and head[5].startswith(folder)
+            elif inside and head and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+def write_store(url: str, n: int, gen: Clustered) -> None:
+    """n vectors from `gen` as a complete store of crop features, streamed chunk by chunk."""
     from zeroseg.stores.features import FeatureStore
     from zeroseg.stores.schema import Status, StoreConfig, TeacherInfo
 
+    dim = gen.centres.shape[1]
     teacher = TeacherInfo("bench", "synthetic", "00" * 32, 224, (0.5,) * 3, (0.25,) * 3, dim)
     config = StoreConfig(teacher=teacher, grids=GRIDS, view_size=224, chunk_images=64)
-    feats = data.reshape(-1, config.n_crops, dim)
-    store = FeatureStore.create(url, config, [f"synthetic/{i}.jpg" for i in range(len(feats))])
-    for c in range(store.n_chunks):
-        sl = store.chunk_slice(c)
-        m = sl.stop - sl.start
-        store.write_chunk(c, feats[sl], np.full(m, Status.OK, np.uint8), [""] * m, np.full((m, 2), 224, np.int32))
+    c = config.n_crops
+    store = FeatureStore.create(url, config, [f"synthetic/{i}.jpg" for i in range(n // c)])
+    pending, chunk = np.empty((0, dim), np.float32), 0
+    for batch in gen.batches(n):
+        pending = np.concatenate([pending, batch])
+        while chunk < store.n_chunks:
+            sl = store.chunk_slice(chunk)
+            m = sl.stop - sl.start
+            if len(pending) < m * c:
+                break
+            feats, pending = pending[: m * c].reshape(m, c, dim), pending[m * c :]
+            store.write_chunk(chunk, feats, np.full(m, Status.OK, np.uint8), [""] * m, np.full((m, 2), 224, np.int32))
+            chunk += 1
 
 
-def child(index_dir: str, queries_file: str, k: int, warmup: int) -> None:
+def exact_neighbours(url: str, queries: np.ndarray, k: int) -> np.ndarray:
+    """The truth: exact top k (cosine) of each query over the store's float16 vectors, streamed
+    through its chunks (never all in RAM)."""
+    from zeroseg.stores.features import FeatureStore
+
+    store = FeatureStore.open(url)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    faiss.normalize_L2(q)
+    heap = faiss.ResultHeap(len(q), k, keep_max=True)
+    step = 32  # chunks a read
+    for first in range(0, store.n_chunks, step):
+        start = store.chunk_slice(first).start
+        x = np.asarray(store.features[start : store.chunk_slice(min(first + step, store.n_chunks) - 1).stop], np.float32)
+        x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+        faiss.normalize_L2(x)
+        scores, ids = faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, ids + start * store.n_crops)
+    heap.finalize()
+    return heap.I
+
+
+def child(index_dir: str, queries_file: str, k: int, warmup: int, rerank_factor: int) -> None:
     """Run in a fresh process: open the index (with its store), measure, print one JSON line."""
+    import torch  # noqa: F401  (imported by the query path's re-rank: not the index's memory)
+
     from zeroseg.segment.neighbours import open_for_query
+    from zeroseg.stores.index import RERANK_FACTOR
 
     queries = np.load(queries_file)
-    rss0 = rss_bytes()
-    index, _ = open_for_query(index_dir, None)
-    opened = rss_bytes() - rss0
+    rss0 = anon_rss()
+    index, store = open_for_query(index_dir, None)
+    opened = anon_rss()
+    if index.reranks_from_store and rerank_factor:
+        index.meta.search_params[RERANK_FACTOR] = rerank_factor
     faiss.omp_set_num_threads(1)
     for q in queries[:warmup]:
         index.search(q[None], k)
@@ -98,8 +156,12 @@ def child(index_dir: str, queries_file: str, k: int, warmup: int) -> None:
         found.append(ids[0])
     reads = (index.rows.chunk_reads - reads0) / len(times) if index.reranks_from_store else 0.0
     t = np.array(times) * 1e3
-    print(json.dumps({"open_rss": opened, "after_rss": rss_bytes() - rss0, "p50": float(np.percentile(t, 50)),
-                      "p99": float(np.percentile(t, 99)), "chunk_reads": reads, "found": np.array(found).tolist()}))
+    print(json.dumps({"open_anon": opened - rss0, "after_anon": anon_rss() - rss0,
+                      "after_file": mapped_rss(os.path.realpath(store.url)),
+                      "factor": index.meta.search_params.get(RERANK_FACTOR, index.meta.search_params.get("k_factor_rf")),
+                      "mapped": bool(index.reranks_from_store and index.rows.mapped is not None),
+                      "p50": float(np.percentile(t, 50)), "p99": float(np.percentile(t, 99)), "chunk_reads": reads,
+                      "found": np.array(found).tolist()}))
 
 
 def main() -> None:
@@ -111,37 +173,35 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--kinds", default="ivf-pq,ivf-pq-sq8,ivf-pq-store")
+    ap.add_argument("--rerank-factors", default="0",
+                    help="ivf-pq-store: candidates = factor * k, comma-separated, one row each (0: the index's own)")
     ap.add_argument("--work", default="/tmp/zeroseg-index-bench", help="folder for the store and the indices")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--child", nargs=2, metavar=("INDEX", "QUERIES"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=3, metavar=("INDEX", "QUERIES", "FACTOR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child[0], args.child[1], args.k, args.warmup)
+        return child(args.child[0], args.child[1], args.k, args.warmup, int(args.child[2]))
 
     from zeroseg.segment.neighbours import BuildConfig, build_index
-    from zeroseg.stores.index import INDEX_FILE, choose_kind, index_footprint
+    from zeroseg.stores.index import INDEX_FILE, choose_kind, index_footprint, store_rows
+    from zeroseg.stores.features import FeatureStore
 
     work = Path(args.work)
     n = args.n // 30 * 30
     t0 = time.perf_counter()
-    data, queries = clustered_vectors(n, args.dim, args.clusters, args.seed, args.warmup + args.queries)
-    data = data.astype(np.float16).astype(np.float32)  # what the store holds
-    store_url = str(work / "store")
-    if not (work / "store").exists():
-        write_store(store_url, data, args.dim)
-    print(f"store {n} x {args.dim} float16 at {store_url}, {args.clusters} clusters, "
-          f"{args.queries} queries (+{args.warmup} warm-up), made in {time.perf_counter() - t0:.0f} s; "
-          f"faiss {faiss.__version__}", flush=True)
+    store_url, queries_file = str(work / "store"), work / "queries.npy"
+    if not queries_file.exists():  # the store and its queries are made once (the queries last)
+        gen = Clustered(args.dim, args.clusters, args.seed)
+        write_store(store_url, n, gen)
+        np.save(queries_file, gen.draw(args.warmup + args.queries).astype(np.float32))
+    queries = np.load(queries_file)
+    store_disk = sum(f.stat().st_size for f in (work / "store" / "crops" / "features").rglob("*") if f.is_file())
+    print(f"store {n} x {args.dim} float16 at {store_url} ({store_disk / n:.0f} B a vector on disk), "
+          f"{args.clusters} clusters, {args.queries} queries (+{args.warmup} warm-up), ready in "
+          f"{time.perf_counter() - t0:.0f} s; faiss {faiss.__version__}", flush=True)
 
     t0 = time.perf_counter()
-    faiss.normalize_L2(data)
-    exact = faiss.IndexFlatIP(args.dim)
-    exact.add(data)
-    q = queries.astype(np.float32)
-    faiss.normalize_L2(q)
-    _, truth = exact.search(q[args.warmup :], args.k)  # ground truth, all threads, batched
-    del exact, data
-    np.save(work / "queries.npy", queries)
+    truth = exact_neighbours(store_url, queries[args.warmup :], args.k)
     print(f"ground truth by exact search in {time.perf_counter() - t0:.0f} s", flush=True)
 
     rows = []
@@ -151,30 +211,33 @@ def main() -> None:
         if not (out / INDEX_FILE).exists():
             build_index(store_url, out, BuildConfig(kind=kind))
         build_s = time.perf_counter() - t0
-        run = subprocess.run([sys.executable, __file__, "--child", str(out), str(work / "queries.npy"),
-                              "--k", str(args.k), "--warmup", str(args.warmup)],
-                             capture_output=True, text=True, check=True)
-        r = json.loads(run.stdout.strip().splitlines()[-1])
-        found = np.array(r.pop("found"))
-        recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
-        fp = index_footprint(kind, n, args.dim)
-        row = {"kind": kind, "factory": fp["factory"], "build_s": build_s, "ram_computed": fp["ram_per_vector"],
-               "disk": (out / INDEX_FILE).stat().st_size / n, "rss_open": r["open_rss"] / n,
-               "rss_after": r["after_rss"] / n, "recall": recall, **r}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        factors = args.rerank_factors.split(",") if kind == "ivf-pq-store" else ["0"]
+        for factor in factors:
+            run = subprocess.run([sys.executable, __file__, "--child", str(out), str(queries_file), factor,
+                                  "--k", str(args.k), "--warmup", str(args.warmup)],
+                                 capture_output=True, text=True, check=True)
+            r = json.loads(run.stdout.strip().splitlines()[-1])
+            found = np.array(r.pop("found"))
+            recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
+            fp = index_footprint(kind, n, args.dim)
+            row = {"kind": kind, "factory": fp["factory"], "build_s": build_s, "ram_computed": fp["ram_per_vector"],
+                   "disk": (out / INDEX_FILE).stat().st_size / n, "anon_open": r["open_anon"] / n,
+                   "anon_after": r["after_anon"] / n, "file_after": r["after_file"] / n, "recall": recall, **r}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
-    auto = choose_kind(n, args.dim, in_store=True)
+    auto = choose_kind(n, args.dim, store_rows(FeatureStore.open(store_url)))
     print(f"\n{n:,} x {args.dim} crop vectors in a store, {args.clusters} clusters, {args.queries} queries, "
           f"k={args.k}; auto picks {auto} here (available memory now)\n")
-    print("| kind | factory | build s | RAM B/vector computed | RSS B/vector on open | RSS B/vector after queries "
-          "| disk B/vector | recall@10 | p50 ms | p99 ms | chunk reads/query |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| kind | factory | build s | RAM B/vector computed | own RSS B/vector on open | own RSS B/vector after "
+          "queries | mapped store pages B/vector | disk B/vector | candidates / k | recall@10 | p50 ms | p99 ms "
+          "| chunk reads/query |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mark = " (auto)" if r["kind"] == auto else ""
-        print(f"| {r['kind']}{mark} | `{r['factory']}` | {r['build_s']:.0f} | {r['ram_computed']:.0f} | {r['rss_open']:.0f} | "
-              f"{r['rss_after']:.0f} | {r['disk']:.0f} | {r['recall']:.3f} | {r['p50']:.3f} | {r['p99']:.3f} | "
-              f"{r['chunk_reads']:.1f} |")
+        print(f"| {r['kind']}{mark} | `{r['factory']}` | {r['build_s']:.0f} | {r['ram_computed']:.0f} | "
+              f"{r['anon_open']:.0f} | {r['anon_after']:.0f} | {r['file_after']:.0f} | {r['disk']:.0f} | "
+              f"{r['factor']} | {r['recall']:.3f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['chunk_reads']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 
 import numpy as np
@@ -493,11 +494,79 @@ def test_store_reranked_finds_the_exact_top_k(clustered_store):
     np.testing.assert_allclose(s_found[both], s_truth[both], atol=2e-3)  # float16 in the store
 
 
-def test_store_rerank_reads_whole_chunks_once_each(clustered_store, monkeypatch):
+def compress_features(url) -> None:
+    """Rewrite the store's crop features with the Blosc codec that stores had before features
+    were stored raw: such a store cannot be mapped and is read chunk by chunk."""
+    import zarr
+
+    from zeroseg.stores.schema import COMPRESSED
+
+    group = zarr.open_group(str(url), mode="r+")
+    old = group["crops/features"]
+    data = old[:]
+    del group["crops/features"]
+    group.create_array("crops/features", data=data, chunks=old.chunks, fill_value=0, compressors=COMPRESSED)
+
+
+def test_a_new_store_keeps_features_raw_and_maps_them_in_place(clustered_store, monkeypatch):
     from zeroseg.stores.features import StoreArray
-    from zeroseg.stores.index import StoreRows
+    from zeroseg.stores.index import StoreRows, store_rows
 
     store = FeatureStore.open(str(clustered_store / "s"))
+    every = np.asarray(store.features[:], np.float32)
+    files = store.features.raw_chunk_files()
+    assert len(files) == 100 and store_rows(store) == "mapped"
+    # a chunk file is the chunk's float16 rows, raw, then a 4-byte checksum
+    chunk7 = np.fromfile(files[7], dtype="<f2", count=8 * 5 * DIM).reshape(8, 5, DIM)
+    np.testing.assert_array_equal(chunk7, every[56:64].astype(np.float16))
+
+    reads = []
+    monkeypatch.setattr(StoreArray, "read_chunk", lambda self, c: reads.append(c))
+    monkeypatch.setattr(StoreArray, "__getitem__", lambda self, key: reads.append(key))
+    rows = StoreRows(store, stride=5)
+    ids = np.random.default_rng(0).choice(4000, 300, replace=False)
+    got = rows.rows(ids)
+    image, crop = decode_ids(ids, 5)
+    want = every[image, crop]
+    np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+    assert reads == [] and rows.chunk_reads == 0  # no chunk decoded: rows read in place
+
+
+def test_mapped_rows_read_a_missing_chunk_as_zeros_and_refuse_a_short_one(tmp_path):
+    from zeroseg.stores.index import NeighbourIndexError, map_rows
+
+    feats = np.random.default_rng(1).standard_normal((20, 5, DIM)).astype(np.float32)
+    store = make_store(tmp_path / "s", n=20, features=feats, pixels=False)  # chunks of 8: the last one partial
+    files = store.features.raw_chunk_files()
+    rows = map_rows(store.features)
+    flat = np.arange(100)
+    np.testing.assert_array_equal(rows.rows(flat), feats.reshape(100, DIM).astype(np.float16))  # the partial chunk too
+    rows.close()
+
+    os.remove(files[1])  # as if never written (all fill)
+    rows = map_rows(store.features)
+    got = rows.rows(flat).reshape(20, 5, DIM)
+    assert (got[8:16] == 0).all() and (got[:8] == feats[:8].astype(np.float16)).all()
+    rows.close()
+
+    with open(files[2], "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(NeighbourIndexError, match=f"c/2/0/0 is 100 bytes, a chunk takes {8 * 5 * DIM * 2}: the chunk "
+                       "is damaged; run `zeroseg store verify --repair"):
+        map_rows(store.features)
+
+
+def test_a_compressed_store_is_reranked_chunk_by_chunk(clustered_store, tmp_path, monkeypatch):
+    import shutil
+
+    from zeroseg.segment.neighbours import open_for_query
+    from zeroseg.stores.features import StoreArray
+    from zeroseg.stores.index import StoreRows, store_rows
+
+    shutil.copytree(clustered_store / "s", tmp_path / "s")
+    compress_features(tmp_path / "s")
+    store = FeatureStore.open(str(tmp_path / "s"))
+    assert store.features.raw_chunk_files() is None and store_rows(store) == "chunks"
     every = np.asarray(store.features[:], np.float32)  # the truth, read before counting
     reads, row_reads = [], []
     read_chunk = StoreArray.read_chunk
@@ -505,6 +574,7 @@ def test_store_rerank_reads_whole_chunks_once_each(clustered_store, monkeypatch)
     monkeypatch.setattr(StoreArray, "read_chunk", lambda self, c: reads.append(c) or read_chunk(self, c))
     monkeypatch.setattr(StoreArray, "__getitem__", lambda self, key: row_reads.append(key) or getitem(self, key))
     rows = StoreRows(store, stride=5, cache_bytes=1)  # a cache of one chunk: every new chunk is read
+    assert rows.mapped is None
     ids = np.random.default_rng(0).choice(4000, 300, replace=False)
     got = rows.rows(ids)
     image, crop = decode_ids(ids, 5)
@@ -518,6 +588,18 @@ def test_store_rerank_reads_whole_chunks_once_each(clustered_store, monkeypatch)
     rows = StoreRows(store, stride=5)  # the default cache holds them all: asked again, nothing is read
     rows.rows(ids), rows.rows(ids[::-1])
     assert sorted(reads) == chunks
+
+    # an index over it answers as the one over the raw store does
+    monkeypatch.undo()
+    build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind="ivf-pq-store"))
+    queries = clustered(20, DIM, 40, seed=4) + 0.01
+    from_chunks, _ = open_for_query(tmp_path / "ix", None)
+    in_place, _ = open_for_query(clustered_store / "store-ix", None)
+    assert from_chunks.rows.mapped is None and in_place.rows.mapped is not None
+    s1, i1 = from_chunks.search(queries, 10)
+    s2, i2 = in_place.search(queries, 10)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, atol=1e-6)
 
 
 def test_store_reranked_index_file_holds_no_vectors(clustered_store):
@@ -562,9 +644,11 @@ def test_dry_run_prints_each_kind_and_writes_nothing(clustered_store, tmp_path, 
     assert "4000 crops vectors" in out
 
 
-def test_auto_reranks_from_the_store_when_ram_is_short():
+def test_auto_reranks_from_a_mapped_store_and_from_a_compressed_one_when_ram_is_short():
     big = 1_000_000
-    assert choose_kind(big, 512, in_store=True, available_bytes=64 * 2**30) == "ivf-pq"
-    assert choose_kind(big, 512, in_store=True, available_bytes=4 * 2**30) == "ivf-pq-sq8"  # 592 MB fits in 1 GiB
-    assert choose_kind(big, 512, in_store=True, available_bytes=2 * 2**30) == "ivf-pq-store"
-    assert choose_kind(big, 512, in_store=False, available_bytes=2 * 2**30) == "ivf-pq-sq8"  # segments: not in the store
+    for ram in (64, 4, 2):  # the store's raw rows: re-ranked from it, whatever the RAM
+        assert choose_kind(big, 512, store_rows="mapped", available_bytes=ram * 2**30) == "ivf-pq-store"
+    assert choose_kind(big, 512, store_rows="chunks", available_bytes=64 * 2**30) == "ivf-pq"
+    assert choose_kind(big, 512, store_rows="chunks", available_bytes=4 * 2**30) == "ivf-pq-sq8"  # 592 MB fits in 1 GiB
+    assert choose_kind(big, 512, store_rows="chunks", available_bytes=2 * 2**30) == "ivf-pq-store"
+    assert choose_kind(big, 512, store_rows=None, available_bytes=2 * 2**30) == "ivf-pq-sq8"  # segments: not in the store

@@ -39,6 +39,7 @@ from zeroseg.stores.index import (
     index_footprint,
     index_spec,
     store_fingerprint,
+    store_rows,
 )
 from zeroseg.stores.views import row_views
 from zeroseg.segment.tokens import SegmentVectors, StagedTokens, stage_tokens, staging_record
@@ -111,13 +112,18 @@ def _kinds_for(source: str) -> list[str]:
     return [k for k in KINDS if k != "auto" and (source == "crops" or k != STORE_RERANKED)]
 
 
+def _store_rows(store: FeatureStore, vectors) -> str | None:
+    """How the vectors can be read back from the store (crops), or None (segment tokens)."""
+    return store_rows(store) if vectors.source == "crops" else None
+
+
 def index_footprints(store_url: str, config: BuildConfig) -> tuple[int, str, list[dict]]:
     """`index build --dry-run`: (vectors, the kind `auto` picks, each kind's index_footprint) for
     this store; builds nothing and writes nothing."""
     store = FeatureStore.open(store_url, teacher=config.teacher_key)
     vectors = _vectors_for(store, config)
     n = vectors.estimate_count()
-    auto = index_spec("auto", n, store.dim, in_store=vectors.source == "crops").kind
+    auto = index_spec("auto", n, store.dim, _store_rows(store, vectors)).kind
     return n, auto, [index_footprint(k, n, store.dim) for k in _kinds_for(vectors.source)]
 
 
@@ -134,7 +140,7 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
     if config.kind not in ["auto", *_kinds_for(vectors.source)]:
         raise UserError(f"kind {config.kind} re-ranks from the store's crop features: not for --source {vectors.source}")
     n = vectors.estimate_count()
-    spec = index_spec(config.kind, n, store.dim, in_store=vectors.source == "crops")
+    spec = index_spec(config.kind, n, store.dim, _store_rows(store, vectors))
     check_output_dir(out, "index")  # refused before any work; crops: created only once there is an index to save
     meta = IndexMeta(
         source=vectors.source, kind=spec.kind, factory=spec.factory, build_params=spec.build_params,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import uuid
 from typing import Any, Sequence
 
@@ -24,6 +25,7 @@ from zeroseg.stores.schema import (
     COMPRESSED,
     CREATING_MARKER,
     DEDUP_ARRAYS,
+    FEATURE_CODECS,
     OUR_ENTRIES,
     READABLE_VERSIONS,
     SCHEMA_VERSION,
@@ -160,6 +162,22 @@ class StoreArray:
         b = self.array.chunks[0]
         return slice(chunk * b, min((chunk + 1) * b, self.array.shape[0]))
 
+    def raw_chunk_files(self) -> list[str] | None:
+        """The file of each chunk (along images) when it holds the chunk's rows raw at offset 0:
+        little-endian, C order, then only a checksum (FEATURE_CODECS), on a local filesystem, one
+        chunk across the other axes; what stores/mapped.py maps. None when not (compressed,
+        remote). A chunk never written (all fill) has no file."""
+        a = self.array
+        store = a.store_path.store
+        codecs = [c.to_dict() for c in a.metadata.codecs]
+        raw = codecs[0] == {"name": "bytes", "configuration": {"endian": "little"}}
+        if not (isinstance(store, zarr.storage.LocalStore) and raw and all(c["name"] == "crc32c" for c in codecs[1:])
+                and tuple(a.chunks[1:]) == tuple(a.shape[1:])):
+            return None
+        root = os.path.join(str(store.root), a.store_path.path)
+        rest = (0,) * (a.ndim - 1)
+        return [os.path.join(root, a.metadata.encode_chunk_key((i, *rest))) for i in range(-(-a.shape[0] // a.chunks[0]))]
+
     def read_chunk(self, chunk: int) -> np.ndarray:
         """Chunk `chunk` of this array, or DamagedChunkError naming it."""
         sl = self.chunk_rows(chunk)
@@ -231,7 +249,7 @@ class FeatureStore:
             d = config.teacher.embed_dim
             group.create_array(
                 "crops/features", shape=(n, c, d), chunks=(b, c, d), dtype="float16",
-                compressors=COMPRESSED, fill_value=0,
+                compressors=FEATURE_CODECS, fill_value=0,
             )
             group.create_array("crops/boxes", data=grid_boxes(config.grids), compressors=CHECKED)
             group.create_array("images/path", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
@@ -336,7 +354,7 @@ class FeatureStore:
                 del group[key]  # an interrupted add's, never registered
             own = group.create_group(key)
             own.create_array("features", shape=(n, c, teacher.embed_dim), chunks=(b, c, teacher.embed_dim),
-                             dtype="float16", compressors=COMPRESSED, fill_value=0)
+                             dtype="float16", compressors=FEATURE_CODECS, fill_value=0)
             own.create_array("status", shape=(n,), chunks=(b,), dtype="uint8", fill_value=0, compressors=CHECKED)
             own.create_array("error", shape=(n,), chunks=(b,), dtype=str, compressors=CHECKED)
             added = {**self.added_teachers, key: {"teacher": dataclasses.asdict(teacher), "extract": extract}}

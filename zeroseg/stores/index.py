@@ -13,14 +13,17 @@ token index (source "segments", stride = the student's tokens per image). `decod
 
 Kinds (FAISS index_factory strings; `auto` picks by the number of vectors, see `choose_kind`):
 
-    flat     IDMap,Flat                       exact, brute force: best below ~100k vectors
-    hnsw     IDMap,HNSW32,Flat                graph search over the raw vectors; slow to build
-                                              (17 min for 1M x 512 on 2 cores) and, at the
-                                              settings here, recall@10 0.94 at 1M
-    ivf-pq   IDMap,IVF{nlist},PQ{m}x4fs,RFlat coarse lists + 4-bit fast-scan PQ codes, the
-                                              shortlist re-ranked exactly on the raw vectors:
-                                              `auto` above 100k (recall@10 0.996, p50 0.6 ms
-                                              at 1M x 512, one thread; 4 min to build)
+    flat          IDMap,Flat                       exact, brute force: best below ~100k vectors
+    hnsw          IDMap,HNSW32,Flat                graph search over the raw vectors; slow to build
+                                                   (17 min for 1M x 512 on 2 cores), recall@10 0.94
+    ivf-pq        IDMap,IVF{nlist},PQ{m}x4fs,RFlat coarse lists + 4-bit fast-scan PQ codes, the
+                                                   shortlist re-ranked exactly on a float32 copy in
+                                                   RAM (~2.1 KB a vector)
+    ivf-pq-sq8    ...,Refine(SQ8)                  the same, re-ranked on an 8-bit copy (~600 B)
+    ivf-pq-store  IVF{nlist},PQ{m}x4fs             codes and ids only (~72 B a vector); the shortlist
+                                                   re-ranked exactly on the store's own features
+                                                   (StoreRows): `auto` above 100k crops of a store
+                                                   whose raw feature chunks map in place
 
 This module imports neither pipeline nor trainer: it builds an index out of core from any
 `chunk(i) -> (ids, vectors)`; what the vectors are made of (crops, or a student's segment
@@ -43,7 +46,9 @@ import numpy as np
 
 from zeroseg.errors import UserError
 from zeroseg.outputs import canonical_location
+from zeroseg.stores import mapped
 from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.mapped import MappedRows
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
@@ -84,17 +89,23 @@ class IndexSpec:
         return ",".join(f"{k}={v}" for k, v in params.items())
 
 
-def choose_kind(n_vectors: int, dim: int = 512, in_store: bool = False, available_bytes: int | None = None) -> str:
-    """`auto`: exact below AUTO_EXACT_LIMIT vectors; else the first of AUTO_APPROXIMATE (fastest
-    first) whose RAM takes at most AUTO_RAM_SHARE of the memory available; when none does, vectors
-    that are in the store (crops) are re-ranked from it, others get the smallest in-RAM kind."""
+def choose_kind(n_vectors: int, dim: int = 512, store_rows: str | None = None,
+                available_bytes: int | None = None) -> str:
+    """`auto`: exact below AUTO_EXACT_LIMIT vectors. Above it, vectors the store holds raw
+    (`store_rows` "mapped": crops of a store whose feature chunks map in place) are re-ranked from
+    the store: ~72 B a vector of RAM and as fast as an in-RAM copy. Otherwise the first of
+    AUTO_APPROXIMATE (fastest first) whose RAM takes at most AUTO_RAM_SHARE of the memory available;
+    when none does, vectors in a compressed store (`store_rows` "chunks") are re-ranked from it
+    (slow: a chunk decoded per candidate), others (segment tokens, None) get the smallest in-RAM kind."""
     if n_vectors < AUTO_EXACT_LIMIT:
         return "flat"
+    if store_rows == "mapped":
+        return STORE_RERANKED
     available = _available_memory() if available_bytes is None else available_bytes
     for kind in AUTO_APPROXIMATE:
         if index_footprint(kind, n_vectors, dim)["ram_bytes"] <= AUTO_RAM_SHARE * available:
             return kind
-    return STORE_RERANKED if in_store else AUTO_APPROXIMATE[-1]
+    return STORE_RERANKED if store_rows == "chunks" else AUTO_APPROXIMATE[-1]
 
 
 def _available_memory() -> int:
@@ -125,11 +136,11 @@ def _nlist(n_vectors: int) -> int:
     return max(1, min(nlist, n_vectors // 40))
 
 
-def index_spec(kind: str, n_vectors: int, dim: int, in_store: bool = False) -> IndexSpec:
-    """The factory string and parameters of `kind` for n_vectors of dimension dim (`in_store`:
-    the vectors can be read back from the store, which `auto` may then re-rank from)."""
+def index_spec(kind: str, n_vectors: int, dim: int, store_rows: str | None = None) -> IndexSpec:
+    """The factory string and parameters of `kind` for n_vectors of dimension dim (`store_rows`:
+    how the vectors can be read back from the store, see choose_kind)."""
     if kind == "auto":
-        kind = choose_kind(n_vectors, dim, in_store)
+        kind = choose_kind(n_vectors, dim, store_rows)
     if kind == "flat":
         return IndexSpec("flat", "IDMap,Flat")
     if kind == "hnsw":
@@ -152,7 +163,9 @@ def index_spec(kind: str, n_vectors: int, dim: int, in_store: bool = False) -> I
             return IndexSpec(kind, f"IDMap,{ivf},Refine(SQ8)", search_params={"nprobe": nprobe, "k_factor_rf": 32},
                              train_size=train_size)
         # Re-ranked on the store's own features (StoreRows): the IVF lists hold the ids, no IDMap.
-        return IndexSpec(kind, ivf, search_params={"nprobe": nprobe, RERANK_FACTOR: 32}, train_size=train_size)
+        # Each candidate costs a row read from the page cache (~0.5 us): 16 k candidates gave
+        # recall@10 0.964 at 1M x 512 in 0.42 ms, 32 k 0.996 in 0.62 ms (benchmarks/index.py).
+        return IndexSpec(kind, ivf, search_params={"nprobe": nprobe, RERANK_FACTOR: 16}, train_size=train_size)
     raise NeighbourIndexError(f"unknown index kind {kind!r} (one of {', '.join(KINDS)})")
 
 
@@ -255,15 +268,19 @@ def store_changed(built: dict[str, Any], given: dict[str, Any]) -> str | None:
 
 
 class StoreRows:
-    """Crop features read back from the store by id for exact re-ranking: the ids are grouped by
-    store chunk and each chunk is read (decoded) once, whole, since a chunked store reads one row
-    at about the cost of its whole chunk; an LRU keeps the last decoded chunks (at most
+    """Crop features read back from the store by id for exact re-ranking. A store with raw
+    feature chunks (FEATURE_CODECS, local) is mapped and each candidate read as one row from the
+    page cache (stores/mapped.py). A compressed or remote store is read chunk by chunk: the ids
+    are grouped by chunk and each chunk decoded once, whole, since a compressed chunk reads one
+    row at about the cost of all of it; an LRU keeps the last decoded chunks (at most
     RERANK_CACHE_BYTES), so a repeated or nearby query reads few chunks again."""
 
     def __init__(self, store: FeatureStore, stride: int, cache_bytes: int = RERANK_CACHE_BYTES):
         self.features = store.features
         self.stride = stride
+        self.n_crops = store.n_crops
         self.chunk_images = store.config.chunk_images
+        self.mapped = map_rows(self.features)
         chunk_bytes = self.chunk_images * store.n_crops * store.dim * 4  # kept as float32, normalised
         self.cache_chunks = max(1, cache_bytes // chunk_bytes)
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -283,7 +300,10 @@ class StoreRows:
         return x
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
-        """ids (n,) -> their unit-normalised features (n, D) float32, one read per chunk touched."""
+        """ids (n,) -> their unit-normalised features (n, D) float32."""
+        if self.mapped is not None:
+            x = self._mapped(ids)
+            return (x / _norms(x)[:, None]).numpy()
         image, crop = decode_ids(ids, self.stride)
         chunk = image // self.chunk_images
         out = np.empty((len(ids), self.features.shape[-1]), dtype=np.float32)
@@ -293,6 +313,50 @@ class StoreRows:
             c = int(chunk[group[0]])
             out[group] = self._chunk(c)[image[group] - c * self.chunk_images, crop[group]]
         return out
+
+    def scores(self, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """ids (n,) (none -1), a unit query (D,) -> the exact cosine of each (n,) float32."""
+        if self.mapped is None:
+            return self.rows(ids) @ query
+        import torch
+
+        x = self._mapped(ids)
+        return ((x @ torch.from_numpy(query)) / _norms(x)).numpy()
+
+    def _mapped(self, ids: np.ndarray):
+        """ids (n,) -> their features as a float32 torch tensor (n, D): torch casts float16 ~20x
+        faster than numpy, which matters at a few hundred rows a query."""
+        import torch
+
+        image, crop = np.divmod(ids, self.stride)
+        return torch.from_numpy(self.mapped.rows(image * self.n_crops + crop)).float()
+
+
+def _norms(x):
+    """Row norms of a torch tensor, zero rows counted as 1 (they stay zero)."""
+    import torch
+
+    return torch.linalg.vector_norm(x, dim=1).clamp_min(1e-12)
+
+
+def store_rows(store: FeatureStore) -> str:
+    """How the store's crop features can be read back by id: "mapped" (raw chunks, in place) or
+    "chunks" (a compressed or remote store: a chunk decoded per read)."""
+    return "mapped" if mapped.available() and store.features.raw_chunk_files() is not None else "chunks"
+
+
+def map_rows(features) -> MappedRows | None:
+    """The store's crop features mapped in place (rows = image * crops + crop), or None when they
+    cannot be (compressed or remote store, not Linux)."""
+    files = features.raw_chunk_files()
+    if files is None or not mapped.available():
+        return None
+    _, c, d = features.shape
+    try:
+        return MappedRows(files, features.chunks[0] * c, (d,), features.dtype)
+    except OSError as e:
+        raise NeighbourIndexError(f"{e}: the chunk is damaged; run `zeroseg store verify --repair {features.url}`, "
+                                  "then extract again") from None
 
 
 @dataclass
@@ -429,7 +493,7 @@ class NeighbourIndex:
         ids = np.full((len(q), k), -1, dtype=np.int64)
         for i, (query, found) in enumerate(zip(q, candidates)):
             found = found[found >= 0]
-            exact = rows.rows(found) @ query  # cosine: rows come back unit-normalised
+            exact = rows.scores(found, query)
             top = np.argsort(-exact, kind="stable")[:k]
             scores[i, : len(top)], ids[i, : len(top)] = exact[top], found[top]
         return scores, ids

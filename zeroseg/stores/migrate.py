@@ -32,9 +32,10 @@ import zarr
 
 from zeroseg.stores.features import FeatureStore, create_dedup_arrays
 from zeroseg.stores.lock import StoreLock
-from zeroseg.stores.schema import CHECKED, COMPRESSED, DEDUP_ARRAYS, MIGRATING_DIR, SCHEMA_VERSION
+from zeroseg.stores.schema import CHECKED, COMPRESSED, DEDUP_ARRAYS, FEATURE_CODECS, MIGRATING_DIR, SCHEMA_VERSION
 
-COMPRESSED_ARRAYS = ("crops/features", "images/pixels", "crops/int8", "crops/pq_codes")
+CODECS = {"crops/features": FEATURE_CODECS, "images/pixels": COMPRESSED, "crops/int8": COMPRESSED,
+          "crops/pq_codes": COMPRESSED}  # the rest: CHECKED
 
 
 def _arrays(group: zarr.Group) -> list[str]:
@@ -49,7 +50,7 @@ def _stage(group: zarr.Group, name: str) -> None:
     src = group[name]
     dst = group.create_array(
         f"{MIGRATING_DIR}/{name}", shape=src.shape, chunks=src.chunks, dtype=src.dtype, fill_value=src.fill_value,
-        compressors=COMPRESSED if name in COMPRESSED_ARRAYS else CHECKED, attributes=dict(src.attrs),
+        compressors=CODECS.get(name, CHECKED), attributes=dict(src.attrs),
     )
     step = src.chunks[0] if src.ndim else 1
     for start in range(0, src.shape[0] if src.ndim else 1, step):
