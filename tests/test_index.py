@@ -642,6 +642,17 @@ def test_dry_run_prints_each_kind_and_writes_nothing(clustered_store, tmp_path, 
     for kind in ("flat (auto)", "hnsw", "ivf-pq", "ivf-pq-sq8", "ivf-pq-store"):
         assert kind in out
     assert "4000 crops vectors" in out
+    assert "row of the store's raw feature chunks, mapped" in out
+
+
+def test_dry_run_says_a_compressed_store_is_read_chunk_by_chunk(clustered_store, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    shutil.copytree(clustered_store / "s", tmp_path / "s")
+    compress_features(tmp_path / "s")
+    code, out, err = run_cli(monkeypatch, capsys, "index", "build", tmp_path / "s", "--out", tmp_path / "ix", "--dry-run")
+    assert code == 0, err
+    assert "features are compressed (or remote), so each candidate decodes a whole chunk" in out
 
 
 def test_auto_reranks_from_a_mapped_store_and_from_a_compressed_one_when_ram_is_short():

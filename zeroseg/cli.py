@@ -305,13 +305,19 @@ def index_build(
     config = BuildConfig(source=source, kind=kind, checkpoint=checkpoint, grids=_grids(grids) if grids else None,
                          teacher_key=teacher_key, workers=workers, address=address)
     if dry_run:
-        n, auto, rows = index_footprints(store, config)
+        n, auto, rows, store_rows = index_footprints(store, config)
         print(f"{n} {source} vectors of {store}; computed from FAISS's layouts, nothing built or written")
         print(f"{'kind':<20} {'factory':<38} {'RAM B/vec':>9} {'disk B/vec':>10} {'RAM':>11} {'disk':>11}")
         for r in rows:
             name = r["kind"] + (" (auto)" if r["kind"] == auto else "")
             print(f"{name:<20} {r['factory']:<38} {r['ram_per_vector']:>9.0f} {r['disk_per_vector']:>10.0f} "
                   f"{_bytes(r['ram_bytes']):>11} {_bytes(r['disk_bytes']):>11}")
+        if store_rows == "mapped":
+            print("ivf-pq-store reads each candidate as a row of the store's raw feature chunks, mapped: as fast "
+                  "as an in-RAM copy while the OS caches the store's features")
+        elif store_rows == "chunks":
+            print("ivf-pq-store: this store's features are compressed (or remote), so each candidate decodes a "
+                  "whole chunk: ~1000x slower than a store written raw")
         return
     meta = build_index(store, out, config)
     print(f"{out}: {meta.count} {meta.source} vectors, {meta.kind} ({meta.factory})")

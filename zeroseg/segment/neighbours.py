@@ -117,14 +117,16 @@ def _store_rows(store: FeatureStore, vectors) -> str | None:
     return store_rows(store) if vectors.source == "crops" else None
 
 
-def index_footprints(store_url: str, config: BuildConfig) -> tuple[int, str, list[dict]]:
-    """`index build --dry-run`: (vectors, the kind `auto` picks, each kind's index_footprint) for
-    this store; builds nothing and writes nothing."""
+def index_footprints(store_url: str, config: BuildConfig) -> tuple[int, str, list[dict], str | None]:
+    """`index build --dry-run`: (vectors, the kind `auto` picks, each kind's index_footprint, how
+    the store re-rank would read the store: "mapped", "chunks" or None) for this store; builds
+    nothing and writes nothing."""
     store = FeatureStore.open(store_url, teacher=config.teacher_key)
     vectors = _vectors_for(store, config)
     n = vectors.estimate_count()
-    auto = index_spec("auto", n, store.dim, _store_rows(store, vectors)).kind
-    return n, auto, [index_footprint(k, n, store.dim) for k in _kinds_for(vectors.source)]
+    rows = _store_rows(store, vectors)
+    auto = index_spec("auto", n, store.dim, rows).kind
+    return n, auto, [index_footprint(k, n, store.dim) for k in _kinds_for(vectors.source)], rows
 
 
 def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMeta:
