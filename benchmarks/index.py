@@ -8,16 +8,19 @@ latency.
 The data: `--clusters` centres on the unit sphere; each vector is its centre plus a spread in a
 64-dimensional subspace plus a little isotropic noise (real embeddings have a low intrinsic
 dimension; pure isotropic noise in 512-d makes every in-cluster neighbour equally far and recall
-meaningless). They are written as a store of crop features (FeatureStore.create, grids 1-4 =
-30 crops per image, 64 images per chunk, float16), so that the store-reranked kind reads its
-candidates from a real chunked, compressed store. Queries are fresh draws from the same clusters;
-the truth is exact search over the store's (float16) vectors.
+meaningless). They are streamed into a store of crop features (FeatureStore.create, grids 1-4 =
+30 crops per image, 64 images per chunk, float16, raw chunks as zeroseg writes them), so that the
+store-reranked kind reads its candidates from a real store; never all in RAM (5M x 512 runs on
+24 GiB). Queries are fresh draws from the same clusters; the truth is exact search over the
+store's float16 vectors, streamed through its chunks.
 
-Each index is opened and searched in a fresh child process: its resident memory (Linux
-/proc/self/statm) before and after `open_for_query` (index + store handle; the store-reranked
-kind's chunk cache fills during the queries and is bounded by RERANK_CACHE_BYTES) is what it
-takes, not a figure computed from FAISS's layouts. Latency: faiss.omp_set_num_threads(1), one query
-per search call, after `--warmup` queries (which also warm the chunk cache); builds use all cores.
+Each index is opened and searched in a fresh child process: its own resident memory (Linux
+RssAnon) before and after `open_for_query` and after the queries is what it takes, not a figure
+computed from FAISS's layouts; the store pages a mapped store re-rank has resident (smaps) are
+reported apart: they are the OS's file cache, shared and reclaimable. Latency: one thread
+(faiss.omp_set_num_threads(1)), one query per search call, after `--warmup` queries; the kinds
+alternate over `--rounds` and the median of the rounds' p50 (p99) is reported. Builds use all cores.
+`--rerank-factors 12,16,32` searches the store-reranked index with factor * k candidates, a row each.
 """
 
 from __future__ import annotations
@@ -175,6 +178,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="ivf-pq,ivf-pq-sq8,ivf-pq-store")
     ap.add_argument("--rerank-factors", default="0",
                     help="ivf-pq-store: candidates = factor * k, comma-separated, one row each (0: the index's own)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of every kind's queries")
     ap.add_argument("--work", default="/tmp/zeroseg-index-bench", help="folder for the store and the indices")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child", nargs=3, metavar=("INDEX", "QUERIES", "FACTOR"), help=argparse.SUPPRESS)
@@ -204,27 +208,40 @@ def main() -> None:
     truth = exact_neighbours(store_url, queries[args.warmup :], args.k)
     print(f"ground truth by exact search in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    rows = []
+    runs = []  # (kind, index folder, build seconds, re-rank factor)
     for kind in args.kinds.split(","):
-        out = work / f"ix-{kind}"
-        t0 = time.perf_counter()
+        out, timing = work / f"ix-{kind}", work / f"build-{kind}.json"
         if not (out / INDEX_FILE).exists():
+            t0 = time.perf_counter()
             build_index(store_url, out, BuildConfig(kind=kind))
-        build_s = time.perf_counter() - t0
-        factors = args.rerank_factors.split(",") if kind == "ivf-pq-store" else ["0"]
-        for factor in factors:
+            timing.write_text(json.dumps({"build_s": time.perf_counter() - t0}))
+        build_s = json.loads(timing.read_text())["build_s"] if timing.exists() else float("nan")  # built before
+        for factor in args.rerank_factors.split(",") if kind == "ivf-pq-store" else ["0"]:
+            runs.append((kind, out, build_s, factor))
+
+    # Each index searched in a fresh process, the kinds alternated round by round (this machine
+    # is shared and noisy); latency is the median over rounds of each round's p50 and p99.
+    measured: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
+    for round_ in range(args.rounds):
+        for i, (kind, out, build_s, factor) in enumerate(runs):
             run = subprocess.run([sys.executable, __file__, "--child", str(out), str(queries_file), factor,
                                   "--k", str(args.k), "--warmup", str(args.warmup)],
                                  capture_output=True, text=True, check=True)
-            r = json.loads(run.stdout.strip().splitlines()[-1])
-            found = np.array(r.pop("found"))
-            recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
-            fp = index_footprint(kind, n, args.dim)
-            row = {"kind": kind, "factory": fp["factory"], "build_s": build_s, "ram_computed": fp["ram_per_vector"],
-                   "disk": (out / INDEX_FILE).stat().st_size / n, "anon_open": r["open_anon"] / n,
-                   "anon_after": r["after_anon"] / n, "file_after": r["after_file"] / n, "recall": recall, **r}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            measured[i].append(json.loads(run.stdout.strip().splitlines()[-1]))
+            print(f"round {round_ + 1} {kind} x{factor}: p50 {measured[i][-1]['p50']:.3f} ms", flush=True)
+    rows = []
+    for i, (kind, out, build_s, factor) in enumerate(runs):
+        r = measured[i][-1]
+        found = np.array(r.pop("found"))
+        recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
+        fp = index_footprint(kind, n, args.dim)
+        row = {"kind": kind, "factory": fp["factory"], "build_s": build_s, "ram_computed": fp["ram_per_vector"],
+               "disk": (out / INDEX_FILE).stat().st_size / n, "anon_open": r["open_anon"] / n,
+               "anon_after": r["after_anon"] / n, "file_after": r["after_file"] / n, "recall": recall, **r,
+               "p50": float(np.median([m["p50"] for m in measured[i]])),
+               "p99": float(np.median([m["p99"] for m in measured[i]]))}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
     auto = choose_kind(n, args.dim, store_rows(FeatureStore.open(store_url)))
     print(f"\n{n:,} x {args.dim} crop vectors in a store, {args.clusters} clusters, {args.queries} queries, "

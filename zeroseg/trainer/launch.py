@@ -7,9 +7,9 @@ batch // N images a step, the global batch's learning-rate schedule and step cou
 writes the run dir, and the logged losses are the replicas' mean. The run dir and the store must
 be reachable under the same path or URL from every worker (one machine, or a shared filesystem).
 
-Ray Train's TorchTrainer would start the same processes, but `ray.train` does not import in this
-environment (it needs pandas): the group is made here, on the Ray that zeroseg already uses
-(pipeline.distributor.ray_cluster), in a few lines. A single process imports no Ray.
+Ray Train's TorchTrainer would start the same processes; the group is made here instead, on the Ray
+that zeroseg already uses (pipeline.distributor.ray_cluster), in a few lines, keeping zeroseg's own
+run dir, checkpoints and one-line failure report. A single process imports no Ray.
 """
 
 from __future__ import annotations
