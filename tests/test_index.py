@@ -663,3 +663,11 @@ def test_auto_reranks_from_a_mapped_store_and_from_a_compressed_one_when_ram_is_
     assert choose_kind(big, 512, store_rows="chunks", available_bytes=4 * 2**30) == "ivf-pq-sq8"  # 592 MB fits in 1 GiB
     assert choose_kind(big, 512, store_rows="chunks", available_bytes=2 * 2**30) == "ivf-pq-store"
     assert choose_kind(big, 512, store_rows=None, available_bytes=2 * 2**30) == "ivf-pq-sq8"  # segments: not in the store
+
+
+def test_store_rerank_reads_more_candidates_as_the_collection_grows():
+    from zeroseg.stores.index import RERANK_FACTOR, store_rerank_factor
+
+    factors = [store_rerank_factor(n) for n in (10_000, 1_000_000, 2_000_000, 5_000_000, 40_000_000)]
+    assert factors == sorted(factors) and factors[0] == factors[1] == 16 and factors[3] >= 48 and factors[-1] == 64
+    assert index_spec("ivf-pq-store", 5_000_000, 512).search_params[RERANK_FACTOR] == factors[3]

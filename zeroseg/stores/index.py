@@ -163,14 +163,21 @@ def index_spec(kind: str, n_vectors: int, dim: int, store_rows: str | None = Non
             return IndexSpec(kind, f"IDMap,{ivf},Refine(SQ8)", search_params={"nprobe": nprobe, "k_factor_rf": 32},
                              train_size=train_size)
         # Re-ranked on the store's own features (StoreRows): the IVF lists hold the ids, no IDMap.
-        # Each candidate costs a row read from the page cache (~0.5 us): 16 k candidates gave
-        # recall@10 0.964 at 1M x 512 in 0.42 ms, 32 k 0.996 in 0.62 ms (benchmarks/index.py).
-        return IndexSpec(kind, ivf, search_params={"nprobe": nprobe, RERANK_FACTOR: 16}, train_size=train_size)
+        return IndexSpec(kind, ivf, search_params={"nprobe": nprobe, RERANK_FACTOR: store_rerank_factor(n_vectors)},
+                         train_size=train_size)
     raise NeighbourIndexError(f"unknown index kind {kind!r} (one of {', '.join(KINDS)})")
 
 
 # Search parameter of the store-reranked kind (not FAISS's): candidates = RERANK_FACTOR * k.
 RERANK_FACTOR = "k_factor_store"
+
+
+def store_rerank_factor(n_vectors: int) -> int:
+    """Candidates a store-reranked search reads, per neighbour asked for. The PQ shortlist blurs
+    as more near neighbours crowd a larger collection, so it grows with n: benchmarks/index.py
+    measured recall@10 0.964 with 16 at 1M x 512, and at 5M 0.945 with 32, 0.971 with 48. Each
+    candidate is a row read from the page cache (~0.5 us). Not measured beyond 5M: capped at 64."""
+    return min(64, max(16, round(16 * (n_vectors / 1e6) ** 0.7)))
 
 
 def index_footprint(kind: str, n_vectors: int, dim: int) -> dict[str, float]:
