@@ -57,16 +57,16 @@ KINDS = ("auto", "flat", "hnsw", "ivf-pq", "ivf-pq-sq8", "ivf-pq-store")
 # The kind whose exact re-ranking reads the candidates' features from the store by id: RAM holds
 # only the PQ codes and ids. Crops only (a student's segment tokens are not in the store).
 STORE_RERANKED = "ivf-pq-store"
-# `auto` keeps a re-ranking copy in RAM (fast) while the whole index takes at most this share of
-# the memory available now; when none fits, it re-ranks from the store.
+# Without a mapped store, `auto` keeps a re-ranking copy in RAM while the whole index takes at most
+# this share of the memory available now; when none fits, it re-ranks from the (compressed) store.
 AUTO_RAM_SHARE = 0.25
-# Decoded store chunks kept for re-ranking (an LRU): bounds the memory of a store-reranked index.
+# Decoded store chunks kept for re-ranking a compressed store (an LRU): bounds its memory.
 RERANK_CACHE_BYTES = 256 * 2**20
 # Below this many vectors exact search is fast enough and needs no training (one 100k x 512
-# query: 24 ms on one thread of the busy 2-core dev box, and exact); above it `auto` takes the
-# first of these that fits. benchmarks/index.py at 1M x 512 (benchmarks/README.md): ivf-pq 2128 B
-# a vector, recall@10 0.996, p50 0.45 ms; ivf-pq-sq8 592 B, 0.973, 0.40 ms; the store-reranked
-# kind 72 B and 0.993 but ~1.8 s a query (~240 chunk reads): the last resort.
+# query: 24 ms on one thread of the busy 2-core dev box, and exact). Above it, benchmarks/index.py
+# at 1M x 512 (benchmarks/README.md): ivf-pq-store from a mapped store 86 B a vector, recall@10
+# 0.964, p50 0.48 ms; ivf-pq 2142 B, 0.996, 0.38 ms; ivf-pq-sq8 606 B, 0.973, 0.37 ms; re-ranked
+# from a compressed store, 1.8 s a query (a chunk decoded per candidate): the last resort.
 AUTO_EXACT_LIMIT = 100_000
 AUTO_APPROXIMATE = ("ivf-pq", "ivf-pq-sq8")
 
