@@ -72,6 +72,7 @@ def test_a_version_1_store_migrated_keeps_its_data_and_gains_checksums(v1, tmp_p
     with pytest.raises(DamagedChunkError, match="crops/features chunk 0"):
         FeatureStore.open(url).features.read_chunk(0)
     assert (store.duplicate_of() == -1).all() and (store.hashes() == "").all()
+    assert store.features.is_raw()  # rewritten with today's codecs: features raw
     assert "already schema version 5" in zeroseg(capsys, "store", "migrate", url).output
 
 
@@ -121,3 +122,48 @@ def test_versions_2_and_3_gain_the_hash_arrays_only(v1, tmp_path, version):
     assert store.has_dedup and store.group.attrs["schema_version"] == 5
     for name, data in contents(url).items():
         np.testing.assert_array_equal(data, before[name])
+
+
+def with_compressed_features(url: str) -> None:
+    """The store's crop features as version 5 wrote them before 2026-12-03: Blosc zstd, then crc32c."""
+    from zeroseg.stores.schema import COMPRESSED
+
+    group = FeatureStore.open(url, mode="r+").group
+    a = group["crops/features"]
+    data, chunks = a[:], a.chunks
+    del group["crops/features"]
+    group.create_array("crops/features", data=data, chunks=chunks, fill_value=0, compressors=COMPRESSED)
+
+
+@pytest.mark.parametrize("killed_in", [None, "stage", "swap"])
+def test_compressed_features_of_a_version_5_store_are_rewritten_raw(v1, tmp_path, monkeypatch, capsys, killed_in):
+    from zeroseg.stores.index import store_rows
+
+    url = str(tmp_path / "s.zarr")
+    shutil.copytree(v1, url)
+    migrate_store(url, notify=quiet)
+    with_compressed_features(url)
+    before = contents(url)
+    store = FeatureStore.open(url)
+    assert not store.features.is_raw() and store_rows(store) == "chunks"
+    if killed_in:
+        real = getattr(migrate, f"_{killed_in}")
+
+        def dies(*args):
+            raise KeyboardInterrupt("killed")
+
+        monkeypatch.setattr(migrate, f"_{killed_in}", dies)
+        with pytest.raises(KeyboardInterrupt):
+            migrate_store(url, notify=quiet)
+        monkeypatch.setattr(migrate, f"_{killed_in}", real)
+        for name, data in contents(url).items():  # killed before any swap: the store reads as before
+            np.testing.assert_array_equal(data, before[name])
+    result = zeroseg(capsys, "store", "migrate", url)
+    assert result.exit_code == 0 and "1 feature arrays rewritten raw" in result.output, result.output
+    assert "->" not in result.output  # the version stays 5
+    store = FeatureStore.open(url)
+    assert store.features.is_raw() and store_rows(store) == "mapped" and store.group.attrs["schema_version"] == 5
+    assert "migration" not in store.group.attrs and not (tmp_path / "s.zarr" / MIGRATING_DIR).exists()
+    for name, data in contents(url).items():
+        np.testing.assert_array_equal(data, before[name])
+    assert "nothing to do" in zeroseg(capsys, "store", "migrate", url).output

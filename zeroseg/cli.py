@@ -160,7 +160,8 @@ def store_compact(
 
 @store_app.command("migrate")
 def store_migrate(store: str = typer.Argument(..., help="the feature store")) -> None:
-    """Make a schema version 1, 2 or 3 store version 4, in place (re-run after a kill to finish)."""
+    """Make an older store (schema 1-4) version 5 and its compressed crop features raw, in place
+    (re-run after a kill to finish)."""
     from zeroseg.stores.migrate import migrate_store
 
     print(migrate_store(store, notify=plain.print))

@@ -162,6 +162,12 @@ class StoreArray:
         b = self.array.chunks[0]
         return slice(chunk * b, min((chunk + 1) * b, self.array.shape[0]))
 
+    def is_raw(self) -> bool:
+        """Stored uncompressed: little-endian bytes, then at most a checksum (FEATURE_CODECS)."""
+        codecs = [c.to_dict() for c in self.array.metadata.codecs]
+        little = {"name": "bytes", "configuration": {"endian": "little"}}
+        return codecs[0] in (little, {"name": "bytes"}) and all(c["name"] == "crc32c" for c in codecs[1:])
+
     def raw_chunk_files(self) -> list[str] | None:
         """The file of each chunk (along images) when it holds the chunk's rows raw at offset 0:
         little-endian, C order, then only a checksum (FEATURE_CODECS), on a local filesystem, one
@@ -169,10 +175,7 @@ class StoreArray:
         remote). A chunk never written (all fill) has no file."""
         a = self.array
         store = a.store_path.store
-        codecs = [c.to_dict() for c in a.metadata.codecs]
-        raw = codecs[0] == {"name": "bytes", "configuration": {"endian": "little"}}
-        if not (isinstance(store, zarr.storage.LocalStore) and raw and all(c["name"] == "crc32c" for c in codecs[1:])
-                and tuple(a.chunks[1:]) == tuple(a.shape[1:])):
+        if not (isinstance(store, zarr.storage.LocalStore) and self.is_raw() and tuple(a.chunks[1:]) == tuple(a.shape[1:])):
             return None
         root = os.path.join(str(store.root), a.store_path.path)
         rest = (0,) * (a.ndim - 1)
