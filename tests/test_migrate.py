@@ -146,6 +146,7 @@ def test_compressed_features_of_a_version_5_store_are_rewritten_raw(v1, tmp_path
     before = contents(url)
     store = FeatureStore.open(url)
     assert not store.features.is_raw() and store_rows(store) == "chunks"
+    assert "compressed: `zeroseg store migrate` stores them raw" in zeroseg(capsys, "store", "info", url).output
     if killed_in:
         real = getattr(migrate, f"_{killed_in}")
 
@@ -167,3 +168,4 @@ def test_compressed_features_of_a_version_5_store_are_rewritten_raw(v1, tmp_path
     for name, data in contents(url).items():
         np.testing.assert_array_equal(data, before[name])
     assert "nothing to do" in zeroseg(capsys, "store", "migrate", url).output
+    assert "stored raw: an index re-ranks from them in place" in zeroseg(capsys, "store", "info", url).output

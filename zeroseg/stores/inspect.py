@@ -51,7 +51,8 @@ def store_info(url: str) -> dict[str, Any]:
         # rows holding the same bytes as an earlier row: embedded once, copied (None: not recorded)
         "duplicates": int((store.duplicate_of() >= 0).sum()) if store.has_dedup else None,
         "features": {"shape": [n, c, d], "dtype": str(store.features.dtype),
-                     "chunks": list(store.features.chunks), "n_chunks": store.n_chunks},
+                     "chunks": list(store.features.chunks), "n_chunks": store.n_chunks,
+                     "raw": store.features.is_raw()},
         "pixels": list(store.pixels.shape) if store.has_pixels else None,
         "bytes": {
             "on_disk": total,
@@ -240,7 +241,11 @@ def format_info(info: dict[str, Any]) -> str:
     t, b, f = info["teacher"], info["bytes"], info["features"]
     status = ", ".join(f"{n} {name}" for name, n in info["status"].items())
     per_image = b["features_per_image"]
-    ratio = f" ({b['raw_float16_per_image'] / per_image:.2f}x smaller than raw float16)" if per_image else ""
+    if f["raw"]:
+        ratio = " (stored raw: an index re-ranks from them in place)"
+    else:
+        ratio = (f" ({b['raw_float16_per_image'] / per_image:.2f}x smaller than raw float16, compressed: "
+                 "`zeroseg store migrate` stores them raw)") if per_image else ""
     lines = [
         f"store     {info['url']}",
         f"images    {info['images']}: {status}",
