@@ -167,6 +167,22 @@ def test_an_added_teacher_embeds_the_stored_views_and_needs_no_file(tmp_path):
     assert_same_teacher(teacher_arrays(url, key), teacher_arrays(fresh, None))
 
 
+def test_an_added_teacher_on_stored_views_of_photographs_matches_one_on_the_files(tmp_path):
+    """Photographs (EXIF orientations 1-8, CMYK, 16-bit, RGBA, WebP, TIFF, 12 Mpx, animations):
+    the views A stored are what B would decode from the files itself, bit for bit."""
+    from images import write_photos
+
+    photos = tmp_path / "photos"
+    names = write_photos(photos)
+    url, fresh = str(tmp_path / "s.zarr"), str(tmp_path / "b.zarr")
+    run_extract(str(photos), url, dataclasses.replace(SMALL, pixels=True), notify=quiet)
+    run_extract(str(photos), fresh, dataclasses.replace(TEACHER_B, pixels=True), notify=quiet)
+    summary = run_extract(str(photos), url, dataclasses.replace(TEACHER_B, pixels=True), notify=quiet)
+    assert (summary.ok, summary.failed) == (len(names), 0)
+    key = FeatureStore.open(url).teacher_keys()[1]
+    assert_same_teacher(teacher_arrays(url, key), teacher_arrays(fresh, None))
+
+
 def test_export_either_teacher(two_teachers, tmp_path, capsys):
     from test_export import read_back
 
