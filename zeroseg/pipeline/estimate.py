@@ -29,10 +29,10 @@ class Estimate:
     images: int
     crops_per_image: int
     flops_per_image: float  # teacher forward, counted on one image's crops
-    features_bytes_per_image: float  # compressed as the store compresses them, measured on the sample
+    features_bytes_per_image: float  # as the store writes them (raw), measured on the sample
     pixels_bytes_per_image: float  # 0 without --pixels
     sample_images: int
-    sample_images_per_s: float  # one worker on this device, decode + teacher + compression
+    sample_images_per_s: float  # one worker on this device, decode + teacher + writes
     wait_share: float  # of the sample: the teacher waiting for decoded images
     device: str
     precision: str
@@ -125,7 +125,7 @@ def format_estimate(e: Estimate, url: str) -> str:
         f"teacher FLOPs: {e.flops_per_image * e.images:.3g} ({e.flops_per_image:.3g} per image, {e.precision})",
         f"store on disk: {_bytes(e.bytes_on_disk)} (features {_bytes(e.features_bytes_per_image)} per image"
         + (f", pixels {_bytes(e.pixels_bytes_per_image)} per image" if e.pixels_bytes_per_image else "")
-        + f", compression measured on {e.sample_images} images)",
+        + f", measured on {e.sample_images} images)",
         f"ETA: {_duration(e.seconds)} for one worker on {e.device} ({e.threads} torch threads, {e.precision}): "
         f"{e.sample_images_per_s:.1f} images/s on a timed sample of {e.sample_images} images, "
         f"teacher waited {e.wait_share:.0%} for decoded images; N workers on N such devices take about 1/N",
