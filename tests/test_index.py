@@ -671,3 +671,24 @@ def test_store_rerank_reads_more_candidates_as_the_collection_grows():
     factors = [store_rerank_factor(n) for n in (10_000, 1_000_000, 2_000_000, 5_000_000, 40_000_000)]
     assert factors == sorted(factors) and factors[0] == factors[1] == 16 and factors[3] >= 48 and factors[-1] == 64
     assert index_spec("ivf-pq-store", 5_000_000, 512).search_params[RERANK_FACTOR] == factors[3]
+
+
+def test_a_store_reranked_index_answers_the_same_after_its_store_grew(clustered_store, tmp_path, capsys):
+    """Rows appended to the store (pending, no chunk files yet; the old last chunk now followed by
+    new ones) change nothing the index reads: the same neighbours, and the stale warning."""
+    import shutil
+
+    from zeroseg.segment.neighbours import open_for_query
+
+    shutil.copytree(clustered_store / "s", tmp_path / "s")
+    build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind="ivf-pq-store"))
+    queries = clustered(20, DIM, 40, seed=4) + 0.01
+    index, _ = open_for_query(tmp_path / "ix", None)
+    before = index.search(queries, 10)
+    FeatureStore.open(str(tmp_path / "s"), mode="r+").append([f"new{i}.png" for i in range(20)])
+    capsys.readouterr()
+    index, store = open_for_query(tmp_path / "ix", None)
+    assert "stale" in capsys.readouterr().err and store.n_images == 820 and index.rows.mapped is not None
+    after = index.search(queries, 10)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
