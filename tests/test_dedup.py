@@ -62,6 +62,33 @@ def test_the_same_bytes_are_embedded_once_and_copied(tmp_path, capsys):
     assert found.neighbours[0].image == 1 and found.neighbours[0].score == pytest.approx(1.0, abs=1e-3)
 
 
+def test_copies_of_photographs_are_embedded_once_and_indexed_once(tmp_path):
+    """Photographs (EXIF orientations, CMYK, 16-bit, RGBA, WebP, TIFF, 12 Mpx, animations) with
+    byte copies of two of them under other names (a rotated JPEG, the 12 Mpx one)."""
+    from images import write_photos
+
+    folder = tmp_path / "photos"
+    names = write_photos(folder)
+    shutil.copy(folder / "exif6.jpg", folder / "z-exif6-again.jpg")
+    shutil.copy(folder / "large.jpg", folder / "z-large-again.jpg")
+    url = str(tmp_path / "s.zarr")
+    summary = run_extract(str(folder), url, WITH_PIXELS, notify=quiet)
+    n = len(names) + 2
+    assert (summary.ok, summary.copied_this_run) == (n, 2)
+    store = FeatureStore.open(url)
+    paths = [p.rsplit("/", 1)[-1] for p in store.paths()]
+    copies = {paths[row]: paths[first] for row, first in enumerate(store.duplicate_of()) if first >= 0}
+    assert copies == {"z-exif6-again.jpg": "exif6.jpg", "z-large-again.jpg": "large.jpg"}
+    features, pixels = store.features[:], store.pixels[:]
+    for copy, first in copies.items():
+        assert np.array_equal(features[paths.index(copy)], features[paths.index(first)])
+        assert np.array_equal(pixels[paths.index(copy)], pixels[paths.index(first)])
+    meta = build_index(url, tmp_path / "ix", BuildConfig(kind="flat"))
+    index = NeighbourIndex.open(tmp_path / "ix").index  # held: id_map lives as long as it does
+    indexed = set(decode_ids(faiss.vector_to_array(index.id_map), store.n_crops)[0])
+    assert meta.count == len(names) * store.n_crops and indexed == set(range(n)) - {paths.index(c) for c in copies}
+
+
 def test_ray_copies_after_the_first_row_is_written_and_equals_in_process(tmp_path, ray_session, one_thread):
     """Rows 7-10 copy rows of chunks 0 and 1: Ray starts chunk 2 only once those are written."""
     manifest = images_with_copies(tmp_path / "imgs")
