@@ -692,3 +692,24 @@ def test_a_store_reranked_index_answers_the_same_after_its_store_grew(clustered_
     after = index.search(queries, 10)
     np.testing.assert_array_equal(after[1], before[1])
     np.testing.assert_array_equal(after[0], before[0])
+
+
+def test_maps_the_system_refuses_fall_back_to_chunk_reads_with_a_warning(clustered_store, monkeypatch, capsys):
+    from zeroseg.segment.neighbours import open_for_query
+    from zeroseg.stores import mapped
+
+    queries = clustered(10, DIM, 40, seed=4) + 0.01
+    in_place, _ = open_for_query(clustered_store / "store-ix", None)
+    want = in_place.search(queries, 10)
+
+    def refused(self, *args):
+        raise OSError(12, "mmap of the reserved span failed: Cannot allocate memory")
+
+    monkeypatch.setattr(mapped.MappedRows, "__init__", refused)
+    capsys.readouterr()
+    index, _ = open_for_query(clustered_store / "store-ix", None)
+    err = " ".join(capsys.readouterr().err.split())
+    assert index.rows.mapped is None and "could not be mapped" in err and "Cannot allocate memory" in err
+    got = index.search(queries, 10)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)

@@ -254,6 +254,8 @@ def open_for_query(index_dir: str | Path, store_url: str | None) -> tuple[Neighb
         Console(stderr=True).print(changed, markup=False, highlight=False, soft_wrap=True)
     if index.reranks_from_store:
         index.attach_store(store)
+        if index.rows.unmapped_reason:
+            Console(stderr=True).print(index.rows.unmapped_reason, markup=False, highlight=False, soft_wrap=True)
     return index, store
 
 

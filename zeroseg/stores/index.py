@@ -48,7 +48,7 @@ from zeroseg.errors import UserError
 from zeroseg.outputs import canonical_location
 from zeroseg.stores import mapped
 from zeroseg.stores.features import FeatureStore
-from zeroseg.stores.mapped import MappedRows
+from zeroseg.stores.mapped import MappedRows, ShortChunkFile
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
@@ -287,7 +287,13 @@ class StoreRows:
         self.stride = stride
         self.n_crops = store.n_crops
         self.chunk_images = store.config.chunk_images
-        self.mapped = map_rows(self.features)
+        try:
+            self.mapped = map_rows(self.features)
+            self.unmapped_reason = None
+        except OSError as e:  # the system refused the maps (e.g. too many chunks): read whole chunks
+            self.mapped = None
+            self.unmapped_reason = (f"warning: the store's features could not be mapped ({e}): each candidate "
+                                    "decodes a whole chunk, ~1000x slower")
         chunk_bytes = self.chunk_images * store.n_crops * store.dim * 4  # kept as float32, normalised
         self.cache_chunks = max(1, cache_bytes // chunk_bytes)
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -354,14 +360,15 @@ def store_rows(store: FeatureStore) -> str:
 
 def map_rows(features) -> MappedRows | None:
     """The store's crop features mapped in place (rows = image * crops + crop), or None when they
-    cannot be (compressed or remote store, not Linux)."""
+    cannot be (compressed or remote store, not Linux). A chunk file shorter than a chunk is
+    NeighbourIndexError (damaged); maps the system refuses are OSError."""
     files = features.raw_chunk_files()
     if files is None or not mapped.available():
         return None
     _, c, d = features.shape
     try:
         return MappedRows(files, features.chunks[0] * c, (d,), features.dtype)
-    except OSError as e:
+    except ShortChunkFile as e:
         raise NeighbourIndexError(f"{e}: the chunk is damaged; run `zeroseg store verify --repair {features.url}`, "
                                   "then extract again") from None
 

@@ -34,6 +34,10 @@ _MAP_FIXED = 0x10
 _MAP_NORESERVE = 0x4000
 
 
+class ShortChunkFile(OSError):
+    """A chunk file shorter than a chunk: damaged (mapping it would fault on reading past its end)."""
+
+
 def available() -> bool:
     return sys.platform.startswith("linux")
 
@@ -80,11 +84,15 @@ class MappedRows:
             size = os.path.getsize(path)
             if size < chunk_bytes:
                 self._unmap()
-                raise OSError(f"chunk file {path} is {size} bytes, a chunk takes {chunk_bytes}")
+                raise ShortChunkFile(f"chunk file {path} is {size} bytes, a chunk takes {chunk_bytes}")
             fd = os.open(path, os.O_RDONLY)
             try:
+                # one mapping per chunk: more chunks than vm.max_map_count (65530 by default) fail here
                 _check(libc.mmap(base + i * slot, chunk_bytes, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0),
                        path)
+            except OSError:
+                self._unmap()
+                raise
             finally:
                 os.close(fd)  # the map keeps the file; no descriptor per chunk stays open
         span = (ctypes.c_char * total).from_address(base)
