@@ -261,7 +261,7 @@ def main() -> None:
         mark = " (auto)" if r["kind"] == auto else ""
         print(f"| {r['kind']}{mark} | `{r['factory']}` | {r['build_s']:.0f} | {r['ram_computed']:.0f} | "
               f"{r['anon_open']:.0f} | {r['anon_after']:.0f} | {r['file_after']:.0f} | {r['disk']:.0f} | "
-              f"{r['factor']} | {r['recall']:.3f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['chunk_reads']:.1f} |")
+              f"{r['factor'] or '-'} | {r['recall']:.3f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['chunk_reads']:.1f} |")
 
 
 if __name__ == "__main__":
