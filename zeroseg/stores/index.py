@@ -175,7 +175,7 @@ RERANK_FACTOR = "k_factor_store"
 def store_rerank_factor(n_vectors: int) -> int:
     """Candidates a store-reranked search reads, per neighbour asked for. The PQ shortlist blurs
     as more near neighbours crowd a larger collection, so it grows with n: benchmarks/index.py
-    measured recall@10 0.964 with 16 at 1M x 512, and at 5M 0.945 with 32, 0.971 with 48. Each
+    measured recall@10 0.964 with 16 at 1M x 512, and at 5M 0.942 with 32, 0.973 with 49. Each
     candidate is a row read from the page cache (~0.5 us). Not measured beyond 5M: capped at 64."""
     return min(64, max(16, round(16 * (n_vectors / 1e6) ** 0.7)))
 
