@@ -61,7 +61,8 @@ def _check(addr, what: str) -> int:
 class MappedRows:
     """`files[i]` holds chunk i: `rows_per_chunk` rows of `row_shape` `dtype` (little-endian, C order)
     at offset 0 (what follows, e.g. a checksum, is not read); None or a missing file reads as zeros.
-    `rows(flat)` gathers rows by their index in the whole array."""
+    `rows(flat)` gathers rows by their index in the whole array (a copy). `array` is the span itself:
+    valid only while this object lives (the span is unmapped when it goes, or on `close`)."""
 
     def __init__(self, files: Sequence[str | None], rows_per_chunk: int, row_shape: tuple[int, ...], dtype):
         self.dtype = np.dtype(dtype).newbyteorder("<")
