@@ -65,7 +65,7 @@ RERANK_CACHE_BYTES = 256 * 2**20
 # Below this many vectors exact search is fast enough and needs no training (one 100k x 512
 # query: 24 ms on one thread of the busy 2-core dev box, and exact). Above it, benchmarks/index.py
 # at 1M x 512 (benchmarks/README.md): ivf-pq-store from a mapped store 86 B a vector, recall@10
-# 0.964, p50 0.48 ms; ivf-pq 2142 B, 0.996, 0.38 ms; ivf-pq-sq8 606 B, 0.973, 0.37 ms; re-ranked
+# 0.964, p50 0.48-0.57 ms; ivf-pq 2142 B, 0.996, 0.38-0.45 ms; ivf-pq-sq8 606 B, 0.973, 0.37 ms; re-ranked
 # from a compressed store, 1.8 s a query (a chunk decoded per candidate): the last resort.
 AUTO_EXACT_LIMIT = 100_000
 AUTO_APPROXIMATE = ("ivf-pq", "ivf-pq-sq8")
