@@ -109,7 +109,7 @@ def migrate_store(url: str, notify: Callable[[str], None] = print) -> str:
 def _compressed_features(store: FeatureStore) -> list[str]:
     """The crop feature arrays (the first teacher's and added ones') not stored raw (FEATURE_CODECS):
     written before features were, they cannot be read by row in place (stores/mapped.py)."""
-    names = ["crops/features", *(f"{TEACHERS_GROUP}/{key}/features" for key in store.added_teachers)]
+    names = [name for name in _arrays(store.group) if _is_features(name)]
     return [name for name in names if not StoreArray(store.group[name], name, store.url).is_raw()]
 
 
