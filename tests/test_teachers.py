@@ -327,3 +327,26 @@ def test_a_segments_index_of_the_second_teachers_student_on_ray_workers(two_teac
         build_index(url, tmp_path / f"ix{workers}", BuildConfig(source="segments", checkpoint=str(tmp_path / "b"),
                                                                 teacher_key=key, workers=workers))
     assert (tmp_path / "ix1" / "index.faiss").read_bytes() == (tmp_path / "ix2" / "index.faiss").read_bytes()
+
+
+def test_migrate_rewrites_every_teachers_compressed_features_raw(two_teachers, tmp_path):
+    from zeroseg.stores.migrate import migrate_store
+    from zeroseg.stores.schema import COMPRESSED
+
+    _, url, _, key = two_teachers
+    copy = str(tmp_path / "s.zarr")
+    shutil.copytree(url, copy)
+    group = FeatureStore.open(copy, mode="r+").group
+    names = ["crops/features", f"{TEACHERS_GROUP}/{key}/features"]
+    before = {}
+    for name in names:  # as stores wrote them before 2026-12-03
+        a = group[name]
+        before[name], chunks = a[:], a.chunks
+        del group[name]
+        group.create_array(name, data=before[name], chunks=chunks, fill_value=0, compressors=COMPRESSED)
+    assert not any(FeatureStore.open(copy, teacher=t).features.is_raw() for t in (None, key))
+    assert "2 feature arrays rewritten raw" in migrate_store(copy, notify=quiet)
+    for teacher, name in zip((None, key), names):
+        features = FeatureStore.open(copy, teacher=teacher).features
+        assert features.is_raw()
+        np.testing.assert_array_equal(features[:], before[name])
