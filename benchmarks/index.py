@@ -114,6 +114,14 @@ def write_store(url: str, n: int, gen: Clustered) -> None:
             chunk += 1
 
 
+def unit_rows(store, first: int, last: int) -> np.ndarray:
+    """Store chunks first..last-1 as unit float32 rows (n, D), crop by crop in id order."""
+    x = np.asarray(store.features[store.chunk_slice(first).start : store.chunk_slice(last - 1).stop], np.float32)
+    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    faiss.normalize_L2(x)
+    return x
+
+
 def exact_neighbours(url: str, queries: np.ndarray, k: int) -> np.ndarray:
     """The truth: exact top k (cosine) of each query over the store's float16 vectors, streamed
     through its chunks (never all in RAM)."""
@@ -125,12 +133,9 @@ def exact_neighbours(url: str, queries: np.ndarray, k: int) -> np.ndarray:
     heap = faiss.ResultHeap(len(q), k, keep_max=True)
     step = 32  # chunks a read
     for first in range(0, store.n_chunks, step):
-        start = store.chunk_slice(first).start
-        x = np.asarray(store.features[start : store.chunk_slice(min(first + step, store.n_chunks) - 1).stop], np.float32)
-        x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-        faiss.normalize_L2(x)
-        scores, ids = faiss.knn(q, x, k, metric=faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(scores, ids + start * store.n_crops)
+        scores, ids = faiss.knn(q, unit_rows(store, first, min(first + step, store.n_chunks)), k,
+                                metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, ids + store.chunk_slice(first).start * store.n_crops)
     heap.finalize()
     return heap.I
 

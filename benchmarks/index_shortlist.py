@@ -23,18 +23,10 @@ import faiss
 import numpy as np
 import torch
 
-from index import exact_neighbours  # benchmarks/index.py: the truth over the store
+from index import exact_neighbours, unit_rows  # benchmarks/index.py: the truth, the store's rows
 
 from zeroseg.stores.features import FeatureStore
 from zeroseg.stores.index import StoreRows
-
-
-def unit_rows(store: FeatureStore, first: int, last: int) -> np.ndarray:
-    """Chunks first..last-1 as unit float32 rows (n, D)."""
-    x = np.asarray(store.features[store.chunk_slice(first).start : store.chunk_slice(last - 1).stop], np.float32)
-    x = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-    faiss.normalize_L2(x)
-    return x
 
 
 def load_or_build(store: FeatureStore, entry: str, work: Path) -> faiss.Index:

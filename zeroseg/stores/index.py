@@ -284,8 +284,7 @@ class StoreRows:
 
     def __init__(self, store: FeatureStore, stride: int, cache_bytes: int = RERANK_CACHE_BYTES):
         self.features = store.features
-        self.stride = stride
-        self.n_crops = store.n_crops
+        self.stride = stride  # the store's crops per image (a crops index's id stride)
         self.chunk_images = store.config.chunk_images
         try:
             self.mapped = map_rows(self.features)
@@ -341,12 +340,12 @@ class StoreRows:
         faster than numpy, which matters at a few hundred rows a query."""
         import torch
 
-        image, crop = np.divmod(ids, self.stride)
-        return torch.from_numpy(self.mapped.rows(image * self.n_crops + crop)).float()
+        # A crop id is image * crops + crop (stride = the store's crops): its row in the mapped array.
+        return torch.from_numpy(self.mapped.rows(ids)).float()
 
 
 def _norms(x):
-    """Row norms of a torch tensor, zero rows counted as 1 (they stay zero)."""
+    """Row norms of a torch tensor, floored so that zero rows divide to zero."""
     import torch
 
     return torch.linalg.vector_norm(x, dim=1).clamp_min(1e-12)
