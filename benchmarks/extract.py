@@ -13,8 +13,8 @@ loading their teachers, ray.shutdown) of:
 with the ratios job/bare (goal >= 0.95), shards/folder (goal >= 0.95), ray x2 / ray x1 (goal >= 1.8) and ray xN / in-process xN
 (goal >= 0.9: Ray is no tax). Every timed phase follows a warm-up call of its own kind (a small
 job, or a few forward passes), the phases of a table run in turn, --repeats rounds, each round
-in another order, and the median is printed: the machine may be shared, so the ratios of one run
-side by side mean more than the rates.
+in another order; the median rate of each phase is printed, and each ratio is the median over rounds of
+the ratio within a round: the machine may be shared, so the ratios side by side mean more than the rates.
 
     PYTHONPATH=. python benchmarks/extract.py --images 256 --teachers zeroseg-tiny,ViT-B-32 --ray-images 2000
     python benchmarks/extract.py --device cuda --ray-images 0 --batch 1920 --teachers ViT-B-32   # on a GPU
@@ -131,14 +131,20 @@ def run_job(manifest: str, store: Path, config: ExtractConfig, ray_cpus: int) ->
     return summary.done_this_run, summary.seconds
 
 
-def medians(phases: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Each phase once per round, every round in another order (rotated); the median of each."""
+def rounds(phases: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each phase once per round, every round in another order (rotated): each phase's rates, by round."""
     names = list(phases)
     seen: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             seen[name].append(phases[name]())
-    return {name: statistics.median(rates) for name, rates in seen.items()}
+    return seen
+
+
+def ratio(seen: dict[str, list[float]], top: str, bottom: str) -> float:
+    """The median over rounds of top / bottom within a round: the two ran minutes apart at most,
+    so a machine that slows down or speeds up between rounds moves both."""
+    return statistics.median(a / b for a, b in zip(seen[top], seen[bottom]))
 
 
 def main() -> None:
@@ -176,13 +182,14 @@ def main() -> None:
         config = dataclasses.replace(config_of(arch), workers=0)
         from_shards = dataclasses.replace(config, input_format="webdataset")
         bare = Bare(config, paths[:args.images])
-        rates = medians({"bare": bare.rate, "job": lambda: job_rate(table, warm_up, work, config, whole=False),
-                         "shards": lambda: job_rate(shards, warm_shards, work, from_shards, whole=False)}, args.repeats)
+        seen = rounds({"bare": bare.rate, "job": lambda: job_rate(table, warm_up, work, config, whole=False),
+                       "shards": lambda: job_rate(shards, warm_shards, work, from_shards, whole=False)}, args.repeats)
+        rates = {name: statistics.median(r) for name, r in seen.items()}
         run_job(table, work / "sizes.zarr", config, 0)
         info = store_info(str(work / "sizes.zarr"))["bytes"]
         shutil.rmtree(work / "sizes.zarr")
-        print(f"{arch:>12} | {rates['bare']:8.2f} | {rates['job']:8.2f} | {rates['job'] / rates['bare']:.2f} | "
-              f"{rates['shards']:8.2f} | {rates['shards'] / rates['job']:.2f} | "
+        print(f"{arch:>12} | {rates['bare']:8.2f} | {rates['job']:8.2f} | {ratio(seen, 'job', 'bare'):.2f} | "
+              f"{rates['shards']:8.2f} | {ratio(seen, 'shards', 'job'):.2f} | "
               f"{info['features_per_image']} vs {info['raw_float16_per_image']} "
               f"({info['features_per_image'] / info['raw_float16_per_image']:.2f})")
 
@@ -191,12 +198,12 @@ def main() -> None:
         config = config_of(args.ray_teacher)
         phases = {f"in-process x{n}": (lambda n=n: job_rate(manifest, warm_up, work, config, threads=n)) for n in (1, 2)}
         phases |= {f"ray x{n}": (lambda n=n: job_rate(manifest, warm_up, work, config, ray_cpus=n)) for n in (1, 2)}
-        rates = medians(phases, args.repeats)
+        seen = rounds(phases, args.repeats)
         print(f"\n{args.ray_teacher}, {args.ray_images} images, whole job with start-up (images/s):")
-        print(" | ".join(f"{name} {rate:.2f}" for name, rate in rates.items()))
-        print(f"ray x2 / ray x1 {rates['ray x2'] / rates['ray x1']:.2f} (goal >= 1.8) | "
-              f"ray x1 / in-process x1 {rates['ray x1'] / rates['in-process x1']:.2f} | "
-              f"ray x2 / in-process x2 {rates['ray x2'] / rates['in-process x2']:.2f} (goal >= 0.9)")
+        print(" | ".join(f"{name} {statistics.median(r):.2f}" for name, r in seen.items()))
+        print(f"ray x2 / ray x1 {ratio(seen, 'ray x2', 'ray x1'):.2f} (goal >= 1.8) | "
+              f"ray x1 / in-process x1 {ratio(seen, 'ray x1', 'in-process x1'):.2f} | "
+              f"ray x2 / in-process x2 {ratio(seen, 'ray x2', 'in-process x2'):.2f} (goal >= 0.9)")
     shutil.rmtree(work, ignore_errors=True)
 
 

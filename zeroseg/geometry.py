@@ -47,7 +47,9 @@ def cut_crops(views: torch.Tensor, boxes: np.ndarray, out_size: int) -> torch.Te
     """views (B, S, S, 3) uint8 -> crops (B * C, 3, out, out) float in [0, 1], image-major
     (image 0's C crops, then image 1's ...), each resized with antialiasing."""
     b, s = views.shape[0], views.shape[1]
-    x = views.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S)
+    # contiguous: the antialiased resize of a channels-first cell is ~30% faster than of a
+    # channels-last one, and its results are the same bit for bit
+    x = views.permute(0, 3, 1, 2).contiguous().float().div_(255)  # (B, 3, S, S)
     crops = []
     for x0, y0, x1, y1 in box_pixels(boxes, s):
         cell = x[:, :, y0:y1, x0:x1]

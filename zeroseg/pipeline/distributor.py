@@ -60,6 +60,13 @@ def run_in_process(worker: ChunkWorker, pending: list[int],
     return {}
 
 
+def takes_another(in_flight: int, queued: int, actors: int) -> bool:
+    """Whether an actor with `in_flight` chunks gets one more. An idle one always; a busy one only
+    while more chunks are queued than there are actors: at the end of a job the last chunks go one
+    to each actor, never two to one actor while another sits idle for a whole chunk."""
+    return in_flight == 0 or (in_flight < IN_FLIGHT_PER_WORKER and queued > actors)
+
+
 def run_on_ray(url: str, teacher: TeacherSpec, batch: int, threads: int, n_workers: int,
                cluster: tuple[int, int], pending: list[int], teacher_sha: str, lock_token: str,
                finished: Callable[[ChunkResult], None], notify: Callable[[str], None],
@@ -122,10 +129,11 @@ def run_on_ray(url: str, teacher: TeacherSpec, batch: int, threads: int, n_worke
         return chunk
 
     def fill() -> None:
-        for actor in live:
-            while load[id(actor)] < IN_FLIGHT_PER_WORKER and (chunk := next_ready()) is not None:
-                in_flight[actor.process.remote(chunk)] = (actor, chunk)
-                load[id(actor)] += 1
+        for depth in range(IN_FLIGHT_PER_WORKER):  # idle actors first
+            for actor in live:
+                if load[id(actor)] == depth and takes_another(depth, len(queue), len(live)) and (chunk := next_ready()) is not None:
+                    in_flight[actor.process.remote(chunk)] = (actor, chunk)
+                    load[id(actor)] += 1
 
     def named(info: dict) -> str:
         return f"pid {info['pid']} on {info['host']} node {info['node'][:8]}"
