@@ -115,11 +115,11 @@ def test_what_cannot_be_split_is_refused_in_one_line(store_url, tmp_path):
 
 
 def replica_pids() -> list[int]:
-    """The live worker processes running a replica (Ray titles them ray::Replica.<method>)."""
+    """The live worker processes running a replica (Ray Train's workers: ray::RayTrainWorker...)."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::Replica.train"):
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
                 pids.append(int(proc.name))
         except OSError:  # gone meanwhile
             pass

@@ -1,21 +1,19 @@
 """How `zeroseg train` runs: its options made a TrainConfig, then the train loop (train.py) in this
-process alone, or `--workers N` replicas of it as Ray actors, one process each, in one
-torch.distributed group (gloo on CPU, NCCL on GPUs); DDP averages their gradients in backward().
+process alone, or `--workers N` replicas of it on Ray Train's TorchTrainer, one process each, in
+the torch.distributed group TorchTrainer makes (gloo on CPU, NCCL on GPUs); DDP averages their
+gradients in backward().
 
 What each replica does is train.train(rank=r, world_size=N): its own chunks of every epoch,
 batch // N images a step, the global batch's learning-rate schedule and step count; rank 0 alone
-writes the run dir, and the logged losses are the replicas' mean. The run dir and the store must
-be reachable under the same path or URL from every worker (one machine, or a shared filesystem).
-
-Ray Train's TorchTrainer would start the same processes; the group is made here instead, on the Ray
-that zeroseg already uses (pipeline.distributor.ray_cluster), in a few lines, keeping zeroseg's own
-run dir, checkpoints and one-line failure report. A single process imports no Ray.
+writes the run dir (checkpoints included: Ray Train is told of none, and retries none), and the
+logged losses are the replicas' mean. The run dir and the store must be reachable under the same
+path or URL from every worker (one machine, or a shared filesystem). A single process imports no Ray.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import socket
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,8 +31,6 @@ from zeroseg.trainer.train import open_run, steps_for_epochs, train
 
 # A replica waiting this long for the others in a collective gives up (a peer is gone).
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
-# How long the driver waits, after a replica failed, for Ray to report which peer died.
-DEATH_NOTICE_S = 10
 
 
 def run_train(
@@ -88,24 +84,21 @@ def command_config(store_url: str, preset_name: str | None, recipe_name: str | N
     return dataclasses.replace(config, losses=losses)
 
 
-class Replica:
-    """One worker process: joins the group, then runs the train loop as its rank."""
+def replica(kwargs: dict[str, Any]) -> None:
+    """One Ray Train worker: the train loop as its rank of the group TorchTrainer made."""
+    import ray.train
+    import ray.train.torch
 
-    def address(self) -> tuple[str, int]:
-        """Where rank 0 listens for the others: this node's address and a free port."""
-        import ray
-
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
-
-    def train(self, master: tuple[str, int], rank: int, world_size: int, backend: str, **kwargs: Any) -> dict[str, Any]:
-        torch.distributed.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", rank=rank,
-                                             world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
-        try:
-            return train(rank=rank, world_size=world_size, progress=False, **kwargs)
-        finally:
-            torch.distributed.destroy_process_group()
+    context = ray.train.get_context()
+    config = kwargs["config"]
+    if config is not None and config.device.startswith("cuda"):  # this worker's own GPU as "cuda"
+        torch.cuda.set_device(ray.train.torch.get_device())
+    rank = context.get_world_rank()
+    result = train(rank=rank, world_size=context.get_world_size(), progress=False, **kwargs)
+    # Every rank reports. Ray Train keeps reported metrics only beside a checkpoint: rank 0 hands
+    # it an empty one (the run dir holds the real checkpoints), and fit() returns rank 0's result.
+    with tempfile.TemporaryDirectory() as empty:
+        ray.train.report({"result": result}, checkpoint=ray.train.Checkpoint.from_directory(empty) if rank == 0 else None)
 
 
 def check_workers(store_url: str, run_dir: Path, config: TrainConfig | None, resume: bool, workers: int) -> TrainConfig:
@@ -126,49 +119,48 @@ def train_on_workers(store_url: str, run_dir: str | Path, config: TrainConfig | 
     """train() by `workers` data-parallel replicas on Ray (a local Ray, or the cluster at `address`).
     Returns rank 0's result. A worker that dies ends the run: `resume` continues it from the last
     checkpoint with as many workers."""
-    import ray  # here, not at the top: see ray_cluster
-    from ray.exceptions import RayActorError, RayTaskError
+    import ray.train  # here, not at the top: see ray_cluster
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.exceptions import TrainingFailedError
 
     from zeroseg.pipeline.distributor import ray_cluster
 
     run_dir = Path(run_dir)
-    gpu = check_workers(store_url, run_dir, config, resume, workers).device.startswith("cuda")
-    with ray_cluster(address) as (cpus, gpus):
+    config = check_workers(store_url, run_dir, config, resume, workers)
+    gpu = config.device.startswith("cuda")
+    with ray_cluster(address) as (cpus, gpus), tempfile.TemporaryDirectory(prefix="zeroseg-ray-train-") as own:
         if gpu and gpus < workers:
             raise UserError(f"{workers} workers on --device cuda, the Ray cluster has {gpus} GPUs")
         if workers > cpus:
             raise UserError(f"{workers} workers, the Ray cluster has {cpus} CPUs")
-        actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0)(Replica)
-        replicas = [actor.remote() for _ in range(workers)]
+        trainer = TorchTrainer(
+            replica,
+            train_loop_config={"store_url": store_url, "run_dir": str(run_dir), "config": None if resume else config,
+                               "resume": resume, "stop_after": stop_after},
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=int(COLLECTIVE_TIMEOUT.total_seconds())),
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": 1}),
+            # Ray Train's own records (no checkpoints go there: the run dir holds them) in a
+            # folder of this call's; no retries: `--resume` continues a failed run.
+            run_config=ray.train.RunConfig(name="zeroseg-train", storage_path=own,
+                                           failure_config=ray.train.FailureConfig(max_failures=0)),
+        )
         try:
-            master = ray.get(replicas[0].address.remote())
-            runs = {replica.train.remote(master, rank, workers, "nccl" if gpu else "gloo", store_url=store_url,
-                                         run_dir=str(run_dir), config=config, resume=resume, stop_after=stop_after): rank
-                    for rank, replica in enumerate(replicas)}
-            results, pending = {}, list(runs)
-            while pending:  # the first failure ends the run: its peers would wait for it in vain
-                (done,), pending = ray.wait(pending, num_returns=1)
-                try:
-                    results[runs[done]] = ray.get(done)
-                except RayTaskError as e:
-                    if isinstance(e.cause, UserError):
-                        raise UserError(str(e.cause)) from None
-                    # A worker's death reaches its peers first, as a failed collective: name the dead one.
-                    finished, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_NOTICE_S)
-                    for ref in finished:
-                        try:
-                            ray.get(ref)
-                        except RayActorError:
-                            raise died(runs[ref], workers) from None
-                        except RayTaskError:
-                            pass
-                    raise
-                except RayActorError:
-                    raise died(runs[done], workers) from None
-        finally:
-            for replica in replicas:
-                ray.kill(replica)
-    return results[0]
+            return trainer.fit().metrics["result"]
+        except TrainingFailedError as e:
+            raise failed(e, workers) from None
+
+
+def failed(error: Exception, workers: int) -> Exception:
+    """A failed fit as the user should read it: a replica's refusal as it is, a dead replica as the
+    line that says how to continue, anything else as it came."""
+    failures = getattr(error, "worker_failures", {})
+    for rank, failure in sorted(failures.items()):
+        cause = failure
+        while cause is not None and not isinstance(cause, UserError):
+            cause = cause.__cause__ or getattr(cause, "cause", None)
+        if isinstance(cause, UserError):
+            return UserError(str(cause))
+    return died(min(failures), workers) if failures else error
 
 
 def died(rank: int, workers: int) -> UserError:
