@@ -157,8 +157,10 @@ def test_tiny_run_loss_falls_and_writes_its_run_dir(store_url, tmp_path):
     assert seg.tokens.shape == (2, 4, 128) and seg.assignment.shape == (2, 4, 4)
 
 
-def test_stop_and_resume_reaches_the_same_weights(store_url, tmp_path):
+@pytest.mark.parametrize("target_norm", ["l2", "whiten"])  # whiten: its fit is the same on resume
+def test_stop_and_resume_reaches_the_same_weights(store_url, tmp_path, target_norm):
     config = tiny_config(steps=10, checkpoint_every=3)
+    config = dataclasses.replace(config, losses=dataclasses.replace(config.losses, target_norm=target_norm))
     train(store_url, tmp_path / "straight", config, progress=False)
     first = train(store_url, tmp_path / "resumed", config, stop_after=5, progress=False)
     assert first["step"] == 5

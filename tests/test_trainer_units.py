@@ -12,7 +12,7 @@ import torch
 from zeroseg.errors import UserError
 from zeroseg.geometry import box_membership
 from zeroseg.trainer.losses import (
-    LossConfig, assign_loss, coverage_loss, matching_loss, mae_loss, prepare_targets, region_loss,
+    LossConfig, assign_loss, coverage_loss, fit_whitening, matching_loss, mae_loss, prepare_targets, region_loss,
     zeroseg_losses,
 )
 from zeroseg.trainer.model import PRESETS, GroupingBlock, StudentOutput, ZeroSegStudent, hard_gumbel_softmax, preset
@@ -177,6 +177,38 @@ def test_l2_targets_have_norm_sqrt_d():
     assert t.dtype == torch.float32
     torch.testing.assert_close(t.norm(dim=-1), torch.full((2, 3), math.sqrt(16)))
     assert torch.equal(prepare_targets(v, "none"), v.float())
+
+
+def test_whitening_gives_every_direction_of_the_targets_unit_variance():
+    torch.manual_seed(0)
+    # 8 dims, one direction of large variance (the "colour" of the scenes) over small ones
+    basis = torch.linalg.qr(torch.randn(8, 8))[0]
+    x = (torch.randn(20000, 8) * torch.tensor([30.0] + [1.0] * 7)) @ basis.T + 5.0
+    w = fit_whitening(x, shrink=0.0)
+    white = w(x)
+    torch.testing.assert_close(white.mean(0), torch.zeros(8), atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.cov(white.T), torch.eye(8), atol=2e-3, rtol=0)
+    assert torch.allclose(w.matrix, w.matrix.T, atol=1e-5)  # ZCA: no rotation of the axes
+    # shrink damps the directions of least variance: none is scaled up by more than 1/sqrt(shrink * mean)
+    damped = fit_whitening(x, shrink=0.5)
+    assert torch.linalg.eigvalsh(damped.matrix).max() < torch.linalg.eigvalsh(w.matrix).max()
+
+
+def test_whitened_terms_count_the_small_directions_as_much_as_the_large():
+    d = 4
+    w = fit_whitening(torch.randn(5000, d) * torch.tensor([10.0, 1.0, 1.0, 1.0]), shrink=0.0)
+    features = torch.zeros(1, 2, d)
+    local = torch.tensor([False, True])
+    out = lambda z: StudentOutput(
+        segments=z[:, None, :], z=z, recon=None, target=None, mask=torch.zeros(1, 4),
+        keep=torch.zeros(1, 0, dtype=torch.long), patches=torch.zeros(1, 0, d), soft_assignment=torch.zeros(1, 0, 1),
+    )
+    loss = lambda z, norm: zeroseg_losses(out(z), features, local, LossConfig(mae=0, target_norm=norm), whitening=w)[0]
+    big, small = torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[0, 1.0, 0, 0]])
+    assert loss(big, "none") == loss(small, "none")  # the same L1 in the raw space ...
+    assert loss(small, "whiten") > 5 * loss(big, "whiten")  # ... ten times apart once whitened
+    with pytest.raises(ValueError, match="whiten"):
+        zeroseg_losses(out(big), features, local, LossConfig(mae=0, target_norm="whiten"))
 
 
 def test_mae_loss_counts_only_masked_patches():

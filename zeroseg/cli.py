@@ -202,7 +202,7 @@ def train(
     recipe: str = typer.Option(None, help=f"{' | '.join(RECIPE_NAMES)} (trainer/recipes/*.json) [default: {DEFAULT_RECIPE}]"),
     loss: str = typer.Option(None, help="replace the recipe's loss terms [=weight]: distill, match, mae, cover, region, assign"),
     multiscale: bool = typer.Option(None, "--multiscale/--single-scale", help="distil z to every crop, or the 1x1 only [default: the recipe's]"),
-    target_norm: str = typer.Option(None, "--target-norm", help="l2 | none: teacher features as targets [default: the recipe's]"),
+    target_norm: str = typer.Option(None, "--target-norm", help="l2 | none | whiten (l2, every L1 measured after the targets' ZCA whitening): teacher features as targets [default: the recipe's]"),
     targets: str = typer.Option(None, help="cached (the default: read the store) | online (run the teacher)"),
     targets_dtype: str = typer.Option(None, "--targets-dtype", help="fp16 (the default: as stored) | int8 | pq (the store's compact targets: `store compact`)"),
     teacher_key: str = typer.Option(None, "--teacher-key", help="distil this teacher of the store (`store info` lists them) [default: its first]"),

@@ -10,7 +10,12 @@ Targets: the store keeps the teacher's raw features; PAPER.md does not say wheth
 normalised. Raw CLIP features have norms that vary with the crop; zero-shot inference compares by
 cosine, so only directions matter. `target_norm="l2"` (the default) puts every target on the
 sphere of radius sqrt(D), i.e. unit L2 norm scaled so each dim has unit RMS: the L1 terms are then
-O(1) like the MAE term, for any D. `"none"` regresses the raw features.
+O(1) like the MAE term, for any D. `"none"` regresses the raw features. `"whiten"` (not in the
+paper) puts them on the sphere as l2 does, then measures every L1 term after a ZCA whitening of
+the targets (Whitening, fitted on the store's targets): the student still predicts the teacher's
+space, but each direction of the targets counts by how it tells crops apart, not by its variance.
+A few directions of large variance (on the synthetic scenes, colour) would otherwise decide the
+L1 terms, and a student meets them without the rest (shape).
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class LossConfig:
     # so the mask follows what the patches show rather than a per-group bias.
     assign: float = 0.0
     assign_tau: float = 0.1
-    target_norm: str = "l2"  # "l2" | "none", see the module docstring
+    target_norm: str = "l2"  # "l2" | "none" | "whiten", see the module docstring
 
     def enabled(self) -> list[str]:
         return [t for t in TERMS if getattr(self, t) > 0]
@@ -67,13 +72,38 @@ class LossConfig:
 
 
 def prepare_targets(features: torch.Tensor, norm: str) -> torch.Tensor:
-    """(B, C, D) teacher features (any float dtype) -> float32 targets."""
+    """(B, C, D) teacher features (any float dtype) -> float32 targets (before any whitening)."""
     v = features.float()
-    if norm == "l2":
+    if norm in ("l2", "whiten"):
         return F.normalize(v, dim=-1) * math.sqrt(v.shape[-1])
     if norm == "none":
         return v
-    raise ValueError(f"unknown target_norm {norm!r} (have: l2, none)")
+    raise ValueError(f"unknown target_norm {norm!r} (have: l2, none, whiten)")
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """x (..., D) -> (x - mean) @ matrix: ZCA whitening, the targets' covariance made the identity."""
+
+    mean: torch.Tensor  # (D,)
+    matrix: torch.Tensor  # (D, D), symmetric
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) @ self.matrix
+
+    def to(self, device: torch.device | str) -> Whitening:
+        return Whitening(self.mean.to(device), self.matrix.to(device))
+
+
+def fit_whitening(targets: torch.Tensor, shrink: float = 0.01) -> Whitening:
+    """targets (N, D), as prepare_targets made them -> their ZCA whitening. `shrink` times the mean
+    eigenvalue is added to every eigenvalue, so directions of almost no variance (noise) are not
+    blown up."""
+    x = targets.double()
+    mean = x.mean(0)
+    eigval, eigvec = torch.linalg.eigh(torch.cov((x - mean).T))
+    eigval = eigval.clamp(min=0) + shrink * eigval.mean()
+    return Whitening(mean.float(), ((eigvec * eigval.rsqrt()) @ eigvec.T).float())
 
 
 def distill_loss(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -124,25 +154,30 @@ def mae_loss(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
 
 def zeroseg_losses(
     out: StudentOutput, features: torch.Tensor, local: torch.Tensor, config: LossConfig,
-    member: torch.Tensor | None = None,
+    member: torch.Tensor | None = None, whitening: Whitening | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted total and each enabled term's value (unweighted) for logging.
 
     features (B, C, D): the teacher's features of the selected crops; local (C,) bool, False at the
     1x1 crop (excluded from segment matching, kept for distillation). With no local crop at all
     (grids 1 only) there is nothing to match and the term is left out, as in the paper's table 3.
-    member (C, N): box_membership of the crops, needed by the region term.
+    member (C, N): box_membership of the crops, needed by the region term. whitening: the targets'
+    (fit_whitening), needed by target_norm "whiten"; every L1 term is measured after it.
     """
-    targets = prepare_targets(features, config.target_norm)
+    if config.target_norm == "whiten" and whitening is None:
+        raise ValueError('target_norm "whiten" needs the targets\' whitening')
+    space = whitening if config.target_norm == "whiten" else (lambda x: x)
+    targets = space(prepare_targets(features, config.target_norm))
+    segments = space(out.segments.float())
     terms: dict[str, torch.Tensor] = {}
     if config.distill > 0:
-        terms["distill"] = distill_loss(out.z.float(), targets if config.multiscale else targets[:, ~local])
+        terms["distill"] = distill_loss(space(out.z.float()), targets if config.multiscale else targets[:, ~local])
     if config.match > 0 and local.any():
-        terms["match"] = matching_loss(out.segments.float(), targets[:, local])
+        terms["match"] = matching_loss(segments, targets[:, local])
     if config.cover > 0 and local.any():
-        terms["cover"] = coverage_loss(out.segments.float(), targets[:, local])
-    if config.region > 0:
-        terms["region"] = region_loss(out.patches, out.keep, targets, member)
+        terms["cover"] = coverage_loss(segments, targets[:, local])
+    if config.region > 0:  # the whitening is affine, so whitening the patches whitens their means
+        terms["region"] = region_loss(space(out.patches.float()), out.keep, targets, member)
     if config.assign > 0:
         terms["assign"] = assign_loss(out.soft_assignment, out.patches.float(), out.segments.float(), config.assign_tau)
     if config.mae > 0 and out.recon is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
@@ -30,7 +31,7 @@ from zeroseg.stores.features import FeatureStore
 from zeroseg.trainer import checkpoint as ckpt_io
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.loader import Batches, Columns, StoreDataset, select_columns
-from zeroseg.trainer.losses import TERMS, zeroseg_losses
+from zeroseg.trainer.losses import TERMS, Whitening, fit_whitening, prepare_targets, zeroseg_losses
 from zeroseg.trainer.model import ZeroSegStudent
 
 # data_wait: the share of the interval's wall time the loop waited for the next batch.
@@ -78,6 +79,16 @@ def check_fit(config: TrainConfig, store: FeatureStore) -> Columns:
             f"{store.config.teacher.arch} has dim {store.dim}"
         )
     return select_columns(store.boxes, store.config.grids, config.grids)
+
+
+def targets_whitening(store: FeatureStore, columns: Columns, norm: str, images: int = 2048) -> Whitening:
+    """The whitening of the targets (target_norm "whiten"), fitted on the crops of the store's
+    first `images` extracted images: the same on every rank and every resume."""
+    ok = np.flatnonzero(store.status()[:images] == 1)
+    features = torch.from_numpy(store.features[: images][ok][:, columns.index].astype(np.float32))  # (n, C', D)
+    if not len(features):
+        raise UserError(f"{store.url}: no extracted image among the first {images} to fit the targets' whitening on")
+    return fit_whitening(prepare_targets(features, norm).reshape(-1, features.shape[-1]))
 
 
 class OnlineTeacher:
@@ -255,6 +266,8 @@ def train(
     teacher = OnlineTeacher(store, columns, config.device) if config.targets == "online" else None
     local = torch.from_numpy(columns.local).to(device)
     member = box_membership(columns.boxes, config.model.grid).to(device)
+    whitening = (targets_whitening(store, columns, config.losses.target_norm).to(device)
+                 if config.losses.target_norm == "whiten" else None)
     last_step = config.steps if stop_after is None else min(config.steps, start_step + stop_after)
 
     replicas = [rank] if rank is not None else list(range(world_size))  # the replicas this process plays
@@ -299,7 +312,7 @@ def train(
                 torch.manual_seed(ckpt_io.step_seed(config.seed, step, r if world_size > 1 else None))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
                     out = model(pixels, config.mask_ratio, reconstruct=config.losses.mae > 0)
-                loss, terms = zeroseg_losses(out, features, local, config.losses, member)
+                loss, terms = zeroseg_losses(out, features, local, config.losses, member, whitening)
                 (loss / len(replicas)).backward()
                 for k, v in {"loss": float(loss.detach()), **terms}.items():
                     sums[k] = sums.get(k, 0.0) + v / len(replicas)
