@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from zeroseg.trainer.recipes import DEFAULT_PRESET, DEFAULT_RECIPE
 from zeroseg.trainer.train import open_run, steps_for_epochs, train
 
 # A replica waiting this long for the others in a collective gives up (a peer is gone).
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+COLLECTIVE_TIMEOUT_S = 600
 
 
 def run_train(
@@ -121,7 +120,6 @@ def train_on_workers(store_url: str, run_dir: str | Path, config: TrainConfig | 
     checkpoint with as many workers."""
     import ray.train  # here, not at the top: see ray_cluster
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2.api.exceptions import TrainingFailedError
 
     from zeroseg.pipeline.distributor import ray_cluster
 
@@ -137,16 +135,16 @@ def train_on_workers(store_url: str, run_dir: str | Path, config: TrainConfig | 
             replica,
             train_loop_config={"store_url": store_url, "run_dir": str(run_dir), "config": None if resume else config,
                                "resume": resume, "stop_after": stop_after},
-            torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=int(COLLECTIVE_TIMEOUT.total_seconds())),
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo", timeout_s=COLLECTIVE_TIMEOUT_S),
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker={"CPU": 1}),
-            # Ray Train's own records (no checkpoints go there: the run dir holds them) in a
-            # folder of this call's; no retries: `--resume` continues a failed run.
+            # Ray Train's own records (and the empty checkpoint replica() reports: the run dir
+            # holds the real ones) in a folder of this call's; no retries: `--resume` continues.
             run_config=ray.train.RunConfig(name="zeroseg-train", storage_path=own,
                                            failure_config=ray.train.FailureConfig(max_failures=0)),
         )
         try:
             return trainer.fit().metrics["result"]
-        except TrainingFailedError as e:
+        except ray.train.TrainingFailedError as e:
             raise failed(e, workers) from None
 
 
