@@ -5,8 +5,8 @@ gradients in backward().
 
 What each replica does is train.train(rank=r, world_size=N): its own chunks of every epoch,
 batch // N images a step, the global batch's learning-rate schedule and step count; rank 0 alone
-writes the run dir (checkpoints included: Ray Train is told of none, and retries none), and the
-logged losses are the replicas' mean. The run dir and the store must be reachable under the same
+writes the run dir (checkpoints included: Ray Train keeps none of ours, and retries none), and
+the logged losses are the replicas' mean. The run dir and the store must be reachable under the same
 path or URL from every worker (one machine, or a shared filesystem). A single process imports no Ray.
 """
 
