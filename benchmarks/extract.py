@@ -15,6 +15,8 @@ with the ratios job/bare (goal >= 0.95), shards/folder (goal >= 0.95), ray x2 / 
 job, or a few forward passes), the phases of a table run in turn, --repeats rounds, each round
 in another order; the median rate of each phase is printed, and each ratio is the median over rounds of
 the ratio within a round: the machine may be shared, so the ratios side by side mean more than the rates.
+For the Ray jobs it also prints where their whole time goes: the seconds from the start to the end
+of ray.init, to the actors ready (their teachers loaded), to the chunks done and to ray.shutdown.
 
     PYTHONPATH=. python benchmarks/extract.py --images 256 --teachers zeroseg-tiny,ViT-B-32 --ray-images 2000
     python benchmarks/extract.py --device cuda --ray-images 0 --batch 1920 --teachers ViT-B-32   # on a GPU
@@ -98,18 +100,21 @@ class Bare:
 
 
 def job_rate(manifest: str, warm_up: str, work: Path, config: ExtractConfig, ray_cpus: int = 0, threads: int = 0,
-             whole: bool = True) -> float:
+             whole: bool = True, marks: list[dict[str, float]] | None = None) -> float:
     """images/s of the job, after a warm-up job of the same kind: `ray_cpus` > 0 runs it on a
     local Ray of that many CPUs, started and shut down inside the timing; else in this process
     with `threads` torch threads (0: as they are). `whole`: the whole call is timed, else the
-    job's own seconds (after listing and the driver's teacher load, as the bare teacher's)."""
+    job's own seconds (after listing and the driver's teacher load, as the bare teacher's).
+    `marks`: the timed job's stage times (run_job) are appended to it."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         run_job(warm_up, work / "warm.zarr", config, ray_cpus)
         start = time.perf_counter()
-        n, seconds = run_job(manifest, work / "timed.zarr", config, ray_cpus)
+        n, seconds, stages = run_job(manifest, work / "timed.zarr", config, ray_cpus)
+        if marks is not None:
+            marks.append(stages)
         return n / ((time.perf_counter() - start) if whole else seconds)
     finally:
         torch.set_num_threads(before)
@@ -117,18 +122,28 @@ def job_rate(manifest: str, warm_up: str, work: Path, config: ExtractConfig, ray
             shutil.rmtree(work / name, ignore_errors=True)
 
 
-def run_job(manifest: str, store: Path, config: ExtractConfig, ray_cpus: int) -> tuple[int, float]:
+def run_job(manifest: str, store: Path, config: ExtractConfig, ray_cpus: int) -> tuple[int, float, dict[str, float]]:
+    """Images done, the job's own seconds, and the seconds from this call's start to the end of
+    each stage (on Ray: ray.init, the actors ready, the chunks done, ray.shutdown)."""
+    start = time.perf_counter()
+    stages: dict[str, float] = {}
+    mark = lambda stage: stages.setdefault(stage, time.perf_counter() - start)  # noqa: E731
     if ray_cpus:
         import ray
 
         ray.init(num_cpus=ray_cpus, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
+        mark("ray.init")
     try:
-        summary = run_extract(manifest, str(store), dataclasses.replace(config, workers=ray_cpus), notify=lambda _: None)
+        # the distributor's "workers: ..." line comes once every actor has loaded its teacher
+        summary = run_extract(manifest, str(store), dataclasses.replace(config, workers=ray_cpus),
+                              notify=lambda line: line.startswith("workers:") and mark("actors ready"))
+        mark("chunks done")
     finally:
         if ray_cpus:
             ray.shutdown()
+            mark("ray.shutdown")
     assert summary.pending == 0 and summary.done_this_run == summary.n_images
-    return summary.done_this_run, summary.seconds
+    return summary.done_this_run, summary.seconds, stages
 
 
 def rounds(phases: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
@@ -197,13 +212,18 @@ def main() -> None:
         manifest = manifest_of(paths[:args.ray_images], work / "ray.txt")
         config = config_of(args.ray_teacher)
         phases = {f"in-process x{n}": (lambda n=n: job_rate(manifest, warm_up, work, config, threads=n)) for n in (1, 2)}
-        phases |= {f"ray x{n}": (lambda n=n: job_rate(manifest, warm_up, work, config, ray_cpus=n)) for n in (1, 2)}
+        marks: dict[str, list[dict[str, float]]] = {"ray x1": [], "ray x2": []}
+        phases |= {name: (lambda n=n, name=name: job_rate(manifest, warm_up, work, config, ray_cpus=n, marks=marks[name]))
+                   for n, name in ((1, "ray x1"), (2, "ray x2"))}
         seen = rounds(phases, args.repeats)
         print(f"\n{args.ray_teacher}, {args.ray_images} images, whole job with start-up (images/s):")
         print(" | ".join(f"{name} {statistics.median(r):.2f}" for name, r in seen.items()))
         print(f"ray x2 / ray x1 {ratio(seen, 'ray x2', 'ray x1'):.2f} (goal >= 1.8) | "
               f"ray x1 / in-process x1 {ratio(seen, 'ray x1', 'in-process x1'):.2f} | "
               f"ray x2 / in-process x2 {ratio(seen, 'ray x2', 'in-process x2'):.2f} (goal >= 0.9)")
+        print("Ray jobs, seconds from the call's start to the end of each stage (median over rounds):")
+        for name, runs in marks.items():
+            print(f"  {name}: " + ", ".join(f"{stage} {statistics.median(r[stage] for r in runs):.1f}" for stage in runs[0]))
     shutil.rmtree(work, ignore_errors=True)
 
 
