@@ -33,7 +33,9 @@ def main() -> None:
             seg = model.segment(pixels)  # tokens (B, K, D), assignment (B, h, w) segment ids
         used = [len(np.unique(labels)) for labels in seg.assignment.flatten(1).numpy()]
         tokens = F.normalize(seg.tokens, dim=-1)
-        cosine = (tokens @ tokens.transpose(1, 2)).mean().item()  # the diagonal's ones included
+        k = tokens.shape[1]
+        pairs = (tokens @ tokens.transpose(1, 2)).sum((1, 2)) - k  # each image's K(K-1) pairs, the diagonal's ones out
+        cosine = (pairs / (k * (k - 1))).mean().item()
         print(f"{run:<50} {np.mean(used):>20.2f} {min(used):>9} {max(used):>9} {cosine:>20.3f}")
 
 
