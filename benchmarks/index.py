@@ -20,7 +20,8 @@ computed from FAISS's layouts; the store pages a mapped store re-rank has reside
 reported apart: they are the OS's file cache, shared and reclaimable. Latency: one thread
 (faiss's and torch's), one query per search call, after every page of a mapped store was touched once and `--warmup` queries; the kinds
 alternate over `--rounds` and the median of the rounds' p50 (p99) is reported. Builds use all cores.
-`--rerank-factors 12,16,32` searches the store-reranked index with factor * k candidates, a row each.
+`--rerank-factors 12,16,32` searches the store-reranked kinds with factor * k candidates, and
+`--nprobes 8,16` with that many lists probed, a row each combination.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def exact_neighbours(url: str, queries: np.ndarray, k: int) -> np.ndarray:
     return heap.I
 
 
-def child(index_dir: str, queries_file: str, k: int, warmup: int, rerank_factor: int) -> None:
+def child(index_dir: str, queries_file: str, k: int, warmup: int, rerank_factor: int, nprobe: int) -> None:
     """Run in a fresh process: open the index (with its store), measure, print one JSON line."""
     import torch  # imported by the store re-rank: before measuring, as it is not the index's memory
 
@@ -153,6 +154,8 @@ def child(index_dir: str, queries_file: str, k: int, warmup: int, rerank_factor:
     opened = anon_rss()
     if index.reranks_from_store and rerank_factor:
         index.meta.search_params[RERANK_FACTOR] = rerank_factor
+    if nprobe:
+        faiss.extract_index_ivf(index.index).nprobe = nprobe
     faiss.omp_set_num_threads(1)
     torch.set_num_threads(1)  # the store re-rank's cast and dot run in torch: one thread too
     if index.reranks_from_store and index.rows.mapped is not None:
@@ -174,6 +177,7 @@ def child(index_dir: str, queries_file: str, k: int, warmup: int, rerank_factor:
     print(json.dumps({"open_anon": opened - rss0, "after_anon": anon_rss() - rss0,
                       "after_file": mapped_rss(os.path.realpath(store.url)),
                       "factor": index.meta.search_params.get(RERANK_FACTOR, index.meta.search_params.get("k_factor_rf")),
+                      "nprobe": index.meta.search_params.get("nprobe") and faiss.extract_index_ivf(index.index).nprobe,
                       "mapped": bool(index.reranks_from_store and index.rows.mapped is not None),
                       "p50": float(np.percentile(t, 50)), "p99": float(np.percentile(t, 99)), "chunk_reads": reads,
                       "found": np.array(found).tolist()}))
@@ -187,19 +191,20 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000, help="timed queries per kind")
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--kinds", default="ivf-pq,ivf-pq-sq8,ivf-pq-store")
+    ap.add_argument("--kinds", default="ivf-pq,ivf-pq-sq8,ivf-rabitq-store,ivf-pq-store")
     ap.add_argument("--rerank-factors", default="0",
-                    help="ivf-pq-store: candidates = factor * k, comma-separated, one row each (0: the index's own)")
+                    help="store-reranked kinds: candidates = factor * k, comma-separated, one row each (0: the index's own)")
+    ap.add_argument("--nprobes", default="0", help="store-reranked kinds: lists probed, comma-separated (0: the index's own)")
     ap.add_argument("--rounds", type=int, default=3, help="alternated rounds of every kind's queries")
     ap.add_argument("--work", default="/tmp/zeroseg-index-bench", help="folder for the store and the indices")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--child", nargs=3, metavar=("INDEX", "QUERIES", "FACTOR"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, metavar=("INDEX", "QUERIES", "FACTOR", "NPROBE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.child[0], args.child[1], args.k, args.warmup, int(args.child[2]))
+        return child(args.child[0], args.child[1], args.k, args.warmup, int(args.child[2]), int(args.child[3]))
 
     from zeroseg.segment.neighbours import BuildConfig, build_index
-    from zeroseg.stores.index import INDEX_FILE, choose_kind, index_footprint, store_rows
+    from zeroseg.stores.index import INDEX_FILE, STORE_RERANKED, choose_kind, index_footprint, store_rows
     from zeroseg.stores.features import FeatureStore
 
     work = Path(args.work)
@@ -220,7 +225,7 @@ def main() -> None:
     truth = exact_neighbours(store_url, queries[args.warmup :], args.k)
     print(f"ground truth by exact search in {time.perf_counter() - t0:.0f} s", flush=True)
 
-    runs = []  # (kind, index folder, build seconds, re-rank factor)
+    runs = []  # (kind, index folder, build seconds, re-rank factor, nprobe)
     for kind in args.kinds.split(","):
         out, timing = work / f"ix-{kind}", work / f"build-{kind}.json"
         if not (out / INDEX_FILE).exists():
@@ -228,21 +233,23 @@ def main() -> None:
             build_index(store_url, out, BuildConfig(kind=kind))
             timing.write_text(json.dumps({"build_s": time.perf_counter() - t0}))
         build_s = json.loads(timing.read_text())["build_s"] if timing.exists() else float("nan")  # built before
-        for factor in args.rerank_factors.split(",") if kind == "ivf-pq-store" else ["0"]:
-            runs.append((kind, out, build_s, factor))
+        store_kind = kind in STORE_RERANKED
+        for factor in args.rerank_factors.split(",") if store_kind else ["0"]:
+            for nprobe in args.nprobes.split(",") if store_kind else ["0"]:
+                runs.append((kind, out, build_s, factor, nprobe))
 
     # Each index searched in a fresh process, the kinds alternated round by round (this machine
     # is shared and noisy); latency is the median over rounds of each round's p50 and p99.
     measured: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
     for round_ in range(args.rounds):
-        for i, (kind, out, build_s, factor) in enumerate(runs):
-            run = subprocess.run([sys.executable, __file__, "--child", str(out), str(queries_file), factor,
+        for i, (kind, out, build_s, factor, nprobe) in enumerate(runs):
+            run = subprocess.run([sys.executable, __file__, "--child", str(out), str(queries_file), factor, nprobe,
                                   "--k", str(args.k), "--warmup", str(args.warmup)],
                                  capture_output=True, text=True, check=True)
             measured[i].append(json.loads(run.stdout.strip().splitlines()[-1]))
-            print(f"round {round_ + 1} {kind} x{factor}: p50 {measured[i][-1]['p50']:.3f} ms", flush=True)
+            print(f"round {round_ + 1} {kind} x{factor} nprobe {nprobe}: p50 {measured[i][-1]['p50']:.3f} ms", flush=True)
     rows = []
-    for i, (kind, out, build_s, factor) in enumerate(runs):
+    for i, (kind, out, build_s, factor, nprobe) in enumerate(runs):
         r = measured[i][-1]
         found = np.array(r.pop("found"))
         recall = float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
@@ -259,14 +266,14 @@ def main() -> None:
     print(f"\n{n:,} x {args.dim} crop vectors in a store, {args.clusters} clusters, {args.queries} queries, "
           f"k={args.k}; auto picks {auto} here (available memory now)\n")
     print("| kind | factory | build s | RAM B/vector computed | own RSS B/vector on open | own RSS B/vector after "
-          "queries | mapped store pages B/vector | disk B/vector | candidates / k | recall@10 | p50 ms | p99 ms "
-          "| chunk reads/query |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "queries | mapped store pages B/vector | disk B/vector | candidates / k | nprobe | recall@10 | p50 ms "
+          "| p99 ms | chunk reads/query |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mark = " (auto)" if r["kind"] == auto else ""
         print(f"| {r['kind']}{mark} | `{r['factory']}` | {r['build_s']:.0f} | {r['ram_computed']:.0f} | "
               f"{r['anon_open']:.0f} | {r['anon_after']:.0f} | {r['file_after']:.0f} | {r['disk']:.0f} | "
-              f"{r['factor'] or '-'} | {r['recall']:.3f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['chunk_reads']:.1f} |")
+              f"{r['factor'] or '-'} | {r['nprobe']} | {r['recall']:.3f} | {r['p50']:.3f} | {r['p99']:.3f} | {r['chunk_reads']:.1f} |")
 
 
 if __name__ == "__main__":

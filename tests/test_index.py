@@ -2,6 +2,7 @@ import json
 import os
 import sys
 
+import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -141,7 +142,7 @@ def test_grids_subset_indexes_only_those_crops(tmp_path):
 
 def test_ivf_build_reads_each_chunk_once(tmp_path, monkeypatch):
     # The IVF training sample is whole chunks; the add pass must reuse them, not read them (or, for
-    # segments, run the student on them) a second time.
+    # segments, run the student on them) a second time. (Tuning nprobe reads them once more.)
     from zeroseg.segment.neighbours import CropVectors
 
     make_store(tmp_path / "s", n=1600)  # 8000 crop vectors: trained on 40 * 128 of them
@@ -150,8 +151,11 @@ def test_ivf_build_reads_each_chunk_once(tmp_path, monkeypatch):
     monkeypatch.setattr(CropVectors, "chunk", lambda self, i: reads.append(i) or chunk(self, i))
     meta = build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind="ivf-pq"))
     assert meta.kind == "ivf-pq" and meta.count == 1600 * 5
-    assert sorted(reads) == list(range(200))  # every chunk once
-    assert reads[:3] != [0, 1, 2]  # the sample's chunks first, then the rest in order
+    fill, tuning = reads[:200], reads[200:]
+    assert sorted(fill) == list(range(200))  # every chunk once
+    assert fill[:3] != [0, 1, 2]  # the sample's chunks first, then the rest in order
+    # then the tuning of nprobe: the chunks of its 200 queries (8 from each), one exact pass over all
+    assert len(tuning) == 25 + 200 and tuning[25:] == list(range(200))
     index = NeighbourIndex.open(tmp_path / "ix")
     vector = FeatureStore.open(str(tmp_path / "s")).features[1234, 3]  # a vector of a sampled or unsampled chunk alike
     _, ids = index.search(np.asarray(vector, np.float32)[None], 1)
@@ -177,6 +181,33 @@ def test_approximate_recall_against_exact(kind):
     _, found = build(spec).search(queries, k)
     recall = np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)])
     assert recall >= 0.95, f"{kind} recall@10 {recall:.3f}"
+
+
+@pytest.mark.parametrize("isotropic", [False, True])
+def test_nprobe_is_the_fewest_lists_that_reach_the_recall_target(isotropic):
+    """Clustered data finds its neighbours in the fewest lists tried; isotropic noise spreads them
+    over many lists and beyond what the PQ shortlist can tell apart: the best measured is kept."""
+    from zeroseg.stores.index import TUNE_NPROBES, TUNE_RECALL
+
+    n, dim = 20_000, 32
+    data = (np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32) if isotropic
+            else clustered(n, dim, 100, seed=0))
+    parts = np.array_split(np.arange(n), 40)
+    chunk = lambda i: (parts[i].astype(np.int64) * 3, data[parts[i]])  # noqa: E731  ids need not be rows
+    spec = index_spec("ivf-pq", n, dim)
+    index = NeighbourIndex.new(spec, IndexMeta("test", spec.kind, spec.factory, {}, dict(spec.search_params), dim, 1, 0, {}))
+    index.fill(chunk, len(parts), batch_vectors=4096, seed=0)
+    index.tune_nprobe(chunk, len(parts), seed=0)
+    tuned, chosen = index.meta.tuned, index.meta.search_params["nprobe"]
+    measured = {int(p): r for p, r in tuned["recall_by_nprobe"].items()}
+    assert tuned["queries"] == 200 and list(measured) == list(TUNE_NPROBES[: len(measured)])
+    assert tuned["recall"] == measured[chosen] and faiss.extract_index_ivf(index.index).nprobe == chosen
+    assert all(r < TUNE_RECALL for p, r in measured.items() if p < chosen)
+    if isotropic:  # 8-byte PQ codes of isotropic 32-d noise cap recall below the target: the best one
+        assert chosen > TUNE_NPROBES[0] and len(measured) == len(TUNE_NPROBES), measured
+        assert max(measured.values()) == measured[chosen] < TUNE_RECALL
+    else:
+        assert chosen == TUNE_NPROBES[0] and measured[chosen] >= TUNE_RECALL, measured
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-pq", "ivf-pq-sq8"])
@@ -464,27 +495,29 @@ def test_a_photo_queries_a_segments_index_with_its_largest_segment(tiny_student,
         query_index(tmp_path / "ix", image_file=str(tmp_path / "p.jpg"), crop=0)
 
 
-# ---- re-ranking from the store (ivf-pq-store) ---------------------------------------------
+# ---- re-ranking from the store (ivf-rabitq-store, ivf-pq-store) ----------------------------
 
 
 @pytest.fixture(scope="module")
 def clustered_store(tmp_path_factory):
-    """800 images x 5 crops of clustered features (4000 vectors, 100 chunks of 8 images), with a
-    store-reranked index and an exact one built over it."""
+    """800 images x 5 crops of clustered features (4000 vectors, 100 chunks of 8 images), with the
+    two store-reranked kinds of index and an exact one built over it."""
     root = tmp_path_factory.mktemp("rerank")
     feats = clustered(800 * 5, DIM, 40, seed=4).reshape(800, 5, DIM)
     make_store(root / "s", n=800, features=feats, pixels=False)
-    build_index(str(root / "s"), root / "store-ix", BuildConfig(kind="ivf-pq-store"))
+    build_index(str(root / "s"), root / "store-ix", BuildConfig(kind="ivf-rabitq-store"))
+    build_index(str(root / "s"), root / "pq-store-ix", BuildConfig(kind="ivf-pq-store"))
     build_index(str(root / "s"), root / "flat-ix", BuildConfig(kind="flat"))
     return root
 
 
-def test_store_reranked_finds_the_exact_top_k(clustered_store):
+@pytest.mark.parametrize("folder, kind", [("store-ix", "ivf-rabitq-store"), ("pq-store-ix", "ivf-pq-store")])
+def test_store_reranked_finds_the_exact_top_k(clustered_store, folder, kind):
     from zeroseg.segment.neighbours import open_for_query
 
-    index, store = open_for_query(clustered_store / "store-ix", None)
+    index, store = open_for_query(clustered_store / folder, None)
     exact = NeighbourIndex.open(clustered_store / "flat-ix")
-    assert index.meta.kind == "ivf-pq-store" and index.reranks_from_store
+    assert index.meta.kind == kind and index.reranks_from_store
     queries = clustered(50, DIM, 40, seed=4)[:50] + 0.01  # near the store's clusters, not in it
     s_found, found = index.search(queries, 10)
     s_truth, truth = exact.search(queries, 10)
@@ -591,7 +624,7 @@ def test_a_compressed_store_is_reranked_chunk_by_chunk(clustered_store, tmp_path
 
     # an index over it answers as the one over the raw store does
     monkeypatch.undo()
-    build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind="ivf-pq-store"))
+    build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind="ivf-rabitq-store"))
     queries = clustered(20, DIM, 40, seed=4) + 0.01
     from_chunks, _ = open_for_query(tmp_path / "ix", None)
     in_place, _ = open_for_query(clustered_store / "store-ix", None)
@@ -602,12 +635,18 @@ def test_a_compressed_store_is_reranked_chunk_by_chunk(clustered_store, tmp_path
     np.testing.assert_allclose(s1, s2, atol=1e-6)
 
 
-def test_store_reranked_index_file_holds_no_vectors(clustered_store):
-    meta = json.loads((clustered_store / "store-ix" / META_FILE).read_text())
-    size = (clustered_store / "store-ix" / INDEX_FILE).stat().st_size
+@pytest.mark.parametrize("folder", ["store-ix", "pq-store-ix"])
+def test_store_reranked_index_file_holds_no_vectors(clustered_store, folder):
+    from zeroseg.stores.index import index_footprint
+
+    meta = json.loads((clustered_store / folder / META_FILE).read_text())
+    size = (clustered_store / folder / INDEX_FILE).stat().st_size
     fp16_copy = meta["count"] * DIM * 2
     assert meta["factory"].startswith("IVF") and "Flat" not in meta["factory"] and "Refine" not in meta["factory"]
-    assert size < fp16_copy / 3, (size, fp16_copy)  # codes and ids only; the vectors stay in the store
+    assert size < fp16_copy / 1.5, (size, fp16_copy)  # codes and ids only; the vectors stay in the store
+    # what `index build --dry-run` computes, short only of fast-scan's padding of each list to 32 codes
+    computed = index_footprint(meta["kind"], meta["count"], DIM)["disk_bytes"]
+    assert computed <= size <= 1.25 * computed, (size, computed)
     assert (clustered_store / "flat-ix" / INDEX_FILE).stat().st_size > meta["count"] * DIM * 4
 
 
@@ -616,7 +655,7 @@ def test_store_reranked_index_says_when_its_store_is_missing_or_changed(clustere
 
     store_copy = tmp_path / "s"
     shutil.copytree(clustered_store / "s", store_copy)
-    build_index(str(store_copy), tmp_path / "ix", BuildConfig(kind="ivf-pq-store"))
+    build_index(str(store_copy), tmp_path / "ix", BuildConfig(kind="ivf-rabitq-store"))
     args = ["query", tmp_path / "ix", "--image", 3, "--crop", 1, "--k", 3]
     code, out, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err
@@ -632,6 +671,17 @@ def test_store_reranked_index_says_when_its_store_is_missing_or_changed(clustere
     assert code == 2 and out == "" and f"no feature store at {store_copy}" in line and "Traceback" not in err
 
 
+def test_cli_build_prints_the_lists_it_probes_and_the_recall_measured(clustered_store, tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "index", "build", clustered_store / "s", "--out", tmp_path / "ix",
+                             "--kind", "ivf-rabitq-store")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "ix" / META_FILE).read_text())
+    tuned, nprobe = meta["tuned"], meta["search_params"]["nprobe"]
+    assert tuned["recall"] >= 0.97 and tuned["recall_by_nprobe"][str(nprobe)] == tuned["recall"]
+    assert f"probes {nprobe} lists a query: recall@10 {tuned['recall']:.3f} on 200 of its own vectors" in out
+    assert NeighbourIndex.open(tmp_path / "ix").index.nprobe == nprobe  # saved in the FAISS file too
+
+
 def test_dry_run_prints_each_kind_and_writes_nothing(clustered_store, tmp_path, monkeypatch, capsys):
     before = sorted(p.relative_to(clustered_store) for p in clustered_store.rglob("*"))
     code, out, err = run_cli(monkeypatch, capsys, "index", "build", clustered_store / "s", "--out", tmp_path / "ix",
@@ -639,7 +689,7 @@ def test_dry_run_prints_each_kind_and_writes_nothing(clustered_store, tmp_path, 
     assert code == 0, err
     assert not (tmp_path / "ix").exists() and list(tmp_path.iterdir()) == []
     assert sorted(p.relative_to(clustered_store) for p in clustered_store.rglob("*")) == before
-    for kind in ("flat (auto)", "hnsw", "ivf-pq", "ivf-pq-sq8", "ivf-pq-store"):
+    for kind in ("flat (auto)", "hnsw", "ivf-pq", "ivf-pq-sq8", "ivf-rabitq-store", "ivf-pq-store"):
         assert kind in out
     assert "4000 crops vectors" in out
     assert "row of the store's raw feature chunks, mapped" in out
@@ -658,10 +708,10 @@ def test_dry_run_says_a_compressed_store_is_read_chunk_by_chunk(clustered_store,
 def test_auto_reranks_from_a_mapped_store_and_from_a_compressed_one_when_ram_is_short():
     big = 1_000_000
     for ram in (64, 4, 2):  # the store's raw rows: re-ranked from it, whatever the RAM
-        assert choose_kind(big, 512, store_rows="mapped", available_bytes=ram * 2**30) == "ivf-pq-store"
+        assert choose_kind(big, 512, store_rows="mapped", available_bytes=ram * 2**30) == "ivf-rabitq-store"
     assert choose_kind(big, 512, store_rows="chunks", available_bytes=64 * 2**30) == "ivf-pq"
     assert choose_kind(big, 512, store_rows="chunks", available_bytes=4 * 2**30) == "ivf-pq-sq8"  # 592 MB fits in 1 GiB
-    assert choose_kind(big, 512, store_rows="chunks", available_bytes=2 * 2**30) == "ivf-pq-store"
+    assert choose_kind(big, 512, store_rows="chunks", available_bytes=2 * 2**30) == "ivf-rabitq-store"
     assert choose_kind(big, 512, store_rows=None, available_bytes=2 * 2**30) == "ivf-pq-sq8"  # segments: not in the store
 
 
@@ -671,6 +721,11 @@ def test_store_rerank_reads_more_candidates_as_the_collection_grows():
     factors = [store_rerank_factor(n) for n in (10_000, 1_000_000, 2_000_000, 5_000_000, 40_000_000)]
     assert factors == sorted(factors) and factors[0] == factors[1] == 16 and factors[3] >= 48 and factors[-1] == 64
     assert index_spec("ivf-pq-store", 5_000_000, 512).search_params[RERANK_FACTOR] == factors[3]
+    from zeroseg.stores.index import rabitq_rerank_factor
+
+    factors = [rabitq_rerank_factor(n) for n in (10_000, 1_000_000, 5_000_000, 20_000_000, 500_000_000)]
+    assert factors == [8, 8, 8, 16, 32]  # measured to 5M, grown as sqrt(n) beyond, capped
+    assert index_spec("auto", 20_000_000, 512, store_rows="mapped").search_params[RERANK_FACTOR] == 16
 
 
 def test_a_store_reranked_index_answers_the_same_after_its_store_grew(clustered_store, tmp_path, capsys):
@@ -681,7 +736,7 @@ def test_a_store_reranked_index_answers_the_same_after_its_store_grew(clustered_
     from zeroseg.segment.neighbours import open_for_query
 
     shutil.copytree(clustered_store / "s", tmp_path / "s")
-    build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind="ivf-pq-store"))
+    build_index(str(tmp_path / "s"), tmp_path / "ix", BuildConfig(kind="ivf-rabitq-store"))
     queries = clustered(20, DIM, 40, seed=4) + 0.01
     index, _ = open_for_query(tmp_path / "ix", None)
     before = index.search(queries, 10)

@@ -291,7 +291,7 @@ def index_build(
     source: str = typer.Option("crops", help="crops (the store's features) | segments (student tokens)"),
     checkpoint: str = typer.Option(None, help="student run dir or checkpoint (source segments)"),
     grids: str = typer.Option(None, help="crops: index only these grid levels, e.g. 2,3,4 (default all)"),
-    kind: str = typer.Option("auto", help="auto | flat | hnsw | ivf-pq | ivf-pq-sq8 | ivf-pq-store (auto: flat below 100k "
+    kind: str = typer.Option("auto", help="auto | flat | hnsw | ivf-pq | ivf-pq-sq8 | ivf-rabitq-store | ivf-pq-store (auto: flat below 100k "
                              "vectors, then by available memory)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the memory and disk each kind would take; build nothing"),
     teacher_key: str = typer.Option(None, "--teacher-key", help="this teacher's crop features (`store info` lists them) [default: the store's first]"),
@@ -314,14 +314,18 @@ def index_build(
             print(f"{name:<20} {r['factory']:<38} {r['ram_per_vector']:>9.0f} {r['disk_per_vector']:>10.0f} "
                   f"{_bytes(r['ram_bytes']):>11} {_bytes(r['disk_bytes']):>11}")
         if store_rows == "mapped":
-            print("ivf-pq-store reads each candidate as a row of the store's raw feature chunks, mapped: as fast "
+            print("the *-store kinds read each candidate as a row of the store's raw feature chunks, mapped: as fast "
                   "as an in-RAM copy while the OS caches the store's features")
         elif store_rows == "chunks":
-            print("ivf-pq-store: this store's features are compressed (or remote), so each candidate decodes a "
+            print("the *-store kinds: this store's features are compressed (or remote), so each candidate decodes a "
                   "whole chunk: ~1000x slower than a store written raw")
         return
     meta = build_index(store, out, config)
     print(f"{out}: {meta.count} {meta.source} vectors, {meta.kind} ({meta.factory})")
+    if meta.tuned:
+        t = meta.tuned
+        print(f"probes {meta.search_params['nprobe']} lists a query: recall@10 {t['recall']:.3f} on {t['queries']} of its "
+              f"own vectors against exact search" + ("" if t["recall"] >= t["target"] else f", below the {t['target']} aimed at"))
 
 
 @app.command()

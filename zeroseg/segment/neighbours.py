@@ -32,6 +32,8 @@ from zeroseg.stores.index import (
     NeighbourIndex,
     KINDS,
     STORE_RERANKED,
+    TUNE_QUERIES,
+    TUNE_RECALL,
     NeighbourIndexError,
     check_complete,
     decode_ids,
@@ -48,7 +50,7 @@ from zeroseg.segment.tokens import SegmentVectors, StagedTokens, stage_tokens, s
 @dataclass
 class BuildConfig:
     source: str = "crops"  # "crops" | "segments"
-    kind: str = "auto"  # auto | flat | hnsw | ivf-pq | ivf-pq-sq8 | ivf-pq-store (zeroseg.stores.index.index_spec)
+    kind: str = "auto"  # one of zeroseg.stores.index.KINDS (index_spec)
     checkpoint: str | None = None  # the student, for source "segments"
     grids: tuple[int, ...] | None = None  # crops: index only these grid levels (None = all)
     batch_vectors: int = 65_536  # vectors per add: bounds memory (64k x 512 float32 = 128 MB)
@@ -109,7 +111,7 @@ def _vectors_for(store: FeatureStore, config: BuildConfig) -> CropVectors | Segm
 
 def _kinds_for(source: str) -> list[str]:
     """The concrete kinds a source can be built as (a segments index cannot re-rank from the store)."""
-    return [k for k in KINDS if k != "auto" and (source == "crops" or k != STORE_RERANKED)]
+    return [k for k in KINDS if k != "auto" and (source == "crops" or k not in STORE_RERANKED)]
 
 
 def _store_rows(store: FeatureStore, vectors) -> str | None:
@@ -171,6 +173,12 @@ def build_index(store_url: str, out: str | Path, config: BuildConfig) -> IndexMe
         task = progress.add_task(first, total=store.n_chunks)
         index.fill(chunk, store.n_chunks, batch_vectors=config.batch_vectors, seed=config.seed,
                    on_chunk=lambda: progress.update(task, advance=1, description=indexing))
+        if index.probes_lists:
+            if index.reranks_from_store:
+                index.attach_store(store)
+            tuning = progress.add_task(f"nprobe for recall@10 {TUNE_RECALL}: exact search of {TUNE_QUERIES} vectors",
+                                       total=store.n_chunks)
+            index.tune_nprobe(chunk, store.n_chunks, seed=config.seed, on_chunk=lambda: progress.update(tuning, advance=1))
     claim_output_dir(out, "index")  # a folder of ours is rebuilt; anyone else's was refused above
     index.save(out)
     return index.meta

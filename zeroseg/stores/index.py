@@ -20,10 +20,14 @@ Kinds (FAISS index_factory strings; `auto` picks by the number of vectors, see `
                                                    shortlist re-ranked exactly on a float32 copy in
                                                    RAM (~2.1 KB a vector)
     ivf-pq-sq8    ...,Refine(SQ8)                  the same, re-ranked on an 8-bit copy (~600 B)
-    ivf-pq-store  IVF{nlist},PQ{m}x4fs             codes and ids only (~72 B a vector); the shortlist
-                                                   re-ranked exactly on the store's own features
-                                                   (StoreRows): `auto` above 100k crops of a store
-                                                   whose raw feature chunks map in place
+    ivf-rabitq-store IVF{nlist}_HNSW32,RaBitQfs    1-bit RaBitQ codes and ids only (~83 B a vector
+                                                   at 512 dims); the shortlist re-ranked exactly on
+                                                   the store's own features (StoreRows): `auto` above
+                                                   100k crops of a store whose raw feature chunks
+                                                   map in place
+    ivf-pq-store  IVF{nlist},PQ{m}x4fs             the same with a 4-bit PQ shortlist (~72 B a vector):
+                                                   auto's before RaBitQ; its shortlist blurs at 5M
+                                                   (49 candidates a neighbour for recall 0.97)
 
 This module imports neither pipeline nor trainer: it builds an index out of core from any
 `chunk(i) -> (ids, vectors)`; what the vectors are made of (crops, or a student's segment
@@ -53,10 +57,12 @@ from zeroseg.stores.mapped import MappedRows, ShortChunkFile
 FORMAT_VERSION = 1
 INDEX_FILE = "index.faiss"
 META_FILE = "meta.json"
-KINDS = ("auto", "flat", "hnsw", "ivf-pq", "ivf-pq-sq8", "ivf-pq-store")
-# The kind whose exact re-ranking reads the candidates' features from the store by id: RAM holds
-# only the PQ codes and ids. Crops only (a student's segment tokens are not in the store).
-STORE_RERANKED = "ivf-pq-store"
+KINDS = ("auto", "flat", "hnsw", "ivf-pq", "ivf-pq-sq8", "ivf-rabitq-store", "ivf-pq-store")
+# The kinds whose exact re-ranking reads the candidates' features from the store by id: RAM holds
+# only the codes and ids. Crops only (a student's segment tokens are not in the store). The first
+# is auto's: at 5M x 512 its shortlist needs 8 candidates a neighbour where PQ's needs 49
+# (benchmarks/README.md, "Neighbour index").
+STORE_RERANKED = ("ivf-rabitq-store", "ivf-pq-store")
 # Without a mapped store, `auto` keeps a re-ranking copy in RAM while the whole index takes at most
 # this share of the memory available now; when none fits, it re-ranks from the (compressed) store.
 AUTO_RAM_SHARE = 0.25
@@ -64,10 +70,17 @@ AUTO_RAM_SHARE = 0.25
 RERANK_CACHE_BYTES = 256 * 2**20
 # Below this many vectors exact search is fast enough and needs no training (one 100k x 512
 # query: 24 ms on one thread of the busy 2-core dev box, and exact). Above it, benchmarks/index.py
-# at 1M x 512 (benchmarks/README.md): ivf-pq-store from a mapped store 86 B a vector, recall@10
-# 0.964, p50 0.48-0.57 ms; ivf-pq 2142 B, 0.996, 0.38-0.45 ms; ivf-pq-sq8 606 B, 0.973, 0.37 ms; re-ranked
+# at 1M x 512 (benchmarks/README.md): ivf-rabitq-store from a mapped store 97 B a vector, recall@10
+# 0.999, p50 0.27 ms; ivf-pq 2142 B, 0.995, 0.21 ms; ivf-pq-sq8 606 B, 0.972, 0.30 ms; re-ranked
 # from a compressed store, 1.8 s a query (a chunk decoded per candidate): the last resort.
 AUTO_EXACT_LIMIT = 100_000
+# An IVF index probes the fewest lists of TUNE_NPROBES that reach TUNE_RECALL recall@10 on
+# TUNE_QUERIES of its own vectors (NeighbourIndex.tune_nprobe): what a query needs depends on the
+# data (benchmarks/index.py's clusters need 8 of 4096 lists; real embeddings may need more), so it
+# is measured at build, not guessed. 0.97 leaves a margin over 0.95 for 200 queries' sampling error.
+TUNE_RECALL = 0.97
+TUNE_QUERIES = 200
+TUNE_NPROBES = (4, 8, 16, 32, 64, 128, 256)
 AUTO_APPROXIMATE = ("ivf-pq", "ivf-pq-sq8")
 
 
@@ -100,12 +113,12 @@ def choose_kind(n_vectors: int, dim: int = 512, store_rows: str | None = None,
     if n_vectors < AUTO_EXACT_LIMIT:
         return "flat"
     if store_rows == "mapped":
-        return STORE_RERANKED
+        return STORE_RERANKED[0]
     available = _available_memory() if available_bytes is None else available_bytes
     for kind in AUTO_APPROXIMATE:
         if index_footprint(kind, n_vectors, dim)["ram_bytes"] <= AUTO_RAM_SHARE * available:
             return kind
-    return STORE_RERANKED if store_rows == "chunks" else AUTO_APPROXIMATE[-1]
+    return STORE_RERANKED[0] if store_rows == "chunks" else AUTO_APPROXIMATE[-1]
 
 
 def _available_memory() -> int:
@@ -148,13 +161,22 @@ def index_spec(kind: str, n_vectors: int, dim: int, store_rows: str | None = Non
             "hnsw", "IDMap,HNSW32,Flat",
             build_params={"efConstruction": 40}, search_params={"efSearch": 256},
         )
-    if kind in ("ivf-pq", "ivf-pq-sq8", STORE_RERANKED):
+    if kind == "ivf-rabitq-store":
+        # RaBitQ (Gao & Long 2024): a sign bit a dimension of the residual to the list's centroid,
+        # with two correction factors a vector, estimates inner products far better than 4-bit PQ
+        # at the same bytes. The coarse centroids are searched by a small HNSW graph, not a flat
+        # scan of all of them (~0.1 ms a query at 4096 lists of 512 dims).
+        nlist = _nlist(n_vectors)
+        return IndexSpec(kind, f"IVF{nlist}_HNSW32,RaBitQfs", train_size=min(n_vectors, 40 * nlist),
+                         search_params={"nprobe": min(nlist, 16), "quantizer_efSearch": 32,
+                                        RERANK_FACTOR: rabitq_rerank_factor(n_vectors)})
+    if kind in ("ivf-pq", "ivf-pq-sq8", "ivf-pq-store"):
         nlist = _nlist(n_vectors)
         ivf = f"IVF{nlist},PQ{_pq_subquantizers(dim)}x4fs"
         train_size = min(n_vectors, 40 * nlist)
         # Measured at 1M x 512 (benchmarks/index.py): the PQ shortlist, not nprobe, limits
         # recall; re-ranking 32 k exact candidates lifts recall@10 from 0.87 (8 k) to 0.996
-        # for ~0.2 ms. nprobe 16 keeps a margin over the 8 that the benchmark's data needed.
+        # for ~0.2 ms. nprobe: a start; build_index measures the one this data needs (tune_nprobe).
         nprobe = min(nlist, 16)
         if kind == "ivf-pq":  # re-ranked on a float32 copy of every vector in RAM
             return IndexSpec(kind, f"IDMap,{ivf},RFlat", search_params={"nprobe": nprobe, "k_factor_rf": 32},
@@ -168,12 +190,19 @@ def index_spec(kind: str, n_vectors: int, dim: int, store_rows: str | None = Non
     raise NeighbourIndexError(f"unknown index kind {kind!r} (one of {', '.join(KINDS)})")
 
 
-# Search parameter of the store-reranked kind (not FAISS's): candidates = RERANK_FACTOR * k.
+# Search parameter of the store-reranked kinds (not FAISS's): candidates = RERANK_FACTOR * k.
 RERANK_FACTOR = "k_factor_store"
 
 
+def rabitq_rerank_factor(n_vectors: int) -> int:
+    """Candidates an ivf-rabitq-store search reads, per neighbour asked for: 8 gave recall@10 0.999
+    at 1M and 0.997 at 5M x 512 (benchmarks/index.py). More near neighbours crowd a larger collection; beyond
+    5M it grows as sqrt(n) (not measured), capped at 32."""
+    return min(32, max(8, round(8 * (n_vectors / 5e6) ** 0.5)))
+
+
 def store_rerank_factor(n_vectors: int) -> int:
-    """Candidates a store-reranked search reads, per neighbour asked for. The PQ shortlist blurs
+    """Candidates an ivf-pq-store search reads, per neighbour asked for. The PQ shortlist blurs
     as more near neighbours crowd a larger collection, so it grows with n: benchmarks/index.py
     measured recall@10 0.964 with 16 at 1M x 512, and at 5M 0.942 with 32, 0.973 with 49. Each
     candidate is a row read from the page cache (~0.5 us). Not measured beyond 5M: capped at 64."""
@@ -190,11 +219,14 @@ def index_footprint(kind: str, n_vectors: int, dim: int) -> dict[str, float]:
         per_vector, fixed = 4 * dim + 8, 0
     elif spec.kind == "hnsw":
         per_vector, fixed = 4 * dim + 8 + 2 * 32 * 4 + 4, 0  # level-0 links (2 M ints) and levels
+    elif spec.kind == "ivf-rabitq-store":
+        per_vector = -(-dim // 8) + 8 + 8  # a bit a dimension, two float32 factors, the list's id
+        fixed = _nlist(n_vectors) * (4 * dim + 2 * 32 * 4 + 4)  # coarse centroids and their HNSW links
     else:
         nlist = _nlist(n_vectors)
         fixed = 4 * nlist * dim + 4 * m * 16 * (dim // m)  # coarse centroids, 4-bit PQ centroids
         codes_ids = m / 2 + 8  # fast-scan codes (half a byte per sub-quantizer) and the list's id
-        refine = {"ivf-pq": 4 * dim + 8, "ivf-pq-sq8": dim + 8, STORE_RERANKED: 0}[spec.kind]  # + IDMap id
+        refine = {"ivf-pq": 4 * dim + 8, "ivf-pq-sq8": dim + 8, "ivf-pq-store": 0}[spec.kind]  # + IDMap id
         per_vector = codes_ids + refine
     return {"kind": spec.kind, "factory": spec.factory, "ram_per_vector": per_vector, "disk_per_vector": per_vector,
             "ram_bytes": int(per_vector * n_vectors + fixed), "disk_bytes": int(per_vector * n_vectors + fixed)}
@@ -387,6 +419,9 @@ class IndexMeta:
     store: dict[str, Any]  # store_fingerprint of the store the vectors came from
     checkpoint: dict[str, Any] | None = None  # {"path", "sha256"} of the student (segments)
     grids: list[int] | None = None  # crop grids indexed (crops), a subset of the store's
+    # IVF kinds: how search_params["nprobe"] was chosen (tune_nprobe): {"target", "recall", "queries",
+    # "recall_by_nprobe"}; None for other kinds and indexes built before
+    tuned: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:
@@ -424,11 +459,16 @@ class NeighbourIndex:
 
     @property
     def reranks_from_store(self) -> bool:
-        return self.meta.kind == STORE_RERANKED
+        return self.meta.kind in STORE_RERANKED
 
     def attach_store(self, store: FeatureStore) -> None:
         """The store a store-reranked index reads its candidates' features from (check_store first)."""
         self.rows = StoreRows(store, self.meta.stride)
+
+    @property
+    def probes_lists(self) -> bool:
+        """An IVF index: its nprobe is a search parameter (tune_nprobe)."""
+        return faiss.try_extract_index_ivf(self.index) is not None
 
     @property
     def needs_training(self) -> bool:
@@ -491,6 +531,62 @@ class NeighbourIndex:
         self.train(np.concatenate([x for _, x in chunks.values()])[:n])
         return chunks
 
+    def tune_nprobe(
+        self,
+        chunk: Callable[[int], tuple[np.ndarray, np.ndarray]],
+        n_chunks: int,
+        *,
+        seed: int,
+        target: float = TUNE_RECALL,
+        queries: int = TUNE_QUERIES,
+        on_chunk: Callable[[], None] | None = None,
+    ) -> None:
+        """An IVF index probes as few lists as reach `target` recall@10 on this data: `queries` of
+        its own vectors (from random chunks) are searched exactly, by one more pass over `chunk(i)`,
+        then with each of TUNE_NPROBES; the smallest that reaches it is kept (the best measured when
+        none does), with what was measured in meta.tuned. A query's own id is left out of both lists.
+        A store-reranked index needs its store attached first. `on_chunk` after each chunk."""
+        ivf = faiss.extract_index_ivf(self.index)
+        rng = np.random.default_rng(seed)
+        picked = rng.permutation(n_chunks)[: max(1, min(n_chunks, queries // 8))]
+        own_ids, q = [], []
+        for i in picked.tolist():
+            ids, x = chunk(i)
+            take = rng.permutation(len(ids))[: -(-queries // len(picked))]
+            own_ids.append(ids[take])
+            q.append(self._normalised(x[take]))
+        own_ids, q = np.concatenate(own_ids)[:queries], np.concatenate(q)[:queries]
+        k = 10
+        exact = faiss.ResultHeap(len(q), k + 1, keep_max=True)  # cosine, the query's own id among them
+        for i in range(n_chunks):
+            ids, x = chunk(i)
+            if len(ids):
+                scores, rows = faiss.knn(q, self._normalised(x), min(k + 1, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)
+                exact.add_result(scores, np.where(rows >= 0, np.asarray(ids, np.int64)[rows], -1))
+            if on_chunk:
+                on_chunk()
+        exact.finalize()
+
+        def others(found: np.ndarray, own: int) -> set:
+            return set(found[(found != own) & (found >= 0)][:k].tolist())
+
+        truth = [others(t, own) for t, own in zip(exact.I, own_ids)]
+        recall_by_nprobe = {}
+        for nprobe in [p for p in TUNE_NPROBES if p < ivf.nlist] + [ivf.nlist]:
+            ivf.nprobe = nprobe
+            found = self.search(q, k + 1)[1]
+            recall_by_nprobe[nprobe] = float(np.mean([len(others(f, own) & t) / max(1, len(t))
+                                                      for f, own, t in zip(found, own_ids, truth)]))
+            if recall_by_nprobe[nprobe] >= target or nprobe >= TUNE_NPROBES[-1]:
+                break
+        reached = [p for p, r in recall_by_nprobe.items() if r >= target]
+        # Short of the target the shortlist, not the lists, limits recall (more lists then crowd it):
+        # the best measured.
+        ivf.nprobe = reached[0] if reached else max(recall_by_nprobe, key=recall_by_nprobe.get)
+        self.meta.search_params = {**self.meta.search_params, "nprobe": ivf.nprobe}
+        self.meta.tuned = {"target": target, "recall": round(recall_by_nprobe[ivf.nprobe], 4), "queries": len(q),
+                           "recall_by_nprobe": {str(p): round(r, 4) for p, r in recall_by_nprobe.items()}}  # JSON's keys
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """queries (q, D) -> cosine scores (q, k) float32, ids (q, k) int64 (-1 past the end)."""
         if queries.shape[-1] != self.meta.dim:
@@ -500,7 +596,7 @@ class NeighbourIndex:
             return self.index.search(q, k)
         rows = getattr(self, "rows", None)
         if rows is None:
-            raise NeighbourIndexError(f"a {STORE_RERANKED} index re-ranks from its store: attach_store first")
+            raise NeighbourIndexError(f"a {self.meta.kind} index re-ranks from its store: attach_store first")
         _, candidates = self.index.search(q, k * int(self.meta.search_params.get(RERANK_FACTOR, 32)))
         scores = np.full((len(q), k), -np.inf, dtype=np.float32)
         ids = np.full((len(q), k), -1, dtype=np.int64)
