@@ -5,8 +5,9 @@
 (b) steps/s with cached targets vs `--targets online`, the teacher (ViT-B-32, random weights)
     embedding the 30 crops of every image in the step (goal >= 10x);
 (c) with --workers N: steps/s of N data-parallel workers (`train --workers N`, gloo) vs one process,
-    same global batch, one torch thread each (goal for 2 on 2 cores: >= 1.7x), beside the ceiling
-    the machine allows: N plain processes of batch / N side by side (no DDP).
+    same global batch, one torch thread each (goal for 2 on 2 cores: >= 1.7x), beside the same DDP
+    without Ray (N processes in a torch.distributed group made here: what Ray Train costs) and the
+    ceiling the machine allows: N plain processes of batch / N side by side (no DDP).
 
     PYTHONPATH=. python benchmarks/train.py [--images 256] [--preset small] [--batch 32] [--device cpu] [--workers 2]
 
@@ -139,7 +140,8 @@ def data_parallel(url: str, work: Path, base, workers: int, rounds: int) -> None
 
     config = dataclasses.replace(base, threads=1, buffer_chunks=1)
     share = dataclasses.replace(config, batch=config.batch // workers)
-    rates: dict[str, list[float]] = {"1 process": [], f"{workers} workers": [], f"{workers} side by side": []}
+    rates: dict[str, list[float]] = {"1 process": [], f"{workers} workers": [], f"{workers} DDP, no Ray": [],
+                                     f"{workers} side by side": []}
     walls: dict[str, list[float]] = {k: [] for k in rates}
     for r in range(rounds):
         t0 = time.perf_counter()
@@ -155,6 +157,14 @@ def data_parallel(url: str, work: Path, base, workers: int, rounds: int) -> None
         rates[f"{workers} workers"].append(steps_per_s(run_dir))
         walls[f"{workers} workers"].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
+        run_dir = work / f"ddp-{workers}-{r}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        port = 29500 + r  # a fresh rendezvous each round
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.starmap(ddp_replica, [(url, run_dir, config, rank, workers, port) for rank in range(workers)])
+        rates[f"{workers} DDP, no Ray"].append(steps_per_s(run_dir))
+        walls[f"{workers} DDP, no Ray"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         dirs = [work / f"alone-{i}-{r}" for i in range(workers)]
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
@@ -163,12 +173,26 @@ def data_parallel(url: str, work: Path, base, workers: int, rounds: int) -> None
         rates[f"{workers} side by side"].append(statistics.mean(steps_per_s(d) for d in dirs))
         walls[f"{workers} side by side"].append(time.perf_counter() - t0)
         print("  round", r, "  ".join(f"{k} {v[-1]:.3f} steps/s ({walls[k][-1]:.1f} s)" for k, v in rates.items()), flush=True)
-    one, many, alone = (statistics.median(v) for v in rates.values())
+    one, many, plain, alone = (statistics.median(v) for v in rates.values())
     print(f"(c) {workers} workers / 1 process, global batch {config.batch}, 1 torch thread each = "
           f"{many:.3f} / {one:.3f} = {many / one:.2f}x  (goal >= 1.7x for 2)")
+    print(f"    the same DDP without Ray: {plain:.3f} steps/s = {plain / one:.2f}x; Ray Train's workers reach "
+          f"{many / plain:.2f} of it")
     print("    whole runs, start-up included: " + ", ".join(f"{k} {statistics.median(v):.1f} s" for k, v in walls.items()))
     print(f"    ceiling here: {workers} single processes of batch {share.batch} side by side, no DDP = "
           f"{alone:.3f} steps/s each = {alone / one:.2f}x; the workers reach {many / alone:.2f} of it")
+
+
+def ddp_replica(url: str, run_dir: Path, config, rank: int, world_size: int, port: int) -> None:
+    """Replica `rank` of a gloo group on this machine, as Ray Train's replicas are, without Ray."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        train(url, run_dir, config, progress=False, world_size=world_size, rank=rank)
+    finally:
+        dist.destroy_process_group()
 
 
 def train_quietly(url: str, run_dir: Path, config) -> None:

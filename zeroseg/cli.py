@@ -308,10 +308,10 @@ def index_build(
     if dry_run:
         n, auto, rows, store_rows = index_footprints(store, config)
         print(f"{n} {source} vectors of {store}; computed from FAISS's layouts, nothing built or written")
-        print(f"{'kind':<20} {'factory':<38} {'RAM B/vec':>9} {'disk B/vec':>10} {'RAM':>11} {'disk':>11}")
+        print(f"{'kind':<24} {'factory':<38} {'RAM B/vec':>9} {'disk B/vec':>10} {'RAM':>11} {'disk':>11}")
         for r in rows:
             name = r["kind"] + (" (auto)" if r["kind"] == auto else "")
-            print(f"{name:<20} {r['factory']:<38} {r['ram_per_vector']:>9.0f} {r['disk_per_vector']:>10.0f} "
+            print(f"{name:<24} {r['factory']:<38} {r['ram_per_vector']:>9.0f} {r['disk_per_vector']:>10.0f} "
                   f"{_bytes(r['ram_bytes']):>11} {_bytes(r['disk_bytes']):>11}")
         if store_rows == "mapped":
             print("the *-store kinds read each candidate as a row of the store's raw feature chunks, mapped: as fast "
