@@ -28,6 +28,7 @@ from zeroseg.errors import UserError
 from zeroseg.geometry import box_membership, cut_crops
 from zeroseg.outputs import claim_output_dir, write_atomic
 from zeroseg.stores.features import FeatureStore
+from zeroseg.stores.schema import Status
 from zeroseg.trainer import checkpoint as ckpt_io
 from zeroseg.trainer.config import TrainConfig
 from zeroseg.trainer.loader import Batches, Columns, StoreDataset, select_columns
@@ -84,7 +85,7 @@ def check_fit(config: TrainConfig, store: FeatureStore) -> Columns:
 def targets_whitening(store: FeatureStore, columns: Columns, norm: str, images: int = 2048) -> Whitening:
     """The whitening of the targets (target_norm "whiten"), fitted on the crops of the store's
     first `images` extracted images: the same on every rank and every resume."""
-    ok = np.flatnonzero(store.status()[:images] == 1)
+    ok = np.flatnonzero(store.status()[:images] == Status.OK)
     features = torch.from_numpy(store.features[: images][ok][:, columns.index].astype(np.float32))  # (n, C', D)
     if not len(features):
         raise UserError(f"{store.url}: no extracted image among the first {images} to fit the targets' whitening on")
